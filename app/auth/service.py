@@ -1,0 +1,38 @@
+"""API clients: checking credentials, and seeding the dev demo client."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.models import ApiClient
+from app.security import DUMMY_SECRET_HASH, hash_secret, verify_secret
+
+
+async def authenticate_client(
+    session: AsyncSession, *, client_id: str, client_secret: str
+) -> ApiClient | None:
+    """The active client with these credentials, or None. Takes the same time either way."""
+    client = await session.get(ApiClient, client_id)
+    secret_hash = client.secret_hash if client is not None else DUMMY_SECRET_HASH
+    # scrypt is deliberately slow: keep it off the event loop.
+    ok = await asyncio.to_thread(verify_secret, client_secret, secret_hash)
+    if client is None or not ok or not client.active:
+        return None
+    return client
+
+
+async def upsert_client(
+    session: AsyncSession, *, client_id: str, name: str, secret: str, symbols: list[str]
+) -> ApiClient:
+    client = await session.get(ApiClient, client_id)
+    if client is None:
+        secret_hash = await asyncio.to_thread(hash_secret, secret)
+        client = ApiClient(client_id=client_id, secret_hash=secret_hash)
+        session.add(client)
+    elif not await asyncio.to_thread(verify_secret, secret, client.secret_hash):
+        client.secret_hash = await asyncio.to_thread(hash_secret, secret)
+    client.name, client.symbols, client.active = name, symbols, True
+    await session.commit()
+    return client

@@ -1,0 +1,85 @@
+"""Settings: every knob of the service, read from the environment (or `.env`), with its default.
+
+`.env.example` lists the same settings; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"
+DEV_DEMO_CLIENT_SECRET = "demo-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    instance_id: str = ""  # defaults to hostname:pid
+
+    broadcast_url: str = "memory://"
+    database_url: str = "sqlite+aiosqlite:///./pricefeed.db"
+    redis_key_prefix: str = "pricefeed"
+
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_audience: str = "pricefeed"
+    jwt_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    jwt_leeway_seconds: int = Field(default=5, ge=0, le=60)
+
+    demo_client_id: str = "demo"
+    demo_client_secret: str = DEV_DEMO_CLIENT_SECRET
+
+    allowed_origins: Annotated[list[str], NoDecode] = []
+
+    producer: Literal["on", "off"] = "on"
+    feed_source: Literal["simulated"] = "simulated"
+    feed_ticks_per_second: float = Field(default=2.0, gt=0, le=1000)
+    feed_seed: int | None = None
+    leader_lease_ms: int = Field(default=3000, ge=500, le=60000)
+
+    retention_ticks: int = Field(default=1000, ge=10, le=1_000_000)
+    candles_kept: int = Field(default=500, ge=1, le=100_000)
+
+    ws_max_message_bytes: int = Field(default=16 * 1024, ge=512)
+    ws_max_messages_per_second: float = Field(default=20.0, gt=0)
+    ws_max_subscriptions: int = Field(default=100, ge=1, le=10_000)
+    ws_max_connections: int = Field(default=10_000, ge=1)
+    ws_max_connections_per_subject: int = Field(default=50, ge=1)
+    ws_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    ws_send_timeout_seconds: float = Field(default=10.0, gt=0)
+    ws_outbox_frames: int = Field(default=512, ge=16)
+    ws_per_message_deflate: bool = False
+    ws_impl: Literal["websockets-sansio", "wsproto", "websockets"] = "websockets-sansio"
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_in_prod(self) -> Settings:
+        if self.env == "prod":
+            if self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32:
+                raise ValueError("ENV=prod needs JWT_SECRET set to a random value of 32+ chars")
+            if self.demo_client_secret == DEV_DEMO_CLIENT_SECRET:
+                raise ValueError("ENV=prod refuses the default DEMO_CLIENT_SECRET")
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.broadcast_url.startswith(("redis://", "rediss://"))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,85 @@
+"""What routes depend on, as `Annotated` aliases read from the connection, so REST and
+WebSocket routes share them. `AppState` is what the lifespan builds (app/main.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
+
+from app.broker import Broker
+from app.config import Settings
+from app.errors import Unauthenticated
+from app.feed.producer import Producer
+from app.instruments.catalog import Catalog
+from app.prices.hub import FanoutHub
+from app.prices.store import TickStore
+from app.prices.streams import StreamRegistry
+from app.security import ExpiredToken, InvalidToken, Principal, TokenSigner
+from app.supervisor import Supervisor
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    signer: TokenSigner
+    catalog: Catalog
+    store: TickStore
+    broker: Broker
+    hub: FanoutHub
+    streams: StreamRegistry
+    supervisor: Supervisor
+    producer: Producer | None
+
+
+def read_app_state(conn: HTTPConnection) -> AppState:
+    state: AppState = conn.state.app
+    return state
+
+
+async def open_db_session(state: Annotated[AppState, Depends(read_app_state)]) -> AsyncIterator[AsyncSession]:
+    async with state.sessions() as session:
+        yield session
+
+
+def _bearer(conn: HTTPConnection) -> str | None:
+    scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def verify_token(state: AppState, token: str | None) -> Principal:
+    if not token:
+        raise Unauthenticated("a bearer token is required")
+    try:
+        return state.signer.verify(token)
+    except ExpiredToken as exc:
+        raise Unauthenticated("the token has expired") from exc
+    except InvalidToken as exc:
+        raise Unauthenticated("the token is not valid") from exc
+
+
+def authenticate_rest(
+    conn: HTTPConnection, state: Annotated[AppState, Depends(read_app_state)]
+) -> Principal:
+    """REST: `Authorization: Bearer <jwt>`."""
+    return verify_token(state, _bearer(conn))
+
+
+def authenticate_stream(
+    conn: HTTPConnection, state: Annotated[AppState, Depends(read_app_state)]
+) -> Principal:
+    """WebSocket and SSE: the header, or `?token=` for browsers, which cannot set headers."""
+    return verify_token(state, _bearer(conn) or conn.query_params.get("token"))
+
+
+StateDep = Annotated[AppState, Depends(read_app_state)]
+SessionDep = Annotated[AsyncSession, Depends(open_db_session)]
+CurrentPrincipal = Annotated[Principal, Depends(authenticate_rest)]

@@ -1,0 +1,163 @@
+"""The producer loop: quotes from a source become ticks (ts, seq, candles), are kept in the
+store, then published on `prices:{SYMBOL}` through the broker. Only the lease holder runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Protocol
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from app import metrics
+from app.broker import Broker, price_channel
+from app.feed.sources import Quote, TickSource
+from app.instruments.repository import InstrumentInfo
+from app.prices.candles import INTERVALS_MS, Candle, fold_tick
+from app.prices.store import NotLeader, TickStore
+from app.prices.ticks import encode_tick
+
+logger = logging.getLogger(__name__)
+
+
+class Lease(Protocol):
+    token: str | None
+    renew_interval: float
+
+    async def acquire(self) -> bool: ...
+
+    async def renew(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
+
+class LostLease(Exception):
+    pass
+
+
+class Producer:
+    def __init__(
+        self,
+        *,
+        source: TickSource,
+        instruments: Sequence[InstrumentInfo],
+        store: TickStore,
+        broker: Broker,
+        lease: Lease,
+    ) -> None:
+        self._source = source
+        self._instruments = list(instruments)
+        self._store = store
+        self._broker = broker
+        self._lease = lease
+        # Kept across leadership terms: if Redis restarts empty, seq and prices carry on.
+        self._seq: dict[str, int] = {}
+        self._ts: dict[str, int] = {}
+        self._prices: dict[str, Decimal] = {}
+        self._candles: dict[tuple[str, str], Candle] = {}
+        self.is_leader = False
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                acquired = await self._lease.acquire()
+            except RedisError as exc:
+                logger.warning("producer: cannot reach Redis for the lease (%s)", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            if not acquired:
+                await asyncio.sleep(self._lease.renew_interval)
+                continue
+            self.is_leader = True
+            metrics.PRODUCER_LEADER.set(1)
+            logger.info("producer: this instance leads; publishing %d symbols", len(self._instruments))
+            try:
+                await self._lead()
+            except* (LostLease, NotLeader):
+                logger.warning("producer: lease lost; standing by")
+            except* RedisError as group:
+                logger.warning("producer: Redis error (%s); standing by", group.exceptions[0])
+            finally:
+                self.is_leader = False
+                metrics.PRODUCER_LEADER.set(0)
+            await self._lease.release()
+            await asyncio.sleep(self._lease.renew_interval)
+
+    async def _lead(self) -> None:
+        await self._resume_from_store()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._keep_lease(), name="producer-lease")
+            group.create_task(self._publish_forever(), name="producer-publish")
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease.renew_interval)
+            try:
+                renewed = await self._lease.renew()
+            except RedisConnectionError as exc:
+                raise LostLease from exc
+            if not renewed:
+                raise LostLease
+
+    async def _resume_from_store(self) -> None:
+        symbols = [i.symbol for i in self._instruments]
+        latest = await self._store.read_latest(symbols)
+        for symbol, tick in latest.items():
+            if tick.seq > self._seq.get(symbol, 0):
+                self._seq[symbol] = tick.seq
+                self._ts[symbol] = tick.ts
+                price = tick.as_dict().get("price")
+                if isinstance(price, str):
+                    self._prices[symbol] = Decimal(price)
+        for symbol in symbols:
+            for interval in INTERVALS_MS:
+                kept = await self._store.read_candles(symbol, interval, limit=1)
+                if kept and (
+                    (symbol, interval) not in self._candles
+                    or kept[-1].start >= self._candles[(symbol, interval)].start
+                ):
+                    self._candles[(symbol, interval)] = kept[-1]
+
+    async def _publish_forever(self) -> None:
+        async for batch in self._source.stream(self._instruments, dict(self._prices)):
+            # One tick per symbol per batch, so the symbols may go out concurrently.
+            await asyncio.gather(*(self._emit(quote) for quote in batch))
+
+    async def _emit(self, quote: Quote) -> None:
+        symbol = quote.symbol
+        now = max(time.time_ns() // 1_000_000, self._ts.get(symbol, 0))
+        seq = self._seq.get(symbol, 0) + 1
+        tick = encode_tick(
+            symbol=symbol,
+            price=quote.price,
+            ts=now,
+            seq=seq,
+            bid=quote.bid,
+            ask=quote.ask,
+            volume=quote.volume,
+        )
+        candles = {
+            interval: fold_tick(
+                self._candles.get((symbol, interval)),
+                interval_ms=interval_ms,
+                ts=now,
+                price=quote.price,
+                volume=quote.volume,
+            )
+            for interval, interval_ms in INTERVALS_MS.items()
+        }
+        # The store first: a tick the broker loses can still be refetched from it.
+        written = await self._store.append(tick, candles, fence=self._lease.token)
+        self._seq[symbol], self._ts[symbol], self._prices[symbol] = seq, now, quote.price
+        for interval, candle in candles.items():
+            self._candles[(symbol, interval)] = candle
+        if written:
+            await self._broker.publish(price_channel(symbol), tick.frame)
+            metrics.TICKS_PUBLISHED.inc()

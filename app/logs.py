@@ -1,0 +1,69 @@
+"""Logging setup. Tokens never reach a log line: uvicorn prints request paths with their
+query string (`?token=…` from browsers), so every handler carries a redacting filter."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+_SECRETS = re.compile(
+    r"(?P<key>(?:access_)?token=|client_secret=|Bearer\s+)[^&\s\"']+"
+    r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: f"{m.group('key') or ''}[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """A dictConfig for the app and uvicorn, every handler filtered."""
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": RedactSecrets}},
+        "formatters": {
+            "default": {"format": fmt},
+            "access": {"format": "%(asctime)s %(levelname)-7s access: %(message)s"},
+        },
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "default",
+                "filters": ["redact"],
+            },
+            "access": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "access",
+                "filters": ["redact"],
+            },
+        },
+        "loggers": {
+            "": {"handlers": ["default"], "level": level.upper()},
+            "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+            "uvicorn.error": {"level": level.upper()},
+            "uvicorn.access": {"handlers": ["access"], "level": level.upper(), "propagate": False},
+        },
+    }
+
+
+def install_redaction() -> None:
+    """Filter every handler already installed (the app may run under a plain `uvicorn`)."""
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())

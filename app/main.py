@@ -1,0 +1,185 @@
+"""The application: `create_app()` and its lifespan, the one place that wires things together.
+
+Run it with `python -m app` (uvicorn with the settings applied, clean 1001 on shutdown) or any
+ASGI server as `app.main:app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.auth.routes import router as auth_router
+from app.auth.service import upsert_client
+from app.broker import Broker
+from app.config import Settings, get_settings
+from app.db import create_engine, create_session_factory
+from app.deps import AppState
+from app.errors import install_error_handlers
+from app.feed.leader import LocalLease, RedisLease
+from app.feed.producer import Lease, Producer
+from app.feed.sources import SimulatedSource
+from app.instruments.catalog import Catalog
+from app.instruments.repository import list_active_instruments
+from app.logs import install_redaction
+from app.ops import router as ops_router
+from app.prices.board import router as board_router
+from app.prices.hub import FanoutHub
+from app.prices.routes import router as prices_router
+from app.prices.sse import router as sse_router
+from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
+from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
+from app.prices.ws import router as ws_router
+from app.supervisor import Supervisor
+from app.security import TokenSigner
+
+logger = logging.getLogger("app")
+
+PROTOCOL_DOC = (Path(__file__).parent / "prices" / "protocol.md").read_text(encoding="utf-8")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
+    settings: Settings = app.state.settings
+    streams: StreamRegistry = app.state.streams
+    instance = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    engine = create_engine(settings.database_url)
+    sessions = create_session_factory(engine)
+    try:
+        async with sessions() as session:
+            instruments = await list_active_instruments(session)
+            if settings.env == "dev":
+                await upsert_client(
+                    session,
+                    client_id=settings.demo_client_id,
+                    name="Demo client (dev)",
+                    secret=settings.demo_client_secret,
+                    symbols=["*"],
+                )
+    except SQLAlchemyError as exc:
+        await engine.dispose()
+        raise RuntimeError(
+            f"database not ready ({type(exc).__name__}); is DATABASE_URL right, "
+            "and has `alembic upgrade head` run?"
+        ) from exc
+    if not instruments:
+        raise RuntimeError("no active instruments in the database; run `alembic upgrade head`")
+
+    redis: Redis | None = None
+    store: TickStore
+    lease: Lease
+    if settings.uses_redis:
+        redis = Redis.from_url(settings.broadcast_url, socket_connect_timeout=2, socket_timeout=5)
+        redis_store = RedisTickStore(
+            redis,
+            prefix=settings.redis_key_prefix,
+            retention=settings.retention_ticks,
+            candles_kept=settings.candles_kept,
+        )
+        store = redis_store
+        lease = RedisLease(
+            redis, key=redis_store.leader_key, lease_ms=settings.leader_lease_ms, instance=instance
+        )
+    else:
+        store = MemoryTickStore(retention=settings.retention_ticks, candles_kept=settings.candles_kept)
+        lease = LocalLease()
+
+    broker = Broker(settings.broadcast_url)
+    await broker.connect()
+    hub = FanoutHub(broker=broker, store=store, retention=settings.retention_ticks)
+    supervisor = Supervisor()
+    for instrument in instruments:
+        supervisor.spawn(f"fanout:{instrument.symbol}", partial(hub.consume, instrument.symbol))
+    producer: Producer | None = None
+    if settings.producer == "on":
+        producer = Producer(
+            source=SimulatedSource(
+                ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
+            ),
+            instruments=instruments,
+            store=store,
+            broker=broker,
+            lease=lease,
+        )
+        supervisor.spawn("producer", producer.run)
+
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        signer=TokenSigner(
+            secret=settings.jwt_secret,
+            audience=settings.jwt_audience,
+            ttl_seconds=settings.jwt_ttl_seconds,
+            leeway_seconds=settings.jwt_leeway_seconds,
+        ),
+        catalog=Catalog(instruments),
+        store=store,
+        broker=broker,
+        hub=hub,
+        streams=streams,
+        supervisor=supervisor,
+        producer=producer,
+    )
+    logger.info(
+        "pricefeed ready: %d symbols, broker %s, producer %s, instance %s",
+        len(instruments),
+        settings.broadcast_url.split("@")[-1],
+        settings.producer,
+        instance,
+    )
+    try:
+        yield {"app": state}
+    finally:
+        await streams.close_all(CLOSE_GOING_AWAY, "server going away")
+        await supervisor.stop()
+        await broker.disconnect()
+        if redis is not None:
+            await redis.aclose()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    install_redaction()
+    app = FastAPI(
+        title="pricefeed",
+        version="0.1.0",
+        description=PROTOCOL_DOC,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "auth", "description": "Access tokens"},
+            {"name": "prices", "description": "REST snapshots"},
+            {"name": "streams", "description": "Server-Sent Events (WebSocket: see above)"},
+            {"name": "operations", "description": "Health, readiness, metrics"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.streams = StreamRegistry(
+        max_total=settings.ws_max_connections,
+        max_per_subject=settings.ws_max_connections_per_subject,
+    )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+    )
+    install_error_handlers(app)
+    for router in (auth_router, prices_router, sse_router, ws_router, ops_router, board_router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,58 @@
+"""Operator endpoints: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.db import ping_database
+from app.deps import StateDep
+
+router = APIRouter(tags=["operations"])
+
+_CHECK_TIMEOUT_SECONDS = 2.0
+
+
+@router.get("/healthz")
+async def read_liveness() -> dict[str, str]:
+    """Alive: the process answers. Restart it if this fails."""
+    return {"status": "ok"}
+
+
+async def _check(probe: object) -> str:
+    try:
+        await asyncio.wait_for(probe, _CHECK_TIMEOUT_SECONDS)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+@router.get("/readyz", responses={503: {"description": "A dependency is down"}})
+async def read_readiness(state: StateDep) -> JSONResponse:
+    """Ready: database, price store and broker reachable, background tasks healthy."""
+    database, store = await asyncio.gather(
+        _check(ping_database(state.engine)), _check(state.store.ping())
+    )
+    checks: dict[str, str] = {
+        "database": database,
+        "store": store,
+        "broker": "ok" if state.broker.connected else "down: not connected",
+    }
+    for task, reason in state.supervisor.unhealthy().items():
+        checks[f"task:{task}"] = f"down: {reason}"
+    if state.producer is not None:
+        checks["producer"] = "leader" if state.producer.is_leader else "standby"
+    ready = all(not v.startswith("down") for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def read_metrics() -> Response:
+    """Prometheus metrics (text format)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,237 @@
+"""The fan-out hub: one broker subscription per symbol per process, shared by every local
+stream, and the per-stream outbox that keeps a slow reader from growing memory.
+
+Where a tick goes: broker → `FanoutHub._consume` (one task per symbol) → `Outbox.offer` of
+each stream subscribed to that symbol → the stream's writer (app/prices/streams.py).
+
+Ordering and exactly-once per stream come from `seq`: the hub drops a tick it has already
+passed on, and refetches from the store what a broker gap skipped; each outbox keeps a
+per-symbol floor and never enqueues a seq at or below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from app import metrics
+from app.broker import Broker, price_channel
+from app.prices.store import TickStore
+from app.prices.ticks import MalformedTick, Tick, decode_tick
+
+logger = logging.getLogger(__name__)
+
+_REPAIR_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(slots=True)
+class Frame:
+    symbol: str
+    seq: int
+    text: str
+    event: str  # "tick" or "snapshot"
+
+
+class Outbox:
+    """Frames waiting for one stream's writer. Bounded: past `limit` frames it conflates,
+    keeping only the newest frame of each symbol (the client sees a `seq` jump)."""
+
+    __slots__ = (
+        "_frames", "_limit", "_floor", "_syncing", "_awaiting_snapshot", "_wakeup", "conflated"
+    )
+
+    def __init__(self, *, limit: int) -> None:
+        self._frames: list[Frame] = []
+        self._limit = limit
+        self._floor: dict[str, int] = {}  # symbol → highest seq enqueued (subscribed symbols)
+        self._syncing: dict[str, list[Tick]] = {}  # live ticks held while a snapshot loads
+        self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
+        self._wakeup = asyncio.Event()
+        self.conflated = 0
+
+    @property
+    def symbols(self) -> set[str]:
+        return set(self._floor)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def offer(self, tick: Tick) -> None:
+        held = self._syncing.get(tick.symbol)
+        if held is not None:
+            held.append(tick)
+            if len(held) > self._limit:
+                del held[0]
+            return
+        floor = self._floor.get(tick.symbol)
+        if floor is None or tick.seq <= floor:
+            return
+        if self._awaiting_snapshot and tick.symbol in self._awaiting_snapshot:
+            self._awaiting_snapshot.discard(tick.symbol)
+            self._push(Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot"))
+            return
+        self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
+
+    def _push(self, frame: Frame) -> None:
+        self._floor[frame.symbol] = frame.seq
+        if len(self._frames) >= self._limit:
+            self._conflate()
+        self._frames.append(frame)
+        self._wakeup.set()
+
+    def _conflate(self) -> None:
+        seen: set[str] = set()
+        kept: list[Frame] = []
+        for frame in reversed(self._frames):
+            if frame.event == "control" or frame.symbol not in seen:
+                seen.add(frame.symbol)
+                kept.append(frame)
+        kept.reverse()
+        dropped = len(self._frames) - len(kept)
+        self._frames = kept
+        self.conflated += dropped
+        metrics.CONFLATED.inc(dropped)
+
+    def begin_sync(self, symbol: str) -> None:
+        self._syncing[symbol] = []
+        self._floor.pop(symbol, None)
+
+    def end_sync(
+        self, symbol: str, initial: list[Frame], *, floor: int, first_live_is_snapshot: bool
+    ) -> None:
+        """Enqueue the snapshot/history frames, then the live ticks held meanwhile."""
+        held = self._syncing.pop(symbol, None)
+        if held is None:  # unsubscribed while loading
+            return
+        self._floor[symbol] = floor
+        for frame in initial:
+            self._push(frame)
+        for tick in held:
+            if tick.seq <= self._floor[symbol]:
+                continue
+            if first_live_is_snapshot:
+                # No tick existed yet when the stream opened: the first one is its snapshot.
+                self._push(Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot"))
+                first_live_is_snapshot = False
+            else:
+                self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
+        if first_live_is_snapshot:
+            self._awaiting_snapshot.add(symbol)
+
+    def remove(self, symbol: str) -> None:
+        self._floor.pop(symbol, None)
+        self._syncing.pop(symbol, None)
+        self._awaiting_snapshot.discard(symbol)
+        self._frames = [f for f in self._frames if f.symbol != symbol]
+
+    def push_control(self, text: str) -> None:
+        """A protocol frame (subscribed, pong, error…): never conflated away."""
+        self._frames.append(Frame("", 0, text, "control"))
+        self._wakeup.set()
+
+    def drain(self) -> list[Frame]:
+        frames, self._frames = self._frames, []
+        self._wakeup.clear()
+        return frames
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait until a frame is pending; False on timeout."""
+        if self._frames:
+            return True
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class FanoutHub:
+    def __init__(self, *, broker: Broker, store: TickStore, retention: int) -> None:
+        self._broker = broker
+        self._store = store
+        self._retention = retention
+        self._streams: dict[str, set[Outbox]] = {}
+        self._last_seq: dict[str, int] = {}
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(s) for s in self._streams.values())
+
+    async def consume(self, symbol: str) -> None:
+        """Pass every tick of `symbol` from the broker to the local streams, forever."""
+        async with self._broker.subscribe(price_channel(symbol)) as receive:
+            while True:
+                text = await receive()
+                try:
+                    tick = decode_tick(text)
+                except MalformedTick as exc:
+                    metrics.BROKER_DROPPED.labels(reason="malformed").inc()
+                    logger.warning("hub: dropped a malformed message on %s: %s", symbol, exc)
+                    continue
+                if tick.symbol != symbol:
+                    metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
+                    continue
+                last = self._last_seq.get(symbol)
+                if last is not None and tick.seq > last + 1:
+                    await self._repair_gap(symbol, last, tick.seq)
+                self._deliver(tick)
+
+    async def _repair_gap(self, symbol: str, last: int, upto: int) -> None:
+        """The broker skipped seqs (a reconnect, a producer crash between store and publish):
+        refetch them from the store, where the producer wrote them first."""
+        try:
+            missing = await asyncio.wait_for(
+                self._store.read_history(symbol, since=last, limit=min(upto - last - 1, self._retention)),
+                _REPAIR_TIMEOUT_SECONDS,
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed repair leaves a visible seq jump
+            logger.warning("hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc)
+            return
+        for tick in missing:
+            if tick.seq < upto:
+                metrics.GAPS_REPAIRED.inc()
+                self._deliver(tick)
+
+    def _deliver(self, tick: Tick) -> None:
+        last = self._last_seq.get(tick.symbol)
+        if last is not None and tick.seq <= last:
+            return  # already passed on (a redelivery, or a repair that raced the live tick)
+        self._last_seq[tick.symbol] = tick.seq
+        metrics.TICKS_RECEIVED.inc()
+        for outbox in self._streams.get(tick.symbol, ()):
+            outbox.offer(tick)
+
+    async def attach(self, outbox: Outbox, symbol: str, *, since: int | None) -> None:
+        """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`),
+        then every live tick, with no gap and no duplicate between the two."""
+        outbox.begin_sync(symbol)
+        self._streams.setdefault(symbol, set()).add(outbox)
+        metrics.SUBSCRIPTIONS.inc()
+        initial: list[Frame] = []
+        floor, first_live_is_snapshot = since or 0, since is None
+        try:
+            latest = (await self._store.read_latest([symbol])).get(symbol)
+            if latest is not None:
+                if since is None or since > latest.seq:
+                    # No resume point, or one from a future we never produced: start afresh.
+                    initial = [Frame(symbol, latest.seq, latest.snapshot_frame, "snapshot")]
+                    floor, first_live_is_snapshot = 0, False
+                elif since < latest.seq:
+                    history = await self._store.read_history(
+                        symbol, since=since, limit=self._retention
+                    )
+                    initial = [Frame(t.symbol, t.seq, t.frame, "tick") for t in history]
+        finally:
+            outbox.end_sync(
+                symbol, initial, floor=floor, first_live_is_snapshot=first_live_is_snapshot
+            )
+
+    def detach(self, outbox: Outbox, symbols: Iterable[str]) -> None:
+        for symbol in list(symbols):
+            streams = self._streams.get(symbol)
+            if streams is not None and outbox in streams:
+                streams.discard(outbox)
+                metrics.SUBSCRIPTIONS.dec()
+            outbox.remove(symbol)

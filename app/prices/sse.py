@@ -1,0 +1,123 @@
+"""Server-Sent Events: the stream for clients that cannot speak WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+from starlette.requests import Request
+
+from app import metrics
+from app.deps import StateDep, authenticate_stream
+from app.errors import Forbidden, InvalidRequest
+from app.origins import origin_allowed
+from app.prices.hub import FanoutHub, Outbox
+from app.prices.ticks import normalise_symbol
+from app.security import Principal
+
+router = APIRouter(prefix="/v1", tags=["streams"])
+
+_KEEPALIVE_SECONDS = 15.0
+
+
+class EventStream:
+    """One SSE response; `close` (on shutdown) ends it with an `error` event."""
+
+    def __init__(self, hub: FanoutHub, principal: Principal, *, outbox_frames: int,
+                 leeway: float) -> None:
+        self.hub = hub
+        self.principal = principal
+        self.outbox = Outbox(limit=outbox_frames)
+        self.deadline = principal.expires_at + leeway
+        self.ended: tuple[int, str] | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.ended = (code, reason)
+        self.outbox.push_control("")  # wake the writer
+
+
+def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    symbol, _, seq = value.partition(":")
+    normalised = normalise_symbol(symbol)
+    if normalised is None or not seq.isdigit() or len(seq) > 18:
+        raise InvalidRequest("Last-Event-ID must look like SYMBOL:seq")
+    return normalised, int(seq)
+
+
+def _error_event(code: str, message: str) -> str:
+    return f"event: error\ndata: {orjson.dumps({'code': code, 'message': message}).decode()}\n\n"
+
+
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream"}},
+)
+async def stream_events(
+    request: Request,
+    state: StateDep,
+    symbols: Annotated[str, Query(description="Comma-separated, e.g. AAPL,MSFT", min_length=1)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    token: Annotated[str | None, Query(description="The JWT, for browsers (EventSource)")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: `event: snapshot` per symbol, then `event: tick`; `id: SYMBOL:seq`.
+    Reconnecting with `Last-Event-ID` resumes that symbol from its seq (the others start
+    from a snapshot). Token: `Authorization: Bearer` or `?token=`."""
+    if not origin_allowed(request, state.settings.allowed_origins):
+        raise Forbidden("origin not allowed")
+    principal = authenticate_stream(request, state)
+    resolved = state.catalog.resolve_many(symbols.split(","))
+    denied = [s for s in resolved if not principal.may_read(s)]
+    if denied:
+        raise Forbidden(f"not entitled to {', '.join(denied)}")
+    resume = _parse_last_event_id(last_event_id)
+    stream = EventStream(
+        state.hub,
+        principal,
+        outbox_frames=state.settings.ws_outbox_frames,
+        leeway=state.settings.jwt_leeway_seconds,
+    )
+    admission = state.streams.admit(stream, principal.subject, "sse")
+    admission.__enter__()  # raises 503 at capacity, 429 past the per-subject limit
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for symbol in resolved:
+                since = resume[1] if resume is not None and resume[0] == symbol else None
+                await state.hub.attach(stream.outbox, symbol, since=since)
+            yield "retry: 2000\n\n"
+            while True:
+                timeout = min(_KEEPALIVE_SECONDS, stream.deadline - time.time())
+                ready = await stream.outbox.wait(max(timeout, 0.0))
+                if stream.ended is not None:
+                    yield _error_event("going_away", stream.ended[1] or "server going away")
+                    return
+                if time.time() >= stream.deadline:
+                    yield _error_event("token_expired", "token expired; reconnect with a new one")
+                    return
+                if not ready:
+                    yield ": keep-alive\n\n"
+                    continue
+                frames = [f for f in stream.outbox.drain() if f.event != "control"]
+                metrics.MESSAGES_SENT.inc(len(frames))
+                yield "".join(
+                    f"event: {f.event}\nid: {f.symbol}:{f.seq}\ndata: {f.text}\n\n" for f in frames
+                )
+        except asyncio.CancelledError:
+            raise
+        finally:
+            state.hub.detach(stream.outbox, stream.outbox.symbols)
+            admission.__exit__(None, None, None)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

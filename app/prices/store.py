@@ -1,0 +1,171 @@
+"""The tick store: latest tick and a retention window per symbol, and the candles.
+
+Two implementations behind one interface: in process (for `memory://`) and in Redis (for
+`redis://`, shared by every instance). The producer is the only writer; its writes are fenced
+by its leader lease, so a producer that lost its lease cannot write over its successor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from app.prices.candles import Candle
+from app.prices.ticks import Tick, decode_tick
+
+
+class NotLeader(Exception):
+    """The fence token given with a write is not the current leader's."""
+
+
+class TickStore(Protocol):
+    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
+        """Keep `tick` (and the candles it updated). False if its seq is not new."""
+
+    async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]: ...
+
+    async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        """Retained ticks with seq > since (all retained if None), oldest first, at most
+        `limit` of them: the first ones after `since`, or the newest ones without it."""
+
+    async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]: ...
+
+    async def ping(self) -> None: ...
+
+
+class MemoryTickStore:
+    def __init__(self, *, retention: int, candles_kept: int) -> None:
+        self._retention = retention
+        self._candles_kept = candles_kept
+        self._latest: dict[str, Tick] = {}
+        self._history: dict[str, deque[Tick]] = {}
+        self._candles: dict[tuple[str, str], deque[Candle]] = {}
+
+    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
+        latest = self._latest.get(tick.symbol)
+        if latest is not None and tick.seq <= latest.seq:
+            return False
+        self._latest[tick.symbol] = tick
+        history = self._history.get(tick.symbol)
+        if history is None:
+            history = self._history[tick.symbol] = deque(maxlen=self._retention)
+        history.append(tick)
+        for interval, candle in candles.items():
+            kept = self._candles.get((tick.symbol, interval))
+            if kept is None:
+                kept = self._candles[(tick.symbol, interval)] = deque(maxlen=self._candles_kept)
+            snapshot = Candle.decode(candle.encode())  # the producer mutates its own copy
+            if kept and kept[-1].start == candle.start:
+                kept[-1] = snapshot
+            else:
+                kept.append(snapshot)
+        return True
+
+    async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]:
+        return {s: self._latest[s] for s in symbols if s in self._latest}
+
+    async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        history = self._history.get(symbol, ())
+        if since is None:
+            return list(history)[-limit:] if limit else []
+        return [t for t in history if t.seq > since][:limit]
+
+    async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]:
+        kept = self._candles.get((symbol, interval), ())
+        return list(kept)[-limit:] if limit else []
+
+    async def ping(self) -> None:
+        return None
+
+
+# Atomic append: fence check, then the stream entry (its ID is the seq, so a replayed or
+# stale seq is refused by Redis itself), then the latest hash and the candles.
+_APPEND_LUA = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER')
+end
+local ok = redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[4] .. '-0', 't', ARGV[3])
+if type(ok) == 'table' and ok.err then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local kept = tonumber(ARGV[6])
+for i = 4, #KEYS do
+  local start = ARGV[5 + (i - 3) * 2]
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], start, start)
+  redis.call('ZADD', KEYS[i], start, ARGV[6 + (i - 3) * 2])
+  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -(kept + 1))
+end
+return 1
+"""
+
+
+class RedisTickStore:
+    def __init__(self, redis: Redis, *, prefix: str, retention: int, candles_kept: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._retention = retention
+        self._candles_kept = candles_kept
+        self._append = redis.register_script(_APPEND_LUA)
+        self.leader_key = f"{prefix}:producer:leader"
+        self._latest_key = f"{prefix}:latest"
+
+    def _stream_key(self, symbol: str) -> str:
+        return f"{self._prefix}:ticks:{symbol}"
+
+    def _candle_key(self, symbol: str, interval: str) -> str:
+        return f"{self._prefix}:candles:{symbol}:{interval}"
+
+    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
+        keys = [self.leader_key, self._latest_key, self._stream_key(tick.symbol)]
+        args: list[str | int] = [
+            fence or "",
+            tick.symbol,
+            tick.frame,
+            tick.seq,
+            self._retention,
+            self._candles_kept,
+        ]
+        for interval, candle in candles.items():
+            keys.append(self._candle_key(tick.symbol, interval))
+            args += [candle.start, candle.encode()]
+        try:
+            written = await self._append(keys=keys, args=args)
+        except ResponseError as exc:
+            if "NOTLEADER" in str(exc):
+                raise NotLeader from exc
+            raise
+        return bool(written)
+
+    async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]:
+        if not symbols:
+            return {}
+        frames = await self._redis.hmget(self._latest_key, list(symbols))
+        return {
+            symbol: decode_tick(frame.decode())
+            for symbol, frame in zip(symbols, frames, strict=True)
+            if frame is not None
+        }
+
+    async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        if limit <= 0:
+            return []
+        key = self._stream_key(symbol)
+        if since is None:
+            entries = list(reversed(await self._redis.xrevrange(key, count=limit)))
+        else:
+            entries = await self._redis.xrange(key, min=f"({max(since, 0)}-0", count=limit)
+        return [decode_tick(fields[b"t"].decode()) for _id, fields in entries]
+
+    async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]:
+        if limit <= 0:
+            return []
+        members = await self._redis.zrange(self._candle_key(symbol, interval), -limit, -1)
+        return [Candle.decode(m.decode()) for m in members]
+
+    async def ping(self) -> None:
+        await self._redis.ping()

@@ -1,0 +1,201 @@
+"""Open streams on this instance: admission limits, the per-connection writer, and closing.
+
+A WebSocket stream owns an `Outbox` (app/prices/hub.py); its writer drains it, batches when
+the client asked for it, sends heartbeats when idle, closes with 4408 the moment the token
+expires (before sending anything more), and with 1013 when a send stays stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketState
+
+from app import metrics
+from app.errors import RateLimited, Unavailable
+from app.prices.hub import FanoutHub, Frame, Outbox
+from app.security import Principal
+
+logger = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+CLOSE_BAD_TOKEN = 4401
+CLOSE_NOT_ENTITLED = 4403
+CLOSE_UNKNOWN_SYMBOL = 4404
+CLOSE_TOKEN_EXPIRED = 4408
+
+
+class Closable(Protocol):
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class StreamRegistry:
+    """Counts open streams (per instance and per token subject) and can close them all."""
+
+    def __init__(self, *, max_total: int, max_per_subject: int) -> None:
+        self._max_total = max_total
+        self._max_per_subject = max_per_subject
+        self._per_subject: Counter[str] = Counter()
+        self._open: set[Closable] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @contextmanager
+    def admit(self, stream: Closable, subject: str, transport: str) -> Iterator[None]:
+        if len(self._open) >= self._max_total:
+            raise Unavailable("server at capacity; retry later")
+        if self._per_subject[subject] >= self._max_per_subject:
+            raise RateLimited("too many connections for this token subject")
+        self._per_subject[subject] += 1
+        self._open.add(stream)
+        metrics.CONNECTIONS.labels(transport=transport).inc()
+        try:
+            yield
+        finally:
+            self._open.discard(stream)
+            self._per_subject[subject] -= 1
+            if not self._per_subject[subject]:
+                del self._per_subject[subject]
+            metrics.CONNECTIONS.labels(transport=transport).dec()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        await asyncio.gather(
+            *(s.close(code, reason) for s in list(self._open)), return_exceptions=True
+        )
+
+
+class RateLimiter:
+    """A token bucket: `rate` messages a second, bursts up to twice that."""
+
+    __slots__ = ("_rate", "_burst", "_tokens", "_at")
+
+    def __init__(self, rate: float) -> None:
+        self._rate, self._burst = rate, max(2 * rate, 1.0)
+        self._tokens, self._at = self._burst, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def control(kind: str, **fields: object) -> str:
+    return orjson.dumps({"type": kind, **fields}).decode()
+
+
+class WebSocketStream:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        hub: FanoutHub,
+        principal: Principal,
+        leeway: float,
+        outbox_frames: int,
+        send_timeout: float,
+        heartbeat: float | None,
+    ) -> None:
+        self.websocket = websocket
+        self.hub = hub
+        self.outbox = Outbox(limit=outbox_frames)
+        self.batch = False
+        self._leeway = leeway
+        self._send_timeout = send_timeout
+        self._heartbeat = heartbeat
+        self._closed = asyncio.Event()
+        self.principal = principal
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @principal.setter
+    def principal(self, value: Principal) -> None:
+        self._principal = value
+        self._deadline = value.expires_at + self._leeway
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.hub.detach(self.outbox, self.outbox.symbols)
+        metrics.CLOSES.labels(code=str(code)).inc()
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            try:
+                await self.websocket.close(code, reason)
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                pass
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def write_forever(self) -> None:
+        """Send what the outbox holds until the stream closes."""
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
+        while not self.closed:
+            timeout = self._deadline - time.time()
+            if self._heartbeat is not None:
+                timeout = min(timeout, self._heartbeat - (loop.time() - last_sent))
+            ready = await self.outbox.wait(max(timeout, 0.0))
+            if self.closed:
+                return
+            if time.time() >= self._deadline:
+                await self.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                return
+            if ready:
+                frames = self.outbox.drain()
+            elif self._heartbeat is not None and loop.time() - last_sent >= self._heartbeat:
+                frames = [Frame("", 0, control("heartbeat", ts=time.time_ns() // 1_000_000), "control")]
+            else:
+                continue
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._send(frames)
+            except TimeoutError:
+                logger.info("stream: reader stuck for %.0fs; closing 1013", self._send_timeout)
+                await self.close(CLOSE_TRY_LATER, "reader too slow")
+                return
+            except Exception:  # noqa: BLE001 - the peer went away mid-send
+                await self.close(CLOSE_GOING_AWAY, "connection lost")
+                return
+            metrics.MESSAGES_SENT.inc(len(frames))
+            last_sent = loop.time()
+
+    async def _send(self, frames: list[Frame]) -> None:
+        send = self.websocket.send_text
+        if not self.batch:
+            for frame in frames:
+                await send(frame.text)
+            return
+        # Batch mode: each run of price frames goes out as one JSON array, in seq order.
+        run: list[str] = []
+        for frame in frames:
+            if frame.event == "control":
+                if run:
+                    await send("[" + ",".join(run) + "]")
+                    run = []
+                await send(frame.text)
+            else:
+                run.append(frame.text)
+        if run:
+            await send(run[0] if len(run) == 1 else "[" + ",".join(run) + "]")

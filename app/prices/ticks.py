@@ -1,0 +1,94 @@
+"""The tick: what the producer publishes, the store keeps and every stream sends.
+
+A tick travels as its wire frame, a JSON text encoded once by the producer
+(`{"type": "tick", "symbol": …, "price": "…", "ts": ms, "seq": n, …}`); everything
+downstream forwards that same string and parses only `symbol` and `seq` out of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+import orjson
+
+SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9.\-]{0,15}$")
+_TICK_PREFIX = '{"type":"tick",'
+_SNAPSHOT_PREFIX = '{"type":"snapshot",'
+
+
+class MalformedTick(ValueError):
+    """A broker message that is not a tick frame."""
+
+
+def normalise_symbol(raw: str) -> str | None:
+    """Upper-case `raw`; None if it is not a valid symbol."""
+    symbol = raw.strip().upper()
+    return symbol if SYMBOL_RE.match(symbol) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    symbol: str
+    seq: int
+    ts: int
+    frame: str  # the wire frame, type "tick"
+
+    @property
+    def snapshot_frame(self) -> str:
+        """The same tick as a `snapshot` frame."""
+        if self.frame.startswith(_TICK_PREFIX):
+            return _SNAPSHOT_PREFIX + self.frame[len(_TICK_PREFIX) :]
+        body = orjson.loads(self.frame)
+        body["type"] = "snapshot"
+        return orjson.dumps(body).decode()
+
+    def as_dict(self) -> dict[str, object]:
+        value: dict[str, object] = orjson.loads(self.frame)
+        return value
+
+
+def encode_tick(
+    *,
+    symbol: str,
+    price: Decimal,
+    ts: int,
+    seq: int,
+    bid: Decimal,
+    ask: Decimal,
+    volume: Decimal,
+) -> Tick:
+    frame = orjson.dumps(
+        {
+            "type": "tick",
+            "symbol": symbol,
+            "price": str(price),
+            "ts": ts,
+            "seq": seq,
+            "bid": str(bid),
+            "ask": str(ask),
+            "volume": str(volume),
+        }
+    ).decode()
+    return Tick(symbol=symbol, seq=seq, ts=ts, frame=frame)
+
+
+def decode_tick(frame: str) -> Tick:
+    """Parse a frame from the broker or the store; raise MalformedTick if it is not a tick."""
+    try:
+        body = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedTick("not JSON") from exc
+    if not isinstance(body, dict):
+        raise MalformedTick("not an object")
+    symbol, seq, ts = body.get("symbol"), body.get("seq"), body.get("ts")
+    if (
+        body.get("type") != "tick"
+        or not isinstance(symbol, str)
+        or type(seq) is not int
+        or type(ts) is not int
+        or not isinstance(body.get("price"), str)
+    ):
+        raise MalformedTick("missing or mistyped tick fields")
+    return Tick(symbol=symbol, seq=seq, ts=ts, frame=frame)

@@ -1,0 +1,291 @@
+"""WebSocket routes: one symbol per connection, or many over one (the protocol is in
+app/prices/protocol.md, which /docs shows)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+
+from app.deps import AppState, read_app_state, verify_token
+from app.errors import Forbidden, PricefeedError, Unauthenticated
+from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
+from app.origins import origin_allowed
+from app.prices.streams import (
+    CLOSE_BAD_TOKEN,
+    CLOSE_NOT_ENTITLED,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_LATER,
+    RateLimiter,
+    WebSocketStream,
+    control,
+)
+from app.security import Principal
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class BadRequest(Exception):
+    """A client frame the server answers with an `error` frame; the connection stays open."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+async def _accept(websocket: WebSocket, state: AppState) -> Principal | None:
+    """Check the origin (refusing the handshake), accept, then authenticate: a close code,
+    unlike a refused handshake, is something a browser can read."""
+    if not origin_allowed(websocket, state.settings.allowed_origins):
+        await websocket.close(CLOSE_POLICY)  # before accept: an HTTP 403
+        return None
+    await websocket.accept()
+    try:
+        return verify_token(state, _stream_token(websocket))
+    except Unauthenticated as exc:
+        await websocket.close(CLOSE_BAD_TOKEN, exc.message)
+        return None
+
+
+def _stream_token(websocket: WebSocket) -> str | None:
+    scheme, _, credentials = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return websocket.query_params.get("token")
+
+
+def _new_stream(websocket: WebSocket, state: AppState, principal: Principal, *,
+                heartbeat: bool) -> WebSocketStream:
+    settings = state.settings
+    return WebSocketStream(
+        websocket,
+        hub=state.hub,
+        principal=principal,
+        leeway=settings.jwt_leeway_seconds,
+        outbox_frames=settings.ws_outbox_frames,
+        send_timeout=settings.ws_send_timeout_seconds,
+        heartbeat=settings.ws_heartbeat_seconds if heartbeat else None,
+    )
+
+
+async def _run(stream: WebSocketStream, state: AppState, reader: Any) -> None:
+    """Run the writer and `reader` until either ends or the stream is closed."""
+    try:
+        with state.streams.admit(stream, stream.principal.subject, "websocket"):
+            tasks = [
+                asyncio.create_task(stream.write_forever()),
+                asyncio.create_task(reader),
+                asyncio.create_task(stream.wait_closed()),
+            ]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await stream.close(1000, "")
+    except PricefeedError as exc:  # refused admission
+        reader.close()
+        await stream.close(exc.close_code, exc.message)
+
+
+async def _receive_text(stream: WebSocketStream, limiter: RateLimiter,
+                        max_bytes: int) -> str | None:
+    """The next text frame, enforcing size and rate; None when the stream must end."""
+    message = await stream.websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        await stream.close(1000, "")
+        return None
+    if not limiter.allow():
+        await stream.close(CLOSE_POLICY, "too many messages per second")
+        return None
+    text = message.get("text")
+    data = text.encode() if text is not None else (message.get("bytes") or b"")
+    if len(data) > max_bytes:
+        await stream.close(CLOSE_TOO_BIG, f"frames are limited to {max_bytes} bytes")
+        return None
+    if text is None:
+        stream.outbox.push_control(
+            control("error", code="invalid_message", message="send JSON text frames, not binary")
+        )
+        return ""
+    return text
+
+
+@router.websocket("/v1/ws/prices/{symbol}")
+async def stream_symbol(websocket: WebSocket, symbol: str) -> None:
+    """One symbol: a snapshot (or the ticks after `since`), then every tick."""
+    state = read_app_state(websocket)
+    principal = await _accept(websocket, state)
+    if principal is None:
+        return
+    stream = _new_stream(websocket, state, principal, heartbeat=False)
+    try:
+        resolved = state.catalog.resolve(symbol)
+        if not principal.may_read(resolved):
+            await stream.close(CLOSE_NOT_ENTITLED, f"not entitled to {resolved}")
+            return
+        raw_since = websocket.query_params.get("since")
+        since = None
+        if raw_since is not None:
+            if not raw_since.isdigit() or len(raw_since) > 18:
+                await stream.close(CLOSE_POLICY, "since must be a non-negative integer")
+                return
+            since = int(raw_since)
+        await state.hub.attach(stream.outbox, resolved, since=since)
+    except PricefeedError as exc:
+        await stream.close(exc.close_code, exc.message)
+        return
+    except Exception:  # noqa: BLE001 - the store is down: tell the client to come back
+        logger.exception("stream: could not load %s", symbol)
+        await stream.close(CLOSE_TRY_LATER, "prices unavailable; retry later")
+        return
+    await _run(stream, state, _drain_client(stream, state))
+
+
+async def _drain_client(stream: WebSocketStream, state: AppState) -> None:
+    """The one-symbol route takes no requests, but still enforces the frame limits."""
+    limiter = RateLimiter(state.settings.ws_max_messages_per_second)
+    while await _receive_text(stream, limiter, state.settings.ws_max_message_bytes) is not None:
+        pass
+
+
+@router.websocket("/v1/ws")
+async def stream_many(websocket: WebSocket) -> None:
+    """Many symbols over one connection, driven by subscribe/unsubscribe/ping/auth requests."""
+    state = read_app_state(websocket)
+    principal = await _accept(websocket, state)
+    if principal is None:
+        return
+    stream = _new_stream(websocket, state, principal, heartbeat=True)
+    await _run(stream, state, _serve_requests(stream, state))
+
+
+async def _serve_requests(stream: WebSocketStream, state: AppState) -> None:
+    limiter = RateLimiter(state.settings.ws_max_messages_per_second)
+    while True:
+        text = await _receive_text(stream, limiter, state.settings.ws_max_message_bytes)
+        if text is None:
+            return
+        if not text:
+            continue
+        try:
+            await _handle_request(stream, state, text)
+        except BadRequest as exc:
+            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
+        except PricefeedError as exc:
+            if exc.close_code >= 4000:
+                await stream.close(exc.close_code, exc.message)
+                return
+            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
+        if stream.closed:
+            return
+
+
+def _parse(text: str) -> tuple[str, dict[str, Any]]:
+    try:
+        request = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise BadRequest("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise BadRequest("invalid_message", "a request is a JSON object with an 'op'")
+    op = request.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("invalid_message", "'op' must be a string")
+    return op, request
+
+
+def _symbols_field(request: dict[str, Any]) -> list[str]:
+    symbols = request.get("symbols")
+    if (
+        not isinstance(symbols, list)
+        or not symbols
+        or len(symbols) > MAX_SYMBOLS_PER_REQUEST
+        or not all(isinstance(s, str) for s in symbols)
+    ):
+        raise BadRequest(
+            "invalid_message",
+            f"'symbols' must be a list of 1 to {MAX_SYMBOLS_PER_REQUEST} strings",
+        )
+    return symbols
+
+
+def _resolve(state: AppState, raw: list[str]) -> list[str]:
+    try:
+        return state.catalog.resolve_many(raw)
+    except PricefeedError as exc:
+        raise BadRequest(exc.code, exc.message) from None
+
+
+def _since_field(request: dict[str, Any]) -> dict[str, int]:
+    since = request.get("since", {})
+    if since is None:
+        return {}
+    if not isinstance(since, dict) or not all(
+        type(v) is int and v >= 0 for v in since.values()
+    ):
+        raise BadRequest("invalid_message", "'since' must map symbols to non-negative integers")
+    return {s.strip().upper(): v for s, v in since.items()}
+
+
+async def _handle_request(stream: WebSocketStream, state: AppState, text: str) -> None:
+    op, request = _parse(text)
+    if op == "ping":
+        stream.outbox.push_control(control("pong"))
+    elif op == "subscribe":
+        await _subscribe(stream, state, request)
+    elif op == "unsubscribe":
+        symbols = _resolve(state, _symbols_field(request))
+        state.hub.detach(stream.outbox, symbols)
+        stream.outbox.push_control(control("unsubscribed", symbols=symbols))
+    elif op == "auth":
+        _reauthenticate(stream, state, request)
+    else:
+        raise BadRequest("unknown_op", f"unknown op {op[:32]!r}; use subscribe, unsubscribe, ping or auth")
+
+
+async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str, Any]) -> None:
+    symbols = _resolve(state, _symbols_field(request))
+    since = _since_field(request)
+    batch = request.get("batch", None)
+    if batch is not None and not isinstance(batch, bool):
+        raise BadRequest("invalid_message", "'batch' must be true or false")
+    denied = [s for s in symbols if not stream.principal.may_read(s)]
+    if denied:
+        raise Forbidden(f"not entitled to {', '.join(denied)}")
+    current = stream.outbox.symbols
+    new = [s for s in symbols if s not in current]
+    limit = state.settings.ws_max_subscriptions
+    if len(current) + len(new) > limit:
+        raise BadRequest(
+            "too_many_subscriptions", f"at most {limit} subscriptions per connection"
+        )
+    if batch is not None:
+        stream.batch = batch
+    stream.outbox.push_control(control("subscribed", symbols=symbols))
+    for symbol in new:
+        try:
+            await state.hub.attach(stream.outbox, symbol, since=since.get(symbol))
+        except Exception:  # noqa: BLE001 - the store is down
+            logger.exception("stream: could not load %s", symbol)
+            state.hub.detach(stream.outbox, [symbol])
+            raise BadRequest("unavailable", f"{symbol} is unavailable; retry later") from None
+
+
+def _reauthenticate(stream: WebSocketStream, state: AppState, request: dict[str, Any]) -> None:
+    token = request.get("token")
+    if not isinstance(token, str):
+        raise BadRequest("invalid_message", "'token' must be a string")
+    principal = verify_token(state, token)  # Unauthenticated closes with 4401
+    if principal.subject != stream.principal.subject:
+        raise BadRequest("subject_mismatch", "a new token must be for the same subject")
+    stream.principal = principal
+    denied = sorted(s for s in stream.outbox.symbols if not principal.may_read(s))
+    if denied:
+        raise Forbidden(f"no longer entitled to {', '.join(denied)}")
+    stream.outbox.push_control(control("authenticated", expires=int(principal.expires_at * 1000)))

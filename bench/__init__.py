@@ -1,0 +1,1 @@
+"""pricefeed benchmark harness: ``python -m bench --help``."""

@@ -1,0 +1,1 @@
+"""Peer servers the benchmark compares pricefeed with (run only by the bench)."""

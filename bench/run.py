@@ -1,0 +1,379 @@
+"""Benchmark runner: ``python -m bench`` (or ``python bench/run.py``); see bench/README.md.
+
+For each chosen server and scenario: a fresh redis-server and a fresh server (pinned to core 0),
+the load generator and the publisher (pinned to core 1), a warm-up, then a measuring window
+between two marks. Everything is killed after each scenario, and on any exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+
+from bench import procs, report
+from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
+from bench.servers import (
+    DEFAULT_SERVERS,
+    PRICEFEED_SYMBOLS,
+    REPO,
+    SERVERS,
+    Server,
+    ensure_node_modules,
+)
+
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class Scenario:
+    name: str
+    clients: int
+    rate: float | None  # delivered msg/s asked; None = idle
+    duration: float
+
+
+class Ctl:
+    """A child driven by one-line commands on stdin, each answered by one JSON line."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.name, self.proc, self.log = name, proc, log
+
+    async def cmd(self, line: str, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise RuntimeError(f"{self.name} is gone: {_tail(self.log)}") from exc
+        try:
+            out = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        except asyncio.TimeoutError as exc:
+            kill(self.proc)  # the reader thread gets EOF; this child is done for
+            raise RuntimeError(f"{self.name}: no answer to {line!r} in {timeout:.0f}s") from exc
+        if not out:
+            raise RuntimeError(f"{self.name} exited ({self.proc.poll()}): {_tail(self.log)}")
+        return orjson.loads(out)
+
+    async def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                await self.cmd("quit", 5)
+            except (RuntimeError, OSError):
+                pass
+        kill(self.proc)
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-n:])[-600:]
+
+
+def _log_problems(path: Path) -> list[str]:
+    """Tracebacks / errors a server wrote to its log during the scenario (first few)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    hits = [ln.strip() for ln in text.splitlines()
+            if any(w in ln for w in ("Traceback", "ERROR", "Error:", "CRITICAL", "exception"))]
+    return hits[:3]
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.symbols = PRICEFEED_SYMBOLS[: opts.symbols]
+
+    async def run_scenario(self, spec: Server, scen: Scenario) -> dict[str, Any]:
+        opts = self.opts
+        row: dict[str, Any] = {"server": spec.name, "scenario": scen.name, "notes": []}
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{spec.name}-{scen.name}-"))
+        server_log = workdir / "server.log"
+        redis = server = lg = prod = None
+        try:
+            redis = Redis(workdir)
+            await redis.ready()
+            port = free_port()
+            await asyncio.to_thread(spec.prepare, port=port, redis_url=redis.url,
+                                    workdir=workdir, log=server_log)
+            server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
+            await procs.wait_http_ok(port, spec.health_path, server, timeout=60)
+            await asyncio.sleep(0.3)
+
+            lg_log = workdir / "loadgen.log"
+            lg_cmd = [sys.executable, "-m", "bench.loadgen", "--kind", spec.client_kind,
+                      "--port", str(port), "--symbols", ",".join(self.symbols),
+                      "--per-client", str(opts.symbols_per_client),
+                      "--concurrency", str(opts.concurrency)]
+            if spec.batch:
+                lg_cmd.append("--batch")
+            lg = Ctl("loadgen", spawn(lg_cmd, core=LOAD_CORE, cwd=REPO, log=lg_log, pipe=True),
+                     lg_log)
+            if scen.rate is None:
+                await self._idle(row, spec, scen, server, lg)
+            else:
+                prod = await self._load(row, spec, scen, server, lg, port, redis.url, workdir)
+            if server.poll() is not None:
+                row["notes"].append(f"server exited ({server.returncode}): {_tail(server_log)}")
+            row["notes"] += [f"server log: {p}" for p in _log_problems(server_log)]
+        except Exception as exc:  # noqa: BLE001 - one failed scenario must not end the run
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            if server is not None:
+                row["notes"].append(f"server log tail: {_tail(server_log)}")
+        finally:
+            for ctl in (prod, lg):
+                if ctl is not None:
+                    await ctl.quit()
+            if server is not None:
+                kill(server)
+            if redis is not None:
+                redis.stop()
+            if opts.keep_logs:
+                row["logs"] = str(workdir)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return row
+
+    async def _connect(self, row: dict[str, Any], lg: Ctl, n: int) -> dict[str, Any]:
+        res = await lg.cmd(f"connect {n}", timeout=60 + n * 0.05)
+        row["conns_asked"] = row.get("conns_asked", 0) + n
+        row["conns_ok"] = row.get("conns_ok", 0) + res["ok"]
+        row["conn_failed"] = row.get("conn_failed", 0) + res["failed"]
+        row["connect_s"] = round(row.get("connect_s", 0) + res["elapsed"], 2)
+        if res["fail_reasons"]:
+            row["notes"].append(f"connect failures: {res['fail_reasons']}")
+        return res
+
+    async def _idle(self, row: dict[str, Any], spec: Server, scen: Scenario,
+                    server: subprocess.Popen[bytes], lg: Ctl) -> None:
+        warm = 20  # first connections import/allocate once per process: not per connection
+        await self._connect(row, lg, warm)
+        await asyncio.sleep(1.0)
+        rss0 = procs.tree_rss_bytes(server.pid)
+        res = await self._connect(row, lg, scen.clients)
+        await asyncio.sleep(self.opts.idle_settle)
+        rss1 = procs.tree_rss_bytes(server.pid)
+        mark = await lg.cmd("mark", 30)
+        row["conns_asked"] -= warm
+        row["conns_ok"] -= warm - 0  # the warm-up ones are not part of N
+        row["conns_ok"] = max(0, row["conns_ok"])
+        row["drops"] = sum(mark["closed"].values())
+        if mark["closed"]:
+            row["notes"].append(f"closed while idle: {mark['closed']}")
+        row["rss_mb"] = rss1 / 2**20
+        row["rss_base_mb"] = rss0 / 2**20
+        if res["ok"]:
+            row["kb_per_conn"] = (rss1 - rss0) / 1024 / res["ok"]
+
+    async def _load(self, row: dict[str, Any], spec: Server, scen: Scenario,
+                    server: subprocess.Popen[bytes], lg: Ctl, port: int, redis_url: str,
+                    workdir: Path) -> Ctl:
+        opts = self.opts
+        await self._connect(row, lg, scen.clients)
+        k = min(opts.symbols_per_client, len(self.symbols))
+        used = self.symbols[: min(len(self.symbols), scen.clients * k)]
+        per_symbol = scen.rate / (scen.clients * k)  # ticks/s a symbol needs
+        prod_rate = per_symbol * len(used)
+        row["asked_rate"] = scen.rate
+        row["ticks_per_symbol"] = per_symbol
+        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=used, rate=prod_rate)
+        plog = workdir / "producer.log"
+        prod = Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=plog, pipe=True), plog)
+        await asyncio.sleep(opts.warmup)
+
+        async def mark() -> dict[str, Any]:
+            lm = await lg.cmd("mark", 30)
+            pm = await prod.cmd("mark", 10)
+            return {"lg": lm, "prod": pm, "cpu": procs.tree_cpu_seconds(server.pid),
+                    "cores": procs.core_busy(), "confl": await spec.conflations(port),
+                    "t": time.monotonic()}
+
+        a = await mark()
+        await asyncio.sleep(scen.duration)
+        b = await mark()
+        row["rss_mb"] = procs.tree_rss_bytes(server.pid) / 2**20
+
+        lm = b["lg"]
+        window = lm["elapsed"]
+        row["window_s"] = round(window, 2)
+        row["delivered_rate"] = lm["ticks"] / window
+        row["frames_rate"] = lm["frames"] / window
+        cpu = b["cpu"] - a["cpu"]
+        row["srv_cpu_pct"] = 100 * cpu / (b["t"] - a["t"])
+        row["cpu_us_per_msg"] = cpu * 1e6 / lm["ticks"] if lm["ticks"] else None
+        hist = {int(k): v for k, v in lm["hist"].items()}
+        row["p50_ms"] = report.percentile(hist, 0.50)
+        row["p99_ms"] = report.percentile(hist, 0.99)
+        row["p999_ms"] = report.percentile(hist, 0.999)
+        row["max_ms"] = lm["lat_max"] if lm["ticks"] else None
+        row["hist_0.1ms"] = hist
+        row["gaps"], row["missed"], row["dups"] = lm["gaps"], lm["missed"], lm["dups"]
+        row["snapshots"] = a["lg"]["snapshots"] + lm["snapshots"]
+        closed = dict(a["lg"]["closed"])
+        for key, v in lm["closed"].items():
+            closed[key] = closed.get(key, 0) + v
+        row["drops"] = sum(closed.values())
+        if closed:
+            row["notes"].append(f"closed during warm-up+window: {closed}")
+        if lm["errors"] or a["lg"]["errors"]:
+            row["notes"].append(f"error frames: {lm['errors'] + a['lg']['errors']}, "
+                                f"e.g. {lm['error_sample'] or a['lg']['error_sample']}")
+        row["open_at_end"] = lm["open"]
+        row["silent"] = lm["silent"]
+        if lm["silent"]:
+            row["notes"].append(f"{lm['silent']} open connections got no tick in the window")
+        if a["confl"] is not None and b["confl"] is not None:
+            row["conflations"] = b["confl"] - a["confl"]
+        row["producer_asked"] = prod_rate
+        row["producer_done"] = b["prod"]["ticks"] / b["prod"]["elapsed"]
+        util = procs.core_util(a["cores"], b["cores"])
+        row["server_core_pct"] = util.get(procs.SERVER_CORE)
+        row["load_core_pct"] = util.get(LOAD_CORE)
+        row["loadgen_cpu_pct"] = 100 * lm["cpu"] / window
+        if row["load_core_pct"] and row["load_core_pct"] > 90:
+            row["notes"].append(f"load core {row['load_core_pct']:.0f}% busy: the load side may "
+                                "be the bottleneck")
+        return prod
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help=f"comma list or 'all'; known: {', '.join(SERVERS)}")
+    ap.add_argument("--scenarios", default="s1,s2,idle", help="comma list of s1, s2, idle")
+    ap.add_argument("--quick", action="store_true",
+                    help="short windows (about 2 minutes for the default servers)")
+    ap.add_argument("--warmup", type=float, help="seconds of load before the window")
+    ap.add_argument("--duration", type=float, help="measuring window, seconds (S1 and S2)")
+    ap.add_argument("--s1-clients", type=int, default=1000)
+    ap.add_argument("--s1-rate", type=float, default=20_000, help="delivered msg/s asked")
+    ap.add_argument("--s2-clients", type=int, default=5000)
+    ap.add_argument("--s2-rate", type=float, default=100_000, help="delivered msg/s asked")
+    ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument("--idle-settle", type=float, help="seconds after connecting before RSS")
+    ap.add_argument("--symbols", type=int, default=10, help="how many of the 10 symbols to use")
+    ap.add_argument("--symbols-per-client", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    ap.add_argument("--keep-logs", action="store_true", help="keep each scenario's temp dir")
+    opts = ap.parse_args(argv)
+    quick = opts.quick
+    opts.warmup = opts.warmup if opts.warmup is not None else (2.0 if quick else 3.0)
+    opts.idle_settle = opts.idle_settle if opts.idle_settle is not None else (1.5 if quick else 3.0)
+    if opts.duration is None:
+        opts.s1_duration, opts.s2_duration = (5.0, 5.0) if quick else (15.0, 20.0)
+    else:
+        opts.s1_duration = opts.s2_duration = opts.duration
+    if quick and opts.idle_conns == 2000:
+        opts.idle_conns = 1000
+    return opts
+
+
+async def amain(opts: argparse.Namespace) -> int:
+    names = list(SERVERS) if opts.servers == "all" else [s for s in opts.servers.split(",") if s]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        print(f"unknown servers: {unknown}; known: {list(SERVERS)}", file=sys.stderr)
+        return 2
+    scen_all = {
+        "s1": Scenario("S1", opts.s1_clients, opts.s1_rate, opts.s1_duration),
+        "s2": Scenario("S2", opts.s2_clients, opts.s2_rate, opts.s2_duration),
+        "idle": Scenario("idle", opts.idle_conns, None, 0),
+    }
+    scens = [scen_all[s.strip().lower()] for s in opts.scenarios.split(",") if s.strip()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    info = report.machine_info()
+    print("## Machine\n")
+    for key, val in info.items():
+        print(f"- {key}: {val}")
+    pin = "server on core 0, load generator + publisher + redis on core 1" if procs.PIN \
+        else "NOT pinned"
+    print(f"- pinning: {pin}")
+    print(f"- fd limit: {procs.raise_fd_limit()}\n", flush=True)
+
+    specs: list[Server] = []
+    skipped: list[str] = []
+    for name in names:
+        spec = SERVERS[name]
+        why = spec.unavailable()
+        if why is None and spec.producer == "node":
+            why = ensure_node_modules(RESULTS / f"npm-install-{stamp}.log")
+        if why:
+            skipped.append(f"{name}: skipped ({why})")
+            print(f"skip {name}: {why}", flush=True)
+        else:
+            specs.append(spec)
+
+    bench = Bench(opts)
+    rows: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    for spec in specs:
+        for scen in scens:
+            print(f"… {spec.name} {scen.name} ({scen.clients:,} clients"
+                  + (f", {scen.rate:,.0f} msg/s" if scen.rate else ", idle") + ")", flush=True)
+            row = await bench.run_scenario(spec, scen)
+            rows.append(row)
+            print("  " + " | ".join(report.row_cells(row)), flush=True)
+    elapsed = time.monotonic() - t0
+
+    settings = (f"S1 {opts.s1_clients:,} clients / {opts.s1_rate:,.0f} msg/s, "
+                f"S2 {opts.s2_clients:,} / {opts.s2_rate:,.0f}, windows {opts.s1_duration:g}/"
+                f"{opts.s2_duration:g} s after {opts.warmup:g} s warm-up, idle "
+                f"{opts.idle_conns:,} conns, {len(bench.symbols)} symbols, "
+                f"{opts.symbols_per_client} per client{' (quick)' if opts.quick else ''}")
+    md = [f"# pricefeed benchmark {stamp}", "", "## Machine", ""]
+    md += [f"- {k}: {v}" for k, v in info.items()] + [f"- pinning: {pin}", ""]
+    md += ["## Results", "", settings, "", report.table(rows), ""]
+    extra = report.notes(rows)
+    if extra or skipped:
+        md += ["## Notes", ""] + [f"- {s}" for s in skipped] + ([extra] if extra else []) + [""]
+    md.append(f"total {elapsed:.0f} s")
+    text = "\n".join(md)
+    print("\n" + "\n".join(md[md.index("## Results"):]))
+    (RESULTS / f"bench-{stamp}.md").write_text(text + "\n")
+    raw = {"stamp": stamp, "machine": info, "options": vars(opts), "skipped": skipped,
+           "elapsed_s": elapsed, "rows": rows}
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
+    print(f"\nwrote {RESULTS / f'bench-{stamp}.md'} and .json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    procs.PIN = procs.PIN and not opts.no_pin
+    procs.install_cleanup()
+    procs.raise_fd_limit()
+    if procs.PIN:
+        os.sched_setaffinity(0, {LOAD_CORE})  # keep the runner itself off the server core
+    try:
+        return asyncio.run(amain(opts))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.kill_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The servers the benchmark compares: how to start each, its client protocol and publisher."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import SERVER_CORE, http_get, spawn
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+NODE_DIR = BENCH / "peers" / "node"
+JWT_SECRET = "bench-secret-bench-secret-bench-secret"
+PRICEFEED_SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA",
+                     "BTC-USD", "ETH-USD", "SOL-USD", "EUR-USD", "GBP-USD"]
+
+
+@dataclass
+class Server:
+    name: str
+    client_kind: str  # loadgen --kind
+    producer: str  # "publish" / "sio" (bench/producer.py) or "node" (peers/node/producer.js)
+    health_path: str
+    batch: bool = False  # pricefeed: clients opt in to array frames
+    workers: int = 1
+    about: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def unavailable(self) -> str | None:
+        """Why this server cannot run here, or None."""
+        if self.producer == "node" and not shutil.which("node"):
+            return "node not found"
+        if self.client_kind == "pricefeed" and not (REPO / "app" / "__main__.py").exists():
+            return "app/__main__.py does not exist yet"
+        return None
+
+    def prepare(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> None:
+        """One-off work before start (pricefeed: the schema)."""
+        if self.client_kind == "pricefeed":
+            env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+            with open(log, "ab") as out:
+                rc = subprocess.run(
+                    [sys.executable, "-m", "alembic", "upgrade", "head"],
+                    cwd=REPO, env=env, stdout=out, stderr=out, timeout=120,
+                ).returncode
+            if rc != 0:
+                raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
+
+    def pricefeed_env(self, *, port: int, redis_url: str, workdir: Path) -> dict[str, str]:
+        import os
+
+        return {
+            **os.environ,
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "BROADCAST_URL": redis_url,
+            "PRODUCER": "off",
+            "ENV": "dev",
+            "JWT_SECRET": JWT_SECRET,
+            "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
+            "WORKERS": str(self.workers),
+            "LOG_LEVEL": "warning",
+        }
+
+    def start(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> subprocess.Popen[bytes]:
+        if self.client_kind == "pricefeed":
+            env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+            return spawn([sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=REPO, log=log)
+        env = {"BROADCAST_URL": redis_url, "PORT": str(port), "HOST": "127.0.0.1", **self.env}
+        if self.producer == "node":
+            return spawn(["node", "server.js"], core=SERVER_CORE, env=env, cwd=NODE_DIR, log=log)
+        module = {"broadcaster": "bench.peers.broadcaster_readme:app",
+                  "sio": "bench.peers.socketio_py:app"}[self.client_kind]
+        cmd = [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning", "--no-access-log"]
+        return spawn(cmd, core=SERVER_CORE, env=env, cwd=REPO, log=log)
+
+    def producer_cmd(self, *, redis_url: str, symbols: list[str], rate: float) -> tuple[list[str], Path]:
+        syms = ",".join(symbols)
+        if self.producer == "node":
+            return (["node", "producer.js", "--redis-url", redis_url, "--symbols", syms,
+                     "--rate", str(rate)], NODE_DIR)
+        return ([sys.executable, "-m", "bench.producer", "--mode", self.producer,
+                 "--redis-url", redis_url, "--symbols", syms, "--rate", str(rate)], REPO)
+
+    async def conflations(self, port: int) -> float | None:
+        """pricefeed: sum of its /metrics samples named *conflat* (None when it has none)."""
+        if self.client_kind != "pricefeed":
+            return None
+        try:
+            status, body = await http_get(port, "/metrics")
+        except (OSError, ValueError, IndexError, TimeoutError):
+            return None
+        if status != 200:
+            return None
+        total, seen = 0.0, False
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("#") or "conflat" not in line.split("{")[0].split(" ")[0]:
+                continue
+            name = line.split("{")[0].split(" ")[0]
+            if name.endswith("_created"):
+                continue
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+            except ValueError:
+                pass
+        return total if seen else None
+
+
+SERVERS: dict[str, Server] = {s.name: s for s in [
+    Server("pricefeed", "pricefeed", "publish", "/readyz",
+           about="python -m app, WORKERS=1, object frames"),
+    Server("pricefeed-batch", "pricefeed", "publish", "/readyz", batch=True,
+           about="python -m app, WORKERS=1, clients subscribe with batch=true"),
+    Server("pricefeed-w2", "pricefeed", "publish", "/readyz", workers=2,
+           about="python -m app, WORKERS=2 (both on the server core)"),
+    Server("broadcaster-readme", "broadcaster", "publish", "/",
+           about="broadcaster README pattern on FastAPI under uvicorn"),
+    Server("python-socketio", "sio", "sio", "/socket.io/?EIO=4&transport=polling",
+           about="python-socketio AsyncServer + AsyncRedisManager, ASGI under uvicorn"),
+    Server("node-socketio", "sio", "node", "/healthz",
+           about="socket.io + @socket.io/redis-adapter, @socket.io/redis-emitter publisher"),
+]}
+
+DEFAULT_SERVERS = ["pricefeed", "pricefeed-batch", "broadcaster-readme", "python-socketio",
+                   "node-socketio"]
+
+
+def ensure_node_modules(log: Path) -> str | None:
+    """npm install in peers/node when node_modules is missing; the reason on failure."""
+    if (NODE_DIR / "node_modules" / "socket.io").exists():
+        return None
+    if not shutil.which("npm"):
+        return "npm not found"
+    with open(log, "ab") as out:
+        try:
+            rc = subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                                stdout=out, stderr=out, timeout=300).returncode
+        except subprocess.TimeoutExpired:
+            return "npm install timed out"
+    return None if rc == 0 else f"npm install failed ({rc}), see {log}"

@@ -1,0 +1,75 @@
+"""Operator commands.
+
+    python -m app.admin token --sub alice --symbols AAPL,MSFT [--ttl 300]
+        print an access token signed with JWT_SECRET (for operators and tests)
+    python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
+        create or update an API client; prints its new secret once (only its hash is kept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+
+from app.auth.service import upsert_client
+from app.config import get_settings
+from app.db import create_engine, create_session_factory
+from app.prices.ticks import normalise_symbol
+from app.security import TokenSigner
+
+
+def _symbols(raw: str) -> list[str]:
+    if raw.strip() == "*":
+        return ["*"]
+    symbols = [normalise_symbol(s) for s in raw.split(",") if s.strip()]
+    if not symbols or any(s is None for s in symbols):
+        raise argparse.ArgumentTypeError(f"not a list of symbols: {raw!r}")
+    return [s for s in symbols if s is not None]
+
+
+async def _add_client(client_id: str, name: str, symbols: list[str]) -> str:
+    engine = create_engine(get_settings().database_url)
+    secret = secrets.token_urlsafe(32)
+    try:
+        async with create_session_factory(engine)() as session:
+            await upsert_client(session, client_id=client_id, name=name, secret=secret, symbols=symbols)
+    finally:
+        await engine.dispose()
+    return secret
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.admin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    token = commands.add_parser("token", help="print an access token")
+    token.add_argument("--sub", required=True, help="the token subject")
+    token.add_argument("--symbols", type=_symbols, default=["*"], help="AAPL,MSFT or '*'")
+    token.add_argument("--ttl", type=int, default=None, help="seconds (default JWT_TTL_SECONDS)")
+    add = commands.add_parser("add-client", help="create or update an API client")
+    add.add_argument("--id", required=True, dest="client_id")
+    add.add_argument("--name", default=None)
+    add.add_argument("--symbols", type=_symbols, default=["*"], help="AAPL,MSFT or '*'")
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    if args.command == "token":
+        signer = TokenSigner(
+            secret=settings.jwt_secret,
+            audience=settings.jwt_audience,
+            ttl_seconds=settings.jwt_ttl_seconds,
+            leeway_seconds=settings.jwt_leeway_seconds,
+        )
+        print(signer.issue(subject=args.sub, symbols=args.symbols, ttl_seconds=args.ttl))
+    else:
+        secret = asyncio.run(_add_client(args.client_id, args.name or args.client_id, args.symbols))
+        print(f"client_id={args.client_id}")
+        print(f"client_secret={secret}")
+        print("(the secret is shown once; only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

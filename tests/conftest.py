@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.main import create_app
+from tests.support import LiveApp, RedisServer, make_settings, migrate, redis_server, serve_in_process
+
+
+@pytest.fixture(scope="session")
+def migrated_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`alembic upgrade head` once; each test gets a copy of the result."""
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    migrate(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def database_url(migrated_db_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "pricefeed.db"
+    shutil.copy(migrated_db_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+def build_app(database_url: str) -> Callable[..., FastAPI]:
+    def build(**overrides: Any) -> FastAPI:
+        return create_app(make_settings(database_url, **overrides))
+
+    return build
+
+
+@asynccontextmanager
+async def _in_memory_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """httpx over ASGI, with the lifespan run and its state passed to requests (httpx's
+    ASGI transport runs no lifespan itself)."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Any, receive: Any, send: Any) -> None:
+            scope["state"] = dict(state or {})
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
+
+
+@pytest.fixture
+def api(build_app: Callable[..., FastAPI]) -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
+    """`async with api(**settings) as client:` a REST client on an in-process app."""
+
+    def open_client(**overrides: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return _in_memory_client(build_app(**overrides))
+
+    return open_client
+
+
+@pytest.fixture
+def live(build_app: Callable[..., FastAPI]) -> Callable[..., AbstractAsyncContextManager[LiveApp]]:
+    """`async with live(**settings) as server:` a real uvicorn server in this loop."""
+
+    def start(**overrides: Any) -> AbstractAsyncContextManager[LiveApp]:
+        return serve_in_process(build_app(**overrides))
+
+    return start
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port, that the test may kill and restart."""
+    with redis_server() as server:
+        yield server

@@ -1,0 +1,308 @@
+"""Test helpers: settings, databases, Redis servers, in-process and subprocess servers,
+tokens, and a small WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import uvicorn
+from fastapi import FastAPI
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from app.config import Settings
+from app.security import TokenSigner
+
+ROOT = Path(__file__).resolve().parent.parent
+JWT_SECRET = "test-secret-test-secret-test-secret-0123"
+TEST_ENV = {
+    "ENV": "dev",
+    "JWT_SECRET": JWT_SECRET,
+    "JWT_LEEWAY_SECONDS": "0",
+    "FEED_TICKS_PER_SECOND": "20",
+    "FEED_SEED": "7",
+    "LOG_LEVEL": "info",
+    "LEADER_LEASE_MS": "1500",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {k.lower(): v for k, v in TEST_ENV.items()}
+    values.update(database_url=database_url, broadcast_url="memory://")
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def signer(audience: str = "pricefeed", secret: str = JWT_SECRET) -> TokenSigner:
+    return TokenSigner(secret=secret, audience=audience, ttl_seconds=300, leeway_seconds=0)
+
+
+def token(subject: str = "tester", symbols: list[str] | None = None, ttl: int = 300) -> str:
+    return signer().issue(subject=subject, symbols=symbols or ["*"], ttl_seconds=ttl)
+
+
+def migrate(database_url: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={database_url}", "upgrade", "head"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+# ---------------------------------------------------------------- in-process servers
+
+
+@dataclass
+class LiveApp:
+    app: FastAPI
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp]:
+    """uvicorn on a free port in this event loop: a real server for WebSocket tests."""
+    port = free_port()
+    settings: Settings = app.state.settings
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            ws=settings.ws_impl,
+            ws_max_size=settings.ws_max_message_bytes,
+            ws_per_message_deflate=settings.ws_per_message_deflate,
+            log_level="warning",
+            lifespan="on",
+            **config,
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped during startup")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.02)
+        yield LiveApp(app=app, port=port)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+# ---------------------------------------------------------------- Redis
+
+
+@dataclass
+class RedisServer:
+    port: int
+    directory: str
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.directory,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (make test installs it)")
+    directory = tempfile.mkdtemp(prefix="pricefeed-redis-")
+    server = RedisServer(port=free_port(), directory=directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- subprocess servers
+
+
+@dataclass
+class ServerProcess:
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, sig: int = int(signal.SIGTERM), timeout: float = 15) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    async def wait_ready(self, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{self.log()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await client.get(f"{self.http}/readyz", timeout=2)
+                    if response.status_code == 200:
+                        body: dict[str, Any] = response.json()
+                        return body
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"server not ready:\n{self.log()[-3000:]}")
+
+
+def server_process(tmp: Path, name: str, database_url: str, **env: str) -> ServerProcess:
+    port = free_port()
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PRICEFEED_",))},
+        **TEST_ENV,
+        "DATABASE_URL": database_url,
+        "BROADCAST_URL": "memory://",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "INSTANCE_ID": name,
+        **env,
+    }
+    return ServerProcess(port=port, env=full_env, log_path=tmp / f"{name}.log")
+
+
+# ---------------------------------------------------------------- WebSocket client
+
+
+class Stream:
+    """A WebSocket client that reads JSON frames (objects or batch arrays, flattened)."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self._pending: list[dict[str, Any]] = []
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.conn.send(message if isinstance(message, str) else orjson.dumps(message).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if not self._pending:
+            raw = await asyncio.wait_for(self.conn.recv(), timeout)
+            body = orjson.loads(raw)
+            self._pending = body if isinstance(body, list) else [body]
+        return self._pending.pop(0)
+
+    async def recv_type(self, *types: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame of one of `types`, skipping heartbeats and others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = await self.recv(max(deadline - time.monotonic(), 0.01))
+            if frame["type"] in types:
+                return frame
+
+    async def closed_with(self, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until the server closes; the close code and the frames received meanwhile."""
+        frames: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                frames.append(await self.recv(max(deadline - time.monotonic(), 0.01)))
+        except ConnectionClosed:
+            pass
+        return self.conn.close_code, frames
+
+
+@contextlib.asynccontextmanager
+async def open_stream(url: str, **kwargs: Any) -> AsyncIterator[Stream]:
+    async with connect(url, open_timeout=5, **kwargs) as conn:
+        yield Stream(conn)

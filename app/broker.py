@@ -27,11 +27,11 @@ from broadcaster import Broadcast, BroadcastBackend, Event
 from broadcaster._backends.memory import MemoryBackend
 from broadcaster._backends.redis import RedisBackend
 from broadcaster._base import Subscriber
-from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import metrics
+from app.redis_client import create_redis
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def price_channel(symbol: str) -> str:
 class ResilientRedisBackend(RedisBackend):
     def __init__(self, url: str, *, queue_size: int = QUEUE_SIZE) -> None:
         self._url = url
-        self._conn = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_keepalive=True)
+        # No socket timeout: the PubSub connection is idle between messages by design.
+        self._conn = create_redis(url, socket_timeout=None)
         self._pubsub = self._conn.pubsub()
         self._ready = asyncio.Event()
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)

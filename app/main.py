@@ -40,6 +40,7 @@ from app.prices.sse import router as sse_router
 from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
 from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
 from app.prices.ws import router as ws_router
+from app.redis_client import create_redis
 from app.supervisor import Supervisor
 from app.security import TokenSigner
 
@@ -80,7 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     store: TickStore
     lease: Lease
     if settings.uses_redis:
-        redis = Redis.from_url(settings.broadcast_url, socket_connect_timeout=2, socket_timeout=5)
+        redis = create_redis(settings.broadcast_url)
         redis_store = RedisTickStore(
             redis,
             prefix=settings.redis_key_prefix,

@@ -1,0 +1,21 @@
+"""Redis clients, configured once: short connect timeout, keepalive, and a retry that
+replaces a pooled connection that died with a Redis restart."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=socket_timeout,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )

@@ -1,0 +1,163 @@
+"""The outbox and the hub, in process: ordering, deduplication, bounded memory, conflation."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from app.broker import Broker, price_channel
+from app.prices.hub import FanoutHub, Outbox
+from app.prices.store import MemoryTickStore
+from app.prices.ticks import Tick, encode_tick
+
+
+def tick(symbol: str, seq: int) -> Tick:
+    return encode_tick(
+        symbol=symbol,
+        price=Decimal("100.0000") + seq,
+        ts=1_764_300_000_000 + seq,
+        seq=seq,
+        bid=Decimal("99.9900"),
+        ask=Decimal("100.0100"),
+        volume=Decimal(1),
+    )
+
+
+def subscribed_outbox(*symbols: str, limit: int = 16) -> Outbox:
+    outbox = Outbox(limit=limit)
+    for symbol in symbols:
+        outbox.begin_sync(symbol)
+        outbox.end_sync(symbol, [], floor=0, first_live_is_snapshot=False)
+    return outbox
+
+
+class TestOutbox:
+    def test_keeps_every_tick_while_under_its_limit(self) -> None:
+        outbox = subscribed_outbox("AAPL")
+        for seq in range(1, 11):
+            outbox.offer(tick("AAPL", seq))
+        assert [f.seq for f in outbox.drain()] == list(range(1, 11))
+        assert outbox.conflated == 0
+
+    def test_drops_duplicates_and_older_ticks(self) -> None:
+        outbox = subscribed_outbox("AAPL")
+        for seq in (1, 2, 2, 1, 3):
+            outbox.offer(tick("AAPL", seq))
+        assert [f.seq for f in outbox.drain()] == [1, 2, 3]
+
+    def test_ignores_symbols_not_subscribed(self) -> None:
+        outbox = subscribed_outbox("AAPL")
+        outbox.offer(tick("MSFT", 1))
+        assert outbox.drain() == []
+
+    def test_a_stuck_reader_stays_bounded_and_sees_a_seq_jump(self) -> None:
+        outbox = subscribed_outbox("AAPL", "MSFT", limit=16)
+        for seq in range(1, 10_001):
+            outbox.offer(tick("AAPL", seq))
+            outbox.offer(tick("MSFT", seq))
+        assert len(outbox) <= 16
+        frames = outbox.drain()
+        by_symbol = {s: [f.seq for f in frames if f.symbol == s] for s in ("AAPL", "MSFT")}
+        for seqs in by_symbol.values():
+            assert seqs[-1] == 10_000, "the latest tick always survives"
+            assert seqs == sorted(seqs), "still in seq order"
+            assert len(seqs) < 10_000, "older ticks were conflated: a visible seq jump"
+        assert outbox.conflated == 20_000 - len(frames)
+
+    def test_control_frames_survive_conflation(self) -> None:
+        outbox = subscribed_outbox("AAPL", limit=16)
+        outbox.push_control('{"type":"pong"}')
+        for seq in range(1, 100):
+            outbox.offer(tick("AAPL", seq))
+        texts = [f.text for f in outbox.drain()]
+        assert texts[0] == '{"type":"pong"}'
+
+    def test_live_ticks_during_sync_follow_the_snapshot_without_duplicates(self) -> None:
+        outbox = Outbox(limit=64)
+        outbox.begin_sync("AAPL")
+        for seq in (5, 6, 7):  # live ticks arrive while the snapshot (seq 6) is loading
+            outbox.offer(tick("AAPL", seq))
+        snapshot = tick("AAPL", 6)
+        from app.prices.hub import Frame
+
+        outbox.end_sync(
+            "AAPL",
+            [Frame("AAPL", 6, snapshot.snapshot_frame, "snapshot")],
+            floor=0,
+            first_live_is_snapshot=False,
+        )
+        outbox.offer(tick("AAPL", 8))
+        frames = outbox.drain()
+        assert [(f.event, f.seq) for f in frames] == [("snapshot", 6), ("tick", 7), ("tick", 8)]
+        assert frames[0].text.startswith('{"type":"snapshot","symbol":"AAPL"')
+
+    def test_first_live_tick_is_the_snapshot_when_none_existed(self) -> None:
+        outbox = Outbox(limit=64)
+        outbox.begin_sync("AAPL")
+        outbox.end_sync("AAPL", [], floor=0, first_live_is_snapshot=True)
+        outbox.offer(tick("AAPL", 1))
+        outbox.offer(tick("AAPL", 2))
+        assert [f.event for f in outbox.drain()] == ["snapshot", "tick"]
+
+
+class TestFanoutHub:
+    async def test_fast_reader_keeps_every_tick_while_slow_one_is_conflated(self) -> None:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        consumer = asyncio.create_task(hub.consume("AAPL"))
+        try:
+            fast, slow = Outbox(limit=32), Outbox(limit=32)
+            await hub.attach(fast, "AAPL", since=None)
+            await hub.attach(slow, "AAPL", since=None)
+            await asyncio.sleep(0.05)  # the consumer has subscribed
+            received: list[int] = []
+            for seq in range(1, 501):
+                t = tick("AAPL", seq)
+                await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("AAPL"), t.frame)
+                if seq % 10 == 0:
+                    await asyncio.sleep(0)  # let the hub run
+                    received += [f.seq for f in fast.drain()]
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                received += [f.seq for f in fast.drain()]
+                if received and received[-1] == 500:
+                    break
+            assert received == list(range(1, 501))
+            slow_seqs = [f.seq for f in slow.drain()]
+            assert len(slow_seqs) <= 32
+            assert slow_seqs[-1] == 500
+            assert slow.conflated > 0
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+    async def test_gap_in_the_broker_is_refetched_from_the_store(self) -> None:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        consumer = asyncio.create_task(hub.consume("MSFT"))
+        try:
+            outbox = Outbox(limit=64)
+            await hub.attach(outbox, "MSFT", since=None)
+            await asyncio.sleep(0.05)
+            for seq in range(1, 11):
+                t = tick("MSFT", seq)
+                await store.append(t, {}, fence=None)
+                if seq not in (4, 5, 6):  # the broker lost these three
+                    await broker.publish(price_channel("MSFT"), t.frame)
+            seqs: list[int] = []
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                seqs += [f.seq for f in outbox.drain()]
+                if seqs and seqs[-1] == 10:
+                    break
+            assert seqs == list(range(1, 11))
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()

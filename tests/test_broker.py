@@ -1,0 +1,107 @@
+"""The broker on a real redis-server of the test's own: delivery through broadcaster with the
+pinned redis-py, recovery from a Redis restart, bad payloads, concurrent subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import redis as redis_py
+from redis.asyncio import Redis
+
+from app.broker import Broker
+
+pytestmark = pytest.mark.redis
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[Broker]:
+    broker = Broker(url)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.disconnect()
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_published_message_arrives(redis) -> None:
+    assert int(redis_py.__version__.split(".")[0]) >= 5
+    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+        await wait_until(lambda: broker.connected)
+        await broker.publish("prices:AAPL", '{"hello": 1}')
+        assert await asyncio.wait_for(receive(), 5) == '{"hello": 1}'
+
+
+async def test_messages_from_another_process_arrive(redis) -> None:
+    async with connected(redis.url) as broker, broker.subscribe("prices:MSFT") as receive:
+        await wait_until(lambda: broker.connected)
+        other = Redis.from_url(redis.url)
+        await other.publish("prices:MSFT", "from elsewhere")
+        await other.aclose()
+        assert await asyncio.wait_for(receive(), 5) == "from elsewhere"
+
+
+async def test_two_concurrent_subscribers_to_a_new_channel_both_receive(redis) -> None:
+    async with connected(redis.url) as broker:
+        async with contextlib.AsyncExitStack() as stack:
+            first, second = await asyncio.gather(
+                stack.enter_async_context(broker.subscribe("prices:NEW")),
+                stack.enter_async_context(broker.subscribe("prices:NEW")),
+            )
+            await wait_until(lambda: broker.connected)
+            await broker.publish("prices:NEW", "both")
+            assert await asyncio.wait_for(first(), 5) == "both"
+            assert await asyncio.wait_for(second(), 5) == "both"
+
+
+async def test_a_non_utf8_payload_is_dropped_and_delivery_goes_on(redis) -> None:
+    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+        await wait_until(lambda: broker.connected)
+        raw = Redis.from_url(redis.url)
+        await raw.publish("prices:AAPL", b"\xff\xfe not utf-8")
+        await raw.publish("prices:AAPL", "still here")
+        await raw.aclose()
+        assert await asyncio.wait_for(receive(), 5) == "still here"
+
+
+async def test_delivery_resumes_after_redis_restarts(redis) -> None:
+    reconnects = 0
+
+    def count() -> None:
+        nonlocal reconnects
+        reconnects += 1
+
+    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+        broker.on_reconnect(count)
+        await wait_until(lambda: broker.connected)
+        await broker.publish("prices:AAPL", "before")
+        assert await asyncio.wait_for(receive(), 5) == "before"
+
+        redis.kill()
+        await wait_until(lambda: not broker.connected)
+        redis.start()
+        await wait_until(lambda: broker.connected and reconnects == 1, timeout=15)
+
+        await broker.publish("prices:AAPL", "after")
+        assert await asyncio.wait_for(receive(), 5) == "after"
+
+
+async def test_broker_down_at_start_connects_when_redis_comes_up(redis) -> None:
+    redis.kill()
+    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+        await asyncio.sleep(0.3)
+        assert not broker.connected
+        redis.start()
+        await wait_until(lambda: broker.connected, timeout=15)
+        await broker.publish("prices:AAPL", "late")
+        assert await asyncio.wait_for(receive(), 5) == "late"

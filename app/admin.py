@@ -1,9 +1,9 @@
 """Operator commands.
 
-    python -m app.admin token --sub alice --symbols AAPL,MSFT [--ttl 300]
-        print an access token signed with JWT_SECRET (for operators and tests)
-    python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
-        create or update an API client; prints its new secret once (only its hash is kept)
+python -m app.admin token --sub alice --symbols AAPL,MSFT [--ttl 300]
+    print an access token signed with JWT_SECRET (for operators and tests)
+python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
+    create or update an API client; prints its new secret once (only its hash is kept)
 """
 
 from __future__ import annotations
@@ -34,15 +34,20 @@ async def _add_client(client_id: str, name: str, symbols: list[str]) -> str:
     secret = secrets.token_urlsafe(32)
     try:
         async with create_session_factory(engine)() as session:
-            await upsert_client(session, client_id=client_id, name=name, secret=secret, symbols=symbols)
+            await upsert_client(
+                session, client_id=client_id, name=name, secret=secret, symbols=symbols
+            )
     finally:
         await engine.dispose()
     return secret
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.admin", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.admin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     token = commands.add_parser("token", help="print an access token")
     token.add_argument("--sub", required=True, help="the token subject")

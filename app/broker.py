@@ -69,7 +69,7 @@ class ResilientRedisBackend(RedisBackend):
                 await self._listener
             except asyncio.CancelledError:
                 pass
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._conn.aclose()
 
     async def subscribe(self, channel: str) -> None:
@@ -122,7 +122,7 @@ class ResilientRedisBackend(RedisBackend):
             metrics.BROKER_CONNECTED.set(0)
             # A fresh PubSub: the old one may hold a half-read reply.
             try:
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: BLE001 - closing a broken connection may fail too
                 pass
             self._pubsub = self._conn.pubsub()

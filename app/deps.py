@@ -43,7 +43,9 @@ def read_app_state(conn: HTTPConnection) -> AppState:
     return state
 
 
-async def open_db_session(state: Annotated[AppState, Depends(read_app_state)]) -> AsyncIterator[AsyncSession]:
+async def open_db_session(
+    state: Annotated[AppState, Depends(read_app_state)],
+) -> AsyncIterator[AsyncSession]:
     async with state.sessions() as session:
         yield session
 

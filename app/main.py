@@ -41,8 +41,9 @@ from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
 from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
 from app.prices.ws import router as ws_router
 from app.redis_client import create_redis
-from app.supervisor import Supervisor
 from app.security import TokenSigner
+from app.shutdown import close_streams_on_exit_signal
+from app.supervisor import Supervisor
 
 logger = logging.getLogger("app")
 
@@ -93,7 +94,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             redis, key=redis_store.leader_key, lease_ms=settings.leader_lease_ms, instance=instance
         )
     else:
-        store = MemoryTickStore(retention=settings.retention_ticks, candles_kept=settings.candles_kept)
+        store = MemoryTickStore(
+            retention=settings.retention_ticks, candles_kept=settings.candles_kept
+        )
         lease = LocalLease()
 
     broker = Broker(settings.broadcast_url)
@@ -141,7 +144,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         instance,
     )
     try:
-        yield {"app": state}
+        with close_streams_on_exit_signal(streams):
+            yield {"app": state}
     finally:
         await streams.close_all(CLOSE_GOING_AWAY, "server going away")
         await supervisor.stop()

@@ -7,13 +7,21 @@ from prometheus_client import Counter, Gauge
 CONNECTIONS = Gauge("pricefeed_connections", "Open streaming connections", ["transport"])
 SUBSCRIPTIONS = Gauge("pricefeed_subscriptions", "Symbol subscriptions across open connections")
 TICKS_PUBLISHED = Counter("pricefeed_ticks_published_total", "Ticks published by this producer")
-TICKS_RECEIVED = Counter("pricefeed_ticks_received_total", "Ticks this instance got from the broker")
+TICKS_RECEIVED = Counter(
+    "pricefeed_ticks_received_total", "Ticks this instance got from the broker"
+)
 MESSAGES_SENT = Counter("pricefeed_messages_sent_total", "Frames sent to stream clients")
-CONFLATED = Counter("pricefeed_ticks_conflated_total", "Ticks dropped for a slow reader (latest wins)")
+CONFLATED = Counter(
+    "pricefeed_ticks_conflated_total", "Ticks dropped for a slow reader (latest wins)"
+)
 CLOSES = Counter("pricefeed_closes_total", "Streams closed by the server", ["code"])
-GAPS_REPAIRED = Counter("pricefeed_gap_ticks_repaired_total", "Ticks refetched from the store after a broker gap")
+GAPS_REPAIRED = Counter(
+    "pricefeed_gap_ticks_repaired_total", "Ticks refetched from the store after a broker gap"
+)
 BROKER_CONNECTED = Gauge("pricefeed_broker_connected", "1 while the broker subscription is live")
 BROKER_RECONNECTS = Counter("pricefeed_broker_reconnects_total", "Broker subscription reconnects")
 BROKER_DROPPED = Counter("pricefeed_broker_dropped_total", "Broker messages dropped", ["reason"])
-PRODUCER_LEADER = Gauge("pricefeed_producer_leader", "1 while this instance holds the producer lease")
+PRODUCER_LEADER = Gauge(
+    "pricefeed_producer_leader", "1 while this instance holds the producer lease"
+)
 TASK_FAILURES = Counter("pricefeed_task_failures_total", "Background task failures", ["task"])

@@ -100,9 +100,7 @@ class TokenSigner:
 def hash_secret(secret: str) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
-    return "scrypt${}${}".format(
-        base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
-    )
+    return f"scrypt${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def verify_secret(secret: str, secret_hash: str) -> bool:

@@ -11,7 +11,14 @@ import pytest
 from fastapi import FastAPI
 
 from app.main import create_app
-from tests.support import LiveApp, RedisServer, make_settings, migrate, redis_server, serve_in_process
+from tests.support import (
+    LiveApp,
+    RedisServer,
+    make_settings,
+    migrate,
+    redis_server,
+    serve_in_process,
+)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +60,9 @@ async def _in_memory_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def api(build_app: Callable[..., FastAPI]) -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
+def api(
+    build_app: Callable[..., FastAPI],
+) -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
     """`async with api(**settings) as client:` a REST client on an in-process app."""
 
     def open_client(**overrides: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:

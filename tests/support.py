@@ -139,18 +139,26 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.directory,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
@@ -273,7 +281,9 @@ class Stream:
         self._pending: list[dict[str, Any]] = []
 
     async def send(self, message: dict[str, Any] | str) -> None:
-        await self.conn.send(message if isinstance(message, str) else orjson.dumps(message).decode())
+        await self.conn.send(
+            message if isinstance(message, str) else orjson.dumps(message).decode()
+        )
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         if not self._pending:

@@ -59,7 +59,9 @@ async def wait_for(predicate, timeout: float = 15.0, every: float = 0.1):  # typ
 
 
 @contextlib.asynccontextmanager
-async def watch(server: ServerProcess, symbol: str, since: int | None = None) -> AsyncIterator[Stream]:
+async def watch(
+    server: ServerProcess, symbol: str, since: int | None = None
+) -> AsyncIterator[Stream]:
     query = f"?token={token()}" + (f"&since={since}" if since is not None else "")
     async with open_stream(f"{server.ws}/v1/ws/prices/{symbol}{query}") as stream:
         yield stream
@@ -98,13 +100,13 @@ class TestTwoInstances:
         b = server_process(tmp_path, "b", database_url, BROADCAST_URL=redis.url)
         with running(a, b):
             await asyncio.gather(a.wait_ready(), b.wait_ready())
-            leader, standby = (a, b) if (await readiness(a))[1]["checks"]["producer"] == "leader" else (b, a)
+            leader, standby = (
+                (a, b) if (await readiness(a))[1]["checks"]["producer"] == "leader" else (b, a)
+            )
             async with watch(standby, "MSFT") as stream:
                 before = await collect(stream, 0.5)
                 leader.stop(signal.SIGKILL)
-                await wait_for(
-                    lambda: _is_leader(standby), timeout=10
-                )
+                await wait_for(lambda: _is_leader(standby), timeout=10)
                 after = await collect(stream, 1.5)
             assert before and after
             assert after[-1]["seq"] > before[-1]["seq"], "seq carries on, never restarts"
@@ -146,13 +148,16 @@ async def _status_is(server: ServerProcess, status: int) -> bool:
 
 
 class TestShutdownAndLogs:
-    async def test_sigterm_closes_streams_with_1001(self, database_url: str, tmp_path: Path) -> None:
+    async def test_sigterm_closes_streams_with_1001(
+        self, database_url: str, tmp_path: Path
+    ) -> None:
         server = server_process(tmp_path, "solo", database_url)
         with running(server):
             await server.wait_ready()
-            async with watch(server, "AAPL") as one, open_stream(
-                f"{server.ws}/v1/ws?token={token()}"
-            ) as many:
+            async with (
+                watch(server, "AAPL") as one,
+                open_stream(f"{server.ws}/v1/ws?token={token()}") as many,
+            ):
                 await one.recv()
                 await many.send({"op": "subscribe", "symbols": ["MSFT"]})
                 await many.recv_type("snapshot")
@@ -166,11 +171,17 @@ class TestShutdownAndLogs:
         with running(server):
             await server.wait_ready()
             async with httpx.AsyncClient(base_url=server.http) as client:
-                await client.get("/v1/prices/AAPL", headers={"Authorization": f"Bearer {secret_token}"})
+                await client.get(
+                    "/v1/prices/AAPL", headers={"Authorization": f"Bearer {secret_token}"}
+                )
                 await client.get(f"/v1/prices/AAPL?token={secret_token}")
                 issued = await client.post(
                     "/v1/auth/token",
-                    data={"grant_type": "client_credentials", "client_id": "demo", "client_secret": "demo-secret"},
+                    data={
+                        "grant_type": "client_credentials",
+                        "client_id": "demo",
+                        "client_secret": "demo-secret",
+                    },
                 )
                 issued_token = issued.json()["access_token"]
             async with watch(server, "AAPL") as stream:

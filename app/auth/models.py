@@ -1,4 +1,4 @@
-"""API clients: who may ask for a token, with a hashed secret and the symbols they are entitled to."""
+"""API clients: who may ask for a token (hashed secret) and which symbols they may read."""
 
 from __future__ import annotations
 

@@ -33,5 +33,7 @@ async def issue_token(
     if client is None:
         raise Unauthenticated("unknown client or wrong secret")
     ttl = state.settings.jwt_ttl_seconds
-    token = state.signer.issue(subject=client.client_id, symbols=list(client.symbols), ttl_seconds=ttl)
+    token = state.signer.issue(
+        subject=client.client_id, symbols=list(client.symbols), ttl_seconds=ttl
+    )
     return TokenOut(access_token=token, expires_in=ttl)

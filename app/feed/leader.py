@@ -13,8 +13,6 @@ import secrets
 
 from redis.asyncio import Redis
 
-from app import metrics
-
 logger = logging.getLogger(__name__)
 
 _RENEW_LUA = """
@@ -53,19 +51,23 @@ class RedisLease:
         self._redis = redis
         self._key = key
         self._lease_ms = lease_ms
-        self.token = f"{instance}:{secrets.token_hex(8)}"
+        self._token = f"{instance}:{secrets.token_hex(8)}"
         self._renew = redis.register_script(_RENEW_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
         self.renew_interval = lease_ms / 3000
 
+    @property
+    def token(self) -> str | None:
+        return self._token
+
     async def acquire(self) -> bool:
-        return bool(await self._redis.set(self._key, self.token, nx=True, px=self._lease_ms))
+        return bool(await self._redis.set(self._key, self._token, nx=True, px=self._lease_ms))
 
     async def renew(self) -> bool:
-        return bool(await self._renew(keys=[self._key], args=[self.token, self._lease_ms]))
+        return bool(await self._renew(keys=[self._key], args=[self._token, self._lease_ms]))
 
     async def release(self) -> None:
         try:
-            await asyncio.wait_for(self._release(keys=[self._key], args=[self.token]), 1.0)
+            await asyncio.wait_for(self._release(keys=[self._key], args=[self._token]), 1.0)
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself anyway
             logger.info("producer: lease not released (%s); it expires by itself", exc)

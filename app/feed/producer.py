@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 class Lease(Protocol):
-    token: str | None
     renew_interval: float
+
+    @property
+    def token(self) -> str | None:
+        """The fence for store writes (None: no fencing, one process)."""
 
     async def acquire(self) -> bool: ...
 
@@ -77,7 +80,9 @@ class Producer:
                 continue
             self.is_leader = True
             metrics.PRODUCER_LEADER.set(1)
-            logger.info("producer: this instance leads; publishing %d symbols", len(self._instruments))
+            logger.info(
+                "producer: this instance leads; publishing %d symbols", len(self._instruments)
+            )
             try:
                 await self._lead()
             except* (LostLease, NotLeader):

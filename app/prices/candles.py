@@ -44,8 +44,9 @@ class Candle:
         )
 
 
-def fold_tick(current: Candle | None, *, interval_ms: int, ts: int, price: Decimal,
-              volume: Decimal) -> Candle:
+def fold_tick(
+    current: Candle | None, *, interval_ms: int, ts: int, price: Decimal, volume: Decimal
+) -> Candle:
     """The candle of `interval_ms` that contains `ts`, after this tick."""
     start = ts - ts % interval_ms
     if current is not None and start < current.start:

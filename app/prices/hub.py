@@ -39,7 +39,13 @@ class Outbox:
     keeping only the newest frame of each symbol (the client sees a `seq` jump)."""
 
     __slots__ = (
-        "_frames", "_limit", "_floor", "_syncing", "_awaiting_snapshot", "_wakeup", "conflated"
+        "_frames",
+        "_limit",
+        "_floor",
+        "_syncing",
+        "_awaiting_snapshot",
+        "_wakeup",
+        "conflated",
     )
 
     def __init__(self, *, limit: int) -> None:
@@ -183,11 +189,15 @@ class FanoutHub:
         refetch them from the store, where the producer wrote them first."""
         try:
             missing = await asyncio.wait_for(
-                self._store.read_history(symbol, since=last, limit=min(upto - last - 1, self._retention)),
+                self._store.read_history(
+                    symbol, since=last, limit=min(upto - last - 1, self._retention)
+                ),
                 _REPAIR_TIMEOUT_SECONDS,
             )
         except Exception as exc:  # noqa: BLE001 - a failed repair leaves a visible seq jump
-            logger.warning("hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc)
+            logger.warning(
+                "hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc
+            )
             return
         for tick in missing:
             if tick.seq < upto:

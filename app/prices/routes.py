@@ -62,7 +62,7 @@ async def read_latest_prices(
     state: StateDep,
     symbols: Annotated[str, Query(description="Comma-separated, e.g. AAPL,MSFT", min_length=1)],
 ) -> Response:
-    """The latest tick of several symbols, in the order asked (a symbol with no tick yet is left out)."""
+    """The latest tick of several symbols, in the order asked (none yet: left out)."""
     resolved = state.catalog.resolve_many(symbols.split(","))
     _check_entitled(principal, resolved)
     latest = await state.store.read_latest(resolved)

@@ -28,8 +28,9 @@ _KEEPALIVE_SECONDS = 15.0
 class EventStream:
     """One SSE response; `close` (on shutdown) ends it with an `error` event."""
 
-    def __init__(self, hub: FanoutHub, principal: Principal, *, outbox_frames: int,
-                 leeway: float) -> None:
+    def __init__(
+        self, hub: FanoutHub, principal: Principal, *, outbox_frames: int, leeway: float
+    ) -> None:
         self.hub = hub
         self.principal = principal
         self.outbox = Outbox(limit=outbox_frames)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app.prices.candles import Candle
 from app.prices.ticks import Tick, decode_tick
+
+
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class NotLeader(Exception):
@@ -144,7 +147,7 @@ class RedisTickStore:
     async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]:
         if not symbols:
             return {}
-        frames = await self._redis.hmget(self._latest_key, list(symbols))
+        frames = cast(list[bytes | None], await self._redis.hmget(self._latest_key, list(symbols)))
         return {
             symbol: decode_tick(frame.decode())
             for symbol, frame in zip(symbols, frames, strict=True)
@@ -156,15 +159,18 @@ class RedisTickStore:
             return []
         key = self._stream_key(symbol)
         if since is None:
-            entries = list(reversed(await self._redis.xrevrange(key, count=limit)))
+            entries = list(reversed(cast(_Entries, await self._redis.xrevrange(key, count=limit))))
         else:
-            entries = await self._redis.xrange(key, min=f"({max(since, 0)}-0", count=limit)
+            entries = cast(
+                _Entries, await self._redis.xrange(key, min=f"({max(since, 0)}-0", count=limit)
+            )
         return [decode_tick(fields[b"t"].decode()) for _id, fields in entries]
 
     async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]:
         if limit <= 0:
             return []
-        members = await self._redis.zrange(self._candle_key(symbol, interval), -limit, -1)
+        key = self._candle_key(symbol, interval)
+        members = cast(list[bytes], await self._redis.zrange(key, -limit, -1))
         return [Candle.decode(m.decode()) for m in members]
 
     async def ping(self) -> None:

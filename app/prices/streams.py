@@ -165,7 +165,9 @@ class WebSocketStream:
             if ready:
                 frames = self.outbox.drain()
             elif self._heartbeat is not None and loop.time() - last_sent >= self._heartbeat:
-                frames = [Frame("", 0, control("heartbeat", ts=time.time_ns() // 1_000_000), "control")]
+                frames = [
+                    Frame("", 0, control("heartbeat", ts=time.time_ns() // 1_000_000), "control")
+                ]
             else:
                 continue
             try:

@@ -59,8 +59,9 @@ def _stream_token(websocket: WebSocket) -> str | None:
     return websocket.query_params.get("token")
 
 
-def _new_stream(websocket: WebSocket, state: AppState, principal: Principal, *,
-                heartbeat: bool) -> WebSocketStream:
+def _new_stream(
+    websocket: WebSocket, state: AppState, principal: Principal, *, heartbeat: bool
+) -> WebSocketStream:
     settings = state.settings
     return WebSocketStream(
         websocket,
@@ -94,8 +95,9 @@ async def _run(stream: WebSocketStream, state: AppState, reader: Any) -> None:
         await stream.close(exc.close_code, exc.message)
 
 
-async def _receive_text(stream: WebSocketStream, limiter: RateLimiter,
-                        max_bytes: int) -> str | None:
+async def _receive_text(
+    stream: WebSocketStream, limiter: RateLimiter, max_bytes: int
+) -> str | None:
     """The next text frame, enforcing size and rate; None when the stream must end."""
     message = await stream.websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -104,7 +106,7 @@ async def _receive_text(stream: WebSocketStream, limiter: RateLimiter,
     if not limiter.allow():
         await stream.close(CLOSE_POLICY, "too many messages per second")
         return None
-    text = message.get("text")
+    text: str | None = message.get("text")
     data = text.encode() if text is not None else (message.get("bytes") or b"")
     if len(data) > max_bytes:
         await stream.close(CLOSE_TOO_BIG, f"frames are limited to {max_bytes} bytes")
@@ -226,9 +228,7 @@ def _since_field(request: dict[str, Any]) -> dict[str, int]:
     since = request.get("since", {})
     if since is None:
         return {}
-    if not isinstance(since, dict) or not all(
-        type(v) is int and v >= 0 for v in since.values()
-    ):
+    if not isinstance(since, dict) or not all(type(v) is int and v >= 0 for v in since.values()):
         raise BadRequest("invalid_message", "'since' must map symbols to non-negative integers")
     return {s.strip().upper(): v for s, v in since.items()}
 
@@ -246,7 +246,9 @@ async def _handle_request(stream: WebSocketStream, state: AppState, text: str) -
     elif op == "auth":
         _reauthenticate(stream, state, request)
     else:
-        raise BadRequest("unknown_op", f"unknown op {op[:32]!r}; use subscribe, unsubscribe, ping or auth")
+        raise BadRequest(
+            "unknown_op", f"unknown op {op[:32]!r}; use subscribe, unsubscribe, ping or auth"
+        )
 
 
 async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str, Any]) -> None:
@@ -262,9 +264,7 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
     new = [s for s in symbols if s not in current]
     limit = state.settings.ws_max_subscriptions
     if len(current) + len(new) > limit:
-        raise BadRequest(
-            "too_many_subscriptions", f"at most {limit} subscriptions per connection"
-        )
+        raise BadRequest("too_many_subscriptions", f"at most {limit} subscriptions per connection")
     if batch is not None:
         stream.batch = batch
     stream.outbox.push_control(control("subscribed", symbols=symbols))

@@ -47,16 +47,20 @@ class TestAuthentication:
     @pytest.mark.parametrize("route", ROUTES)
     @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
     async def test_bad_token_closes_4401_before_any_tick(self, live, route: str, kind: str) -> None:
-        async with live() as server, open_stream(f"{server.ws}{route}?token={BAD_TOKENS[kind]}") as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}{route}?token={BAD_TOKENS[kind]}") as stream,
+        ):
             code, frames = await stream.closed_with()
         assert code == 4401
         assert frames == []
 
     async def test_header_token_is_accepted(self, live) -> None:
         headers = {"Authorization": f"Bearer {token()}"}
-        async with live() as server, open_stream(
-            f"{server.ws}/v1/ws/prices/AAPL", additional_headers=headers
-        ) as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}/v1/ws/prices/AAPL", additional_headers=headers) as stream,
+        ):
             assert (await stream.recv())["type"] == "snapshot"
 
     async def test_not_entitled_symbol_closes_4403(self, live) -> None:
@@ -83,7 +87,10 @@ class TestAuthentication:
                 assert frames, "ticks flowed until the token expired"
 
     async def test_auth_op_extends_the_stream(self, live) -> None:
-        async with live() as server, open_stream(f"{server.ws}/v1/ws?token={token(ttl=2)}") as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}/v1/ws?token={token(ttl=2)}") as stream,
+        ):
             await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
             await stream.send({"op": "auth", "token": token(ttl=60)})
             ack = await stream.recv_type("authenticated")
@@ -98,7 +105,10 @@ class TestAuthentication:
         assert code == 4401
 
     async def test_auth_op_for_another_subject_is_refused(self, live) -> None:
-        async with live() as server, open_stream(f"{server.ws}/v1/ws?token={token('alice')}") as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}/v1/ws?token={token('alice')}") as stream,
+        ):
             await stream.send({"op": "auth", "token": token("bob")})
             error = await stream.recv_type("error")
             assert error["code"] == "subject_mismatch"
@@ -122,7 +132,10 @@ class TestAuthentication:
 
 class TestOneSymbol:
     async def test_snapshot_then_ticks_in_seq_order(self, live) -> None:
-        async with live() as server, open_stream(f"{server.ws}/v1/ws/prices/aapl?token={token()}") as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}/v1/ws/prices/aapl?token={token()}") as stream,
+        ):
             snapshot = await stream.recv()
             assert snapshot["type"] == "snapshot"
             assert snapshot["symbol"] == "AAPL"
@@ -149,14 +162,17 @@ class TestOneSymbol:
     async def test_unknown_symbol_closes_4404(self, live) -> None:
         async with live() as server:
             for symbol in ("NOPE", "bad$symbol"):
-                async with open_stream(f"{server.ws}/v1/ws/prices/{symbol}?token={token()}") as stream:
+                async with open_stream(
+                    f"{server.ws}/v1/ws/prices/{symbol}?token={token()}"
+                ) as stream:
                     code, frames = await stream.closed_with()
                 assert (code, frames) == (4404, [])
 
     async def test_bad_since_closes_1008(self, live) -> None:
-        async with live() as server, open_stream(
-            f"{server.ws}/v1/ws/prices/AAPL?token={token()}&since=abc"
-        ) as stream:
+        async with (
+            live() as server,
+            open_stream(f"{server.ws}/v1/ws/prices/AAPL?token={token()}&since=abc") as stream,
+        ):
             code, frames = await stream.closed_with()
         assert (code, frames) == (1008, [])
 
@@ -168,7 +184,9 @@ class TestMultiplexed:
             assert await stream.recv() == {"type": "subscribed", "symbols": ["AAPL", "BTC-USD"]}
             snapshots = {}
             last: dict[str, int] = {}
-            while len(last) < 2 or min(last.values()) - min(s["seq"] for s in snapshots.values()) < 3:
+            while (
+                len(last) < 2 or min(last.values()) - min(s["seq"] for s in snapshots.values()) < 3
+            ):
                 frame = await stream.recv()
                 if frame["type"] == "snapshot":
                     assert frame["symbol"] not in snapshots, "one snapshot per symbol"
@@ -205,9 +223,10 @@ class TestMultiplexed:
             assert await stream.recv() == {"type": "pong"}
 
     async def test_heartbeat_when_idle(self, live) -> None:
-        async with live(producer="off", ws_heartbeat_seconds=0.3) as server, open_stream(
-            f"{server.ws}/v1/ws?token={token()}"
-        ) as stream:
+        async with (
+            live(producer="off", ws_heartbeat_seconds=0.3) as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             frame = await stream.recv(timeout=2)
         assert frame["type"] == "heartbeat"
         assert abs(frame["ts"] - time.time() * 1000) < 5000
@@ -235,7 +254,10 @@ class TestMultiplexed:
     async def test_bad_request_gets_error_and_connection_stays(
         self, live, request_text: str, code: str
     ) -> None:
-        async with live(producer="off") as server, open_stream(f"{server.ws}/v1/ws?token={token()}") as stream:
+        async with (
+            live(producer="off") as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             await stream.send(request_text)
             error = await stream.recv_type("error")
             assert error["code"] == code
@@ -244,12 +266,18 @@ class TestMultiplexed:
             assert (await stream.recv_type("pong"))["type"] == "pong"
 
     async def test_binary_frame_gets_error(self, live) -> None:
-        async with live(producer="off") as server, open_stream(f"{server.ws}/v1/ws?token={token()}") as stream:
+        async with (
+            live(producer="off") as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             await stream.conn.send(b'{"op": "ping"}')
             assert (await stream.recv_type("error"))["code"] == "invalid_message"
 
     async def test_one_subscription_too_many_gets_error(self, live) -> None:
-        async with live(ws_max_subscriptions=2) as server, open_stream(f"{server.ws}/v1/ws?token={token()}") as stream:
+        async with (
+            live(ws_max_subscriptions=2) as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             await stream.send({"op": "subscribe", "symbols": ["AAPL", "MSFT"]})
             await stream.recv_type("subscribed")
             await stream.send({"op": "subscribe", "symbols": ["TSLA"]})
@@ -260,9 +288,10 @@ class TestMultiplexed:
                 assert frame.get("symbol") != "TSLA"
 
     async def test_batch_frames_carry_ticks_in_seq_order(self, live) -> None:
-        async with live(feed_ticks_per_second=200) as server, open_stream(
-            f"{server.ws}/v1/ws?token={token()}"
-        ) as stream:
+        async with (
+            live(feed_ticks_per_second=200) as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             await stream.send({"op": "subscribe", "symbols": ["AAPL", "MSFT"], "batch": True})
             await stream.recv_type("subscribed")
             arrays = 0
@@ -284,15 +313,19 @@ class TestMultiplexed:
 
 class TestLimits:
     async def test_frame_too_large_closes_1009(self, live) -> None:
-        async with live(ws_max_message_bytes=1024) as server, open_stream(f"{server.ws}/v1/ws?token={token()}") as stream:
+        async with (
+            live(ws_max_message_bytes=1024) as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             await stream.send('{"op": "ping", "pad": "' + "x" * 2000 + '"}')
             code, _ = await stream.closed_with()
         assert code == 1009
 
     async def test_too_many_messages_closes_1008(self, live) -> None:
-        async with live(ws_max_messages_per_second=5, producer="off") as server, open_stream(
-            f"{server.ws}/v1/ws?token={token()}"
-        ) as stream:
+        async with (
+            live(ws_max_messages_per_second=5, producer="off") as server,
+            open_stream(f"{server.ws}/v1/ws?token={token()}") as stream,
+        ):
             try:
                 for _ in range(50):
                     await stream.send({"op": "ping"})

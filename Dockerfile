@@ -1,0 +1,25 @@
+# pricefeed: slim, non-root; migrates, then serves.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/venv/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    DATABASE_URL=sqlite+aiosqlite:////data/pricefeed.db
+RUN useradd --system --uid 10001 --home /app pricefeed && mkdir -p /data && chown pricefeed /data
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=pricefeed alembic.ini ./
+COPY --chown=pricefeed alembic ./alembic
+USER pricefeed
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8000\")}/healthz', timeout=2)"
+CMD ["sh", "-c", "alembic upgrade head && exec python -m app"]

@@ -17,7 +17,6 @@ from redis.exceptions import ResponseError
 from app.prices.candles import Candle
 from app.prices.ticks import Tick, decode_tick
 
-
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 

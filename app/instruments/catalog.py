@@ -34,6 +34,9 @@ class Catalog:
 
     def resolve_many(self, raw: Iterable[str]) -> list[str]:
         """Known symbols, deduplicated in order; raise for an invalid or unknown one."""
+        raw = list(raw)
+        if len(raw) > MAX_SYMBOLS_PER_REQUEST:
+            raise InvalidRequest(f"at most {MAX_SYMBOLS_PER_REQUEST} symbols per request")
         symbols: list[str] = []
         for item in raw:
             if not isinstance(item, str) or not item.strip():
@@ -43,6 +46,4 @@ class Catalog:
                 symbols.append(symbol)
         if not symbols:
             raise InvalidRequest("name at least one symbol")
-        if len(symbols) > MAX_SYMBOLS_PER_REQUEST:
-            raise InvalidRequest(f"at most {MAX_SYMBOLS_PER_REQUEST} symbols per request")
         return symbols

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.auth.routes import router as auth_router
 from app.auth.service import upsert_client
 from app.broker import Broker
-from app.config import Settings, get_settings
+from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
 from app.errors import install_error_handlers
@@ -143,6 +143,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         settings.producer,
         instance,
     )
+    _log_how_to_start(settings)
     try:
         with close_streams_on_exit_signal(streams):
             yield {"app": state}
@@ -153,6 +154,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         if redis is not None:
             await redis.aclose()
         await engine.dispose()
+
+
+def _log_how_to_start(settings: Settings) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    logger.info("docs: %s/docs   price board: %s/", base, base)
+    if settings.env == "dev":
+        # Not as `client_secret=…`: the log filter would hide it. A chosen secret never shows.
+        hint = (
+            f"the dev default is {DEV_DEMO_CLIENT_SECRET}"
+            if settings.demo_client_secret == DEV_DEMO_CLIENT_SECRET
+            else "your DEMO_CLIENT_SECRET"
+        )
+        logger.info(
+            "get a token: curl -s -X POST %s/v1/auth/token -d grant_type=client_credentials "
+            "-d client_id=%s -d client_secret=$DEMO_CLIENT_SECRET   (%s)",
+            base,
+            settings.demo_client_id,
+            hint,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

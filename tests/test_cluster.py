@@ -166,7 +166,9 @@ class TestShutdownAndLogs:
         assert [code for code, _ in codes] == [1001, 1001]
 
     async def test_no_token_reaches_the_logs(self, database_url: str, tmp_path: Path) -> None:
-        server = server_process(tmp_path, "solo", database_url, LOG_LEVEL="debug")
+        server = server_process(
+            tmp_path, "solo", database_url, LOG_LEVEL="debug", DEMO_CLIENT_SECRET="chosen-secret-42"
+        )
         secret_token = token("log-check")
         with running(server):
             await server.wait_ready()
@@ -180,7 +182,7 @@ class TestShutdownAndLogs:
                     data={
                         "grant_type": "client_credentials",
                         "client_id": "demo",
-                        "client_secret": "demo-secret",
+                        "client_secret": "chosen-secret-42",
                     },
                 )
                 issued_token = issued.json()["access_token"]
@@ -193,5 +195,6 @@ class TestShutdownAndLogs:
             log = server.log()
         assert "WebSocket /v1/ws" in log, "the access lines are there"
         assert "token=[redacted]" in log
-        for secret in (secret_token, issued_token, secret_token.split(".")[2], "demo-secret"):
+        assert "/docs" in log and "get a token: curl" in log, "the log says how to start"
+        for secret in (secret_token, issued_token, secret_token.split(".")[2], "chosen-secret-42"):
             assert secret not in log

@@ -172,22 +172,33 @@ class BoundedBroadcast(Broadcast):
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Subscriber]:
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=self._queue_size)
-        lock = self._locks.setdefault(channel, asyncio.Lock())
-        async with lock:
-            if not self._subscribers.get(channel):
-                await self._backend.subscribe(channel)
-                self._subscribers[channel] = {queue}
-            else:
-                self._subscribers[channel].add(queue)
-        try:
+        async with self.subscribe_many([channel]) as queue:
             yield Subscriber(queue)
+
+    @asynccontextmanager
+    async def subscribe_many(
+        self, channels: list[str]
+    ) -> AsyncIterator[asyncio.Queue[Event | None]]:
+        """One bounded queue that receives the events of every channel in `channels`."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=self._queue_size)
+        subscribed: list[str] = []
+        try:
+            for channel in channels:
+                async with self._locks.setdefault(channel, asyncio.Lock()):
+                    if not self._subscribers.get(channel):
+                        await self._backend.subscribe(channel)
+                        self._subscribers[channel] = {queue}
+                    else:
+                        self._subscribers[channel].add(queue)
+                subscribed.append(channel)
+            yield queue
         finally:
-            async with lock:
-                self._subscribers[channel].discard(queue)
-                if not self._subscribers[channel]:
-                    del self._subscribers[channel]
-                    await self._backend.unsubscribe(channel)
+            for channel in subscribed:
+                async with self._locks[channel]:
+                    self._subscribers[channel].discard(queue)
+                    if not self._subscribers[channel]:
+                        del self._subscribers[channel]
+                        await self._backend.unsubscribe(channel)
 
 
 class Broker:
@@ -236,5 +247,22 @@ class Broker:
             async def receive() -> str:
                 event: Any = await subscriber.get()
                 return str(event.message)
+
+            yield receive
+
+    @asynccontextmanager
+    async def subscribe_many(
+        self, channels: list[str], *, burst: int = 1024
+    ) -> AsyncIterator[Callable[[], Awaitable[list[tuple[str, str]]]]]:
+        """Yield a `receive()` that waits for the next message on any of `channels`, then
+        returns it with every other one already waiting (up to `burst`), as (channel, message)."""
+        async with self._broadcast.subscribe_many(channels) as queue:
+
+            async def receive() -> list[tuple[str, str]]:
+                event = await queue.get()
+                events = [event]
+                while len(events) < burst and not queue.empty():
+                    events.append(queue.get_nowait())
+                return [(e.channel, e.message) for e in events if e is not None]
 
             yield receive

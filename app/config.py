@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     ws_send_timeout_seconds: float = Field(default=10.0, gt=0)
     ws_outbox_frames: int = Field(default=512, ge=16)
     ws_per_message_deflate: bool = False
-    ws_impl: Literal["websockets-sansio", "wsproto", "websockets"] = "websockets-sansio"
+    ws_impl: Literal["fast", "websockets-sansio", "wsproto", "websockets"] = "fast"
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -74,6 +74,13 @@ class Settings(BaseSettings):
             if self.demo_client_secret == DEV_DEMO_CLIENT_SECRET:
                 raise ValueError("ENV=prod refuses the default DEMO_CLIENT_SECRET")
         return self
+
+    @property
+    def uvicorn_ws(self) -> str:
+        """uvicorn's `ws` option: "fast" is websockets-sansio plus our frame writer."""
+        if self.ws_impl == "fast":
+            return "app.ws_protocol:PricefeedWebSocketProtocol"
+        return self.ws_impl
 
     @property
     def uses_redis(self) -> bool:

@@ -103,8 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     await broker.connect()
     hub = FanoutHub(broker=broker, store=store, retention=settings.retention_ticks)
     supervisor = Supervisor()
-    for instrument in instruments:
-        supervisor.spawn(f"fanout:{instrument.symbol}", partial(hub.consume, instrument.symbol))
+    supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
     producer: Producer | None = None
     if settings.producer == "on":
         producer = Producer(

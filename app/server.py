@@ -16,7 +16,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        ws=settings.ws_impl,
+        ws=settings.uvicorn_ws,
         ws_max_size=settings.ws_max_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         log_config=logging_config(settings.log_level),

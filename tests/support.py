@@ -98,7 +98,7 @@ async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp
             app,
             host="127.0.0.1",
             port=port,
-            ws=settings.ws_impl,
+            ws=settings.uvicorn_ws,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
             log_level="warning",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.models import ApiClient
@@ -26,13 +27,22 @@ async def authenticate_client(
 async def upsert_client(
     session: AsyncSession, *, client_id: str, name: str, secret: str, symbols: list[str]
 ) -> ApiClient:
-    client = await session.get(ApiClient, client_id)
-    if client is None:
-        secret_hash = await asyncio.to_thread(hash_secret, secret)
-        client = ApiClient(client_id=client_id, secret_hash=secret_hash)
-        session.add(client)
-    elif not await asyncio.to_thread(verify_secret, secret, client.secret_hash):
-        client.secret_hash = await asyncio.to_thread(hash_secret, secret)
-    client.name, client.symbols, client.active = name, symbols, True
-    await session.commit()
-    return client
+    """Create the client, or update it; safe when several instances seed it at once."""
+    for attempt in (1, 2):
+        client = await session.get(ApiClient, client_id)
+        if client is None:
+            secret_hash = await asyncio.to_thread(hash_secret, secret)
+            client = ApiClient(client_id=client_id, secret_hash=secret_hash)
+            session.add(client)
+        elif not await asyncio.to_thread(verify_secret, secret, client.secret_hash):
+            client.secret_hash = await asyncio.to_thread(hash_secret, secret)
+        client.name, client.symbols, client.active = name, symbols, True
+        try:
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()  # another instance inserted it first: update that row
+            if attempt == 2:
+                raise
+            continue
+        return client
+    raise AssertionError("unreachable")

@@ -1,8 +1,10 @@
 """The fan-out hub: one broker subscription per symbol per process, shared by every local
 stream, and the per-stream outbox that keeps a slow reader from growing memory.
 
-Where a tick goes: broker → `FanoutHub._consume` (one task per symbol) → `Outbox.offer` of
-each stream subscribed to that symbol → the stream's writer (app/prices/streams.py).
+Where a tick goes: broker → `FanoutHub.consume` (one task, a burst of messages at a time) →
+`Outbox.offer` of each stream subscribed to that symbol → at the end of the burst, one direct
+write per connection (`Outbox.flush`) of the same pre-encoded frames; or, for a connection that
+is behind or has protocol frames queued, its writer task (app/prices/streams.py).
 
 Ordering and exactly-once per stream come from `seq`: the hub drops a tick it has already
 passed on, and refetches from the store what a broker gap skipped; each outbox keeps a
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,6 +24,8 @@ from app import metrics
 from app.broker import Broker, price_channel
 from app.prices.store import TickStore
 from app.prices.ticks import MalformedTick, Tick, decode_tick
+from app.prices.wire import text_frame
+from app.ws_protocol import FrameWriter
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +41,10 @@ class Frame:
 
 
 class Outbox:
-    """Frames waiting for one stream's writer. Bounded: past `limit` frames it conflates,
-    keeping only the newest frame of each symbol (the client sees a `seq` jump)."""
+    """What one stream has yet to send. Live ticks go straight to the connection when it has a
+    `direct` frame writer and nothing is queued before them; otherwise they queue here for the
+    stream's writer. Bounded: past `limit` frames it conflates, keeping only the newest frame of
+    each symbol (the client sees a `seq` jump)."""
 
     __slots__ = (
         "_frames",
@@ -45,40 +53,77 @@ class Outbox:
         "_syncing",
         "_awaiting_snapshot",
         "_wakeup",
+        "_flushing",
+        "_corked",
+        "direct",
+        "batch",
+        "deadline",
+        "sent",
         "conflated",
     )
 
-    def __init__(self, *, limit: int) -> None:
+    def __init__(
+        self, *, limit: int, direct: FrameWriter | None = None, deadline: float = math.inf
+    ) -> None:
         self._frames: list[Frame] = []
         self._limit = limit
         self._floor: dict[str, int] = {}  # symbol → highest seq enqueued (subscribed symbols)
         self._syncing: dict[str, list[Tick]] = {}  # live ticks held while a snapshot loads
         self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
         self._wakeup = asyncio.Event()
+        self._flushing = False  # the writer holds drained frames not yet written
+        self._corked: list[tuple[Tick, bytes]] = []  # direct writes held until the burst ends
+        self.direct = direct
+        self.batch = False  # the client accepts JSON-array frames
+        self.deadline = deadline  # Unix time after which nothing more may be sent
+        self.sent = 0  # frames written directly
         self.conflated = 0
 
     @property
     def symbols(self) -> set[str]:
-        return set(self._floor)
+        return set(self._floor) | set(self._syncing)
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def offer(self, tick: Tick) -> None:
+    def offer(self, tick: Tick, wire: bytes) -> bool:
+        """Take a live tick (`wire`: its encoded frame). True if it was corked for a direct
+        write and this outbox had nothing corked before: the caller must `flush()` it."""
         held = self._syncing.get(tick.symbol)
         if held is not None:
             held.append(tick)
             if len(held) > self._limit:
                 del held[0]
-            return
+            return False
         floor = self._floor.get(tick.symbol)
         if floor is None or tick.seq <= floor:
-            return
+            return False
         if self._awaiting_snapshot and tick.symbol in self._awaiting_snapshot:
             self._awaiting_snapshot.discard(tick.symbol)
             self._push(Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot"))
-            return
+            return False
+        direct = self.direct
+        if direct is not None and not self._frames and not self._flushing and direct.keeping_up():
+            self._floor[tick.symbol] = tick.seq
+            self._corked.append((tick, wire))
+            return len(self._corked) == 1
         self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
+        return False
+
+    def flush(self) -> int:
+        """Write what `offer` corked, in one write; how many frames that carried."""
+        corked, self._corked = self._corked, []
+        direct = self.direct
+        if not corked or direct is None or time.time() >= self.deadline:
+            return 0  # closed or expired meanwhile: the writer closes the stream
+        if self.batch and len(corked) > 1:
+            data = text_frame(("[" + ",".join(t.frame for t, _ in corked) + "]").encode())
+        else:
+            data = b"".join(wire for _, wire in corked)
+        if not direct.write(data):
+            return 0
+        self.sent += len(corked)
+        return len(corked)
 
     def _push(self, frame: Frame) -> None:
         self._floor[frame.symbol] = frame.seq
@@ -138,9 +183,16 @@ class Outbox:
         self._wakeup.set()
 
     def drain(self) -> list[Frame]:
+        """Take the queued frames; until `flushed()`, new ticks queue behind them."""
+        if self._corked:
+            self.flush()  # what was corked came first
         frames, self._frames = self._frames, []
         self._wakeup.clear()
+        self._flushing = bool(frames)
         return frames
+
+    def flushed(self) -> None:
+        self._flushing = False
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until a frame is pending; False on timeout."""
@@ -165,26 +217,42 @@ class FanoutHub:
     def subscription_count(self) -> int:
         return sum(len(s) for s in self._streams.values())
 
-    async def consume(self, symbol: str) -> None:
-        """Pass every tick of `symbol` from the broker to the local streams, forever."""
-        async with self._broker.subscribe(price_channel(symbol)) as receive:
-            while True:
-                text = await receive()
-                try:
-                    tick = decode_tick(text)
-                except MalformedTick as exc:
-                    metrics.BROKER_DROPPED.labels(reason="malformed").inc()
-                    logger.warning("hub: dropped a malformed message on %s: %s", symbol, exc)
-                    continue
-                if tick.symbol != symbol:
-                    metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
-                    continue
-                last = self._last_seq.get(symbol)
-                if last is not None and tick.seq > last + 1:
-                    await self._repair_gap(symbol, last, tick.seq)
-                self._deliver(tick)
+    async def consume(self, symbols: list[str]) -> None:
+        """Pass every tick of `symbols` from the broker to the local streams, forever.
 
-    async def _repair_gap(self, symbol: str, last: int, upto: int) -> None:
+        One task for all symbols: it takes every message the broker has ready at once, and
+        writes what each connection got from that burst in one write."""
+        channels = {price_channel(s): s for s in symbols}
+        async with self._broker.subscribe_many(list(channels)) as receive:
+            while True:
+                dirty: list[Outbox] = []
+                for channel, text in await receive():
+                    try:
+                        tick = decode_tick(text)
+                    except MalformedTick as exc:
+                        metrics.BROKER_DROPPED.labels(reason="malformed").inc()
+                        logger.warning("hub: dropped a malformed message on %s: %s", channel, exc)
+                        continue
+                    if tick.symbol != channels.get(channel):
+                        metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
+                        continue
+                    last = self._last_seq.get(tick.symbol)
+                    if last is not None and tick.seq > last + 1:
+                        self._flush(dirty)  # keep order: what came before the gap goes first
+                        dirty = []
+                        await self._repair_gap(tick.symbol, last, tick.seq, dirty)
+                    self._deliver(tick, dirty)
+                self._flush(dirty)
+
+    @staticmethod
+    def _flush(dirty: list[Outbox]) -> None:
+        sent = 0
+        for outbox in dirty:
+            sent += outbox.flush()
+        if sent:
+            metrics.MESSAGES_SENT.inc(sent)
+
+    async def _repair_gap(self, symbol: str, last: int, upto: int, dirty: list[Outbox]) -> None:
         """The broker skipped seqs (a reconnect, a producer crash between store and publish):
         refetch them from the store, where the producer wrote them first."""
         try:
@@ -202,16 +270,21 @@ class FanoutHub:
         for tick in missing:
             if tick.seq < upto:
                 metrics.GAPS_REPAIRED.inc()
-                self._deliver(tick)
+                self._deliver(tick, dirty)
 
-    def _deliver(self, tick: Tick) -> None:
+    def _deliver(self, tick: Tick, dirty: list[Outbox]) -> None:
         last = self._last_seq.get(tick.symbol)
         if last is not None and tick.seq <= last:
             return  # already passed on (a redelivery, or a repair that raced the live tick)
         self._last_seq[tick.symbol] = tick.seq
         metrics.TICKS_RECEIVED.inc()
-        for outbox in self._streams.get(tick.symbol, ()):
-            outbox.offer(tick)
+        outboxes = self._streams.get(tick.symbol)
+        if not outboxes:
+            return
+        wire = text_frame(tick.frame.encode())  # encoded once, written to every subscriber
+        for outbox in outboxes:
+            if outbox.offer(tick, wire):
+                dirty.append(outbox)
 
     async def attach(self, outbox: Outbox, symbol: str, *, since: int | None) -> None:
         """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`),

@@ -47,7 +47,7 @@ def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
         return None
     symbol, _, seq = value.partition(":")
     normalised = normalise_symbol(symbol)
-    if normalised is None or not seq.isdigit() or len(seq) > 18:
+    if normalised is None or not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
         raise InvalidRequest("Last-Event-ID must look like SYMBOL:seq")
     return normalised, int(seq)
 

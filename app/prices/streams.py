@@ -21,7 +21,9 @@ from starlette.websockets import WebSocket, WebSocketState
 from app import metrics
 from app.errors import RateLimited, Unavailable
 from app.prices.hub import FanoutHub, Frame, Outbox
+from app.prices.wire import text_frame
 from app.security import Principal
+from app.ws_protocol import EXTENSION, FrameWriter
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +114,9 @@ class WebSocketStream:
     ) -> None:
         self.websocket = websocket
         self.hub = hub
-        self.outbox = Outbox(limit=outbox_frames)
-        self.batch = False
+        extension = websocket.scope.get("extensions", {}).get(EXTENSION)
+        self._direct: FrameWriter | None = extension["writer"] if extension else None
+        self.outbox = Outbox(limit=outbox_frames, direct=self._direct)
         self._leeway = leeway
         self._send_timeout = send_timeout
         self._heartbeat = heartbeat
@@ -127,7 +130,7 @@ class WebSocketStream:
     @principal.setter
     def principal(self, value: Principal) -> None:
         self._principal = value
-        self._deadline = value.expires_at + self._leeway
+        self.outbox.deadline = value.expires_at + self._leeway
 
     @property
     def closed(self) -> bool:
@@ -137,6 +140,7 @@ class WebSocketStream:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.outbox.direct = None  # from now on nothing bypasses the close
         self.hub.detach(self.outbox, self.outbox.symbols)
         metrics.CLOSES.labels(code=str(code)).inc()
         if self.websocket.application_state == WebSocketState.CONNECTED:
@@ -149,22 +153,26 @@ class WebSocketStream:
         await self._closed.wait()
 
     async def write_forever(self) -> None:
-        """Send what the outbox holds until the stream closes."""
+        """Send what queues in the outbox, heartbeats when idle, and close at token expiry,
+        until the stream closes. (Live ticks mostly bypass this: see `Outbox.offer`.)"""
         loop = asyncio.get_running_loop()
-        last_sent = loop.time()
+        outbox = self.outbox
+        active_at, direct_seen = loop.time(), outbox.sent
         while not self.closed:
-            timeout = self._deadline - time.time()
+            timeout = outbox.deadline - time.time()
             if self._heartbeat is not None:
-                timeout = min(timeout, self._heartbeat - (loop.time() - last_sent))
-            ready = await self.outbox.wait(max(timeout, 0.0))
+                timeout = min(timeout, self._heartbeat - (loop.time() - active_at))
+            ready = await outbox.wait(max(timeout, 0.0))
             if self.closed:
                 return
-            if time.time() >= self._deadline:
+            if time.time() >= outbox.deadline:
                 await self.close(CLOSE_TOKEN_EXPIRED, "token expired")
                 return
+            if outbox.sent != direct_seen:  # direct writes count as activity
+                active_at, direct_seen = loop.time(), outbox.sent
             if ready:
-                frames = self.outbox.drain()
-            elif self._heartbeat is not None and loop.time() - last_sent >= self._heartbeat:
+                frames = outbox.drain()
+            elif self._heartbeat is not None and loop.time() - active_at >= self._heartbeat:
                 frames = [
                     Frame("", 0, control("heartbeat", ts=time.time_ns() // 1_000_000), "control")
                 ]
@@ -180,24 +188,38 @@ class WebSocketStream:
             except Exception:  # noqa: BLE001 - the peer went away mid-send
                 await self.close(CLOSE_GOING_AWAY, "connection lost")
                 return
+            finally:
+                outbox.flushed()
             metrics.MESSAGES_SENT.inc(len(frames))
-            last_sent = loop.time()
+            active_at = loop.time()
 
-    async def _send(self, frames: list[Frame]) -> None:
-        send = self.websocket.send_text
-        if not self.batch:
-            for frame in frames:
-                await send(frame.text)
-            return
+    def _texts(self, frames: list[Frame]) -> list[str]:
+        if not self.outbox.batch:
+            return [frame.text for frame in frames]
         # Batch mode: each run of price frames goes out as one JSON array, in seq order.
+        texts: list[str] = []
         run: list[str] = []
         for frame in frames:
             if frame.event == "control":
                 if run:
-                    await send("[" + ",".join(run) + "]")
+                    texts.append(run[0] if len(run) == 1 else "[" + ",".join(run) + "]")
                     run = []
-                await send(frame.text)
+                texts.append(frame.text)
             else:
                 run.append(frame.text)
         if run:
-            await send(run[0] if len(run) == 1 else "[" + ",".join(run) + "]")
+            texts.append(run[0] if len(run) == 1 else "[" + ",".join(run) + "]")
+        return texts
+
+    async def _send(self, frames: list[Frame]) -> None:
+        texts = self._texts(frames)
+        direct = self._direct
+        if direct is None:
+            for text in texts:
+                await self.websocket.send_text(text)
+            return
+        # One write for everything queued: the frames leave in one segment.
+        data = b"".join(text_frame(text.encode()) for text in texts)
+        await direct.wait_writable()
+        if not direct.write(data):
+            raise ConnectionError("connection closed")

@@ -135,7 +135,7 @@ async def stream_symbol(websocket: WebSocket, symbol: str) -> None:
         raw_since = websocket.query_params.get("since")
         since = None
         if raw_since is not None:
-            if not raw_since.isdigit() or len(raw_since) > 18:
+            if not (raw_since.isascii() and raw_since.isdigit()) or len(raw_since) > 18:
                 await stream.close(CLOSE_POLICY, "since must be a non-negative integer")
                 return
             since = int(raw_since)
@@ -266,7 +266,7 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
     if len(current) + len(new) > limit:
         raise BadRequest("too_many_subscriptions", f"at most {limit} subscriptions per connection")
     if batch is not None:
-        stream.batch = batch
+        stream.outbox.batch = batch
     stream.outbox.push_control(control("subscribed", symbols=symbols))
     for symbol in new:
         try:

@@ -9,6 +9,7 @@ from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub, Outbox
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
+from app.prices.wire import text_frame
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -23,6 +24,10 @@ def tick(symbol: str, seq: int) -> Tick:
     )
 
 
+def offer(outbox: Outbox, t: Tick) -> None:
+    outbox.offer(t, text_frame(t.frame.encode()))
+
+
 def subscribed_outbox(*symbols: str, limit: int = 16) -> Outbox:
     outbox = Outbox(limit=limit)
     for symbol in symbols:
@@ -35,26 +40,26 @@ class TestOutbox:
     def test_keeps_every_tick_while_under_its_limit(self) -> None:
         outbox = subscribed_outbox("AAPL")
         for seq in range(1, 11):
-            outbox.offer(tick("AAPL", seq))
+            offer(outbox, tick("AAPL", seq))
         assert [f.seq for f in outbox.drain()] == list(range(1, 11))
         assert outbox.conflated == 0
 
     def test_drops_duplicates_and_older_ticks(self) -> None:
         outbox = subscribed_outbox("AAPL")
         for seq in (1, 2, 2, 1, 3):
-            outbox.offer(tick("AAPL", seq))
+            offer(outbox, tick("AAPL", seq))
         assert [f.seq for f in outbox.drain()] == [1, 2, 3]
 
     def test_ignores_symbols_not_subscribed(self) -> None:
         outbox = subscribed_outbox("AAPL")
-        outbox.offer(tick("MSFT", 1))
+        offer(outbox, tick("MSFT", 1))
         assert outbox.drain() == []
 
     def test_a_stuck_reader_stays_bounded_and_sees_a_seq_jump(self) -> None:
         outbox = subscribed_outbox("AAPL", "MSFT", limit=16)
         for seq in range(1, 10_001):
-            outbox.offer(tick("AAPL", seq))
-            outbox.offer(tick("MSFT", seq))
+            offer(outbox, tick("AAPL", seq))
+            offer(outbox, tick("MSFT", seq))
         assert len(outbox) <= 16
         frames = outbox.drain()
         by_symbol = {s: [f.seq for f in frames if f.symbol == s] for s in ("AAPL", "MSFT")}
@@ -68,7 +73,7 @@ class TestOutbox:
         outbox = subscribed_outbox("AAPL", limit=16)
         outbox.push_control('{"type":"pong"}')
         for seq in range(1, 100):
-            outbox.offer(tick("AAPL", seq))
+            offer(outbox, tick("AAPL", seq))
         texts = [f.text for f in outbox.drain()]
         assert texts[0] == '{"type":"pong"}'
 
@@ -76,7 +81,7 @@ class TestOutbox:
         outbox = Outbox(limit=64)
         outbox.begin_sync("AAPL")
         for seq in (5, 6, 7):  # live ticks arrive while the snapshot (seq 6) is loading
-            outbox.offer(tick("AAPL", seq))
+            offer(outbox, tick("AAPL", seq))
         snapshot = tick("AAPL", 6)
         from app.prices.hub import Frame
 
@@ -86,7 +91,7 @@ class TestOutbox:
             floor=0,
             first_live_is_snapshot=False,
         )
-        outbox.offer(tick("AAPL", 8))
+        offer(outbox, tick("AAPL", 8))
         frames = outbox.drain()
         assert [(f.event, f.seq) for f in frames] == [("snapshot", 6), ("tick", 7), ("tick", 8)]
         assert frames[0].text.startswith('{"type":"snapshot","symbol":"AAPL"')
@@ -95,8 +100,8 @@ class TestOutbox:
         outbox = Outbox(limit=64)
         outbox.begin_sync("AAPL")
         outbox.end_sync("AAPL", [], floor=0, first_live_is_snapshot=True)
-        outbox.offer(tick("AAPL", 1))
-        outbox.offer(tick("AAPL", 2))
+        offer(outbox, tick("AAPL", 1))
+        offer(outbox, tick("AAPL", 2))
         assert [f.event for f in outbox.drain()] == ["snapshot", "tick"]
 
 
@@ -106,7 +111,7 @@ class TestFanoutHub:
         await broker.connect()
         store = MemoryTickStore(retention=1000, candles_kept=10)
         hub = FanoutHub(broker=broker, store=store, retention=1000)
-        consumer = asyncio.create_task(hub.consume("AAPL"))
+        consumer = asyncio.create_task(hub.consume(["AAPL"]))
         try:
             fast, slow = Outbox(limit=32), Outbox(limit=32)
             await hub.attach(fast, "AAPL", since=None)
@@ -140,7 +145,7 @@ class TestFanoutHub:
         await broker.connect()
         store = MemoryTickStore(retention=1000, candles_kept=10)
         hub = FanoutHub(broker=broker, store=store, retention=1000)
-        consumer = asyncio.create_task(hub.consume("MSFT"))
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
         try:
             outbox = Outbox(limit=64)
             await hub.attach(outbox, "MSFT", since=None)

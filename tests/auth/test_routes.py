@@ -1,0 +1,185 @@
+"""app/auth/routes.py: `POST /v1/auth/token`, and the operator commands in app/admin.py that
+create clients and sign tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import httpx
+import pytest
+
+from app.security import InvalidToken
+from tests.support import JWT_SECRET, ROOT, TEST_ENV, signer
+
+ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+DEMO = {"grant_type": "client_credentials", "client_id": "demo", "client_secret": "demo-secret"}
+
+
+def admin(*args: str, database_url: str) -> str:
+    """Run `python -m app.admin …` as an operator would; its stdout."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PRICEFEED_")},
+        **TEST_ENV,
+        "DATABASE_URL": database_url,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "app.admin", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def request_token(client: httpx.AsyncClient, client_id: str, secret: str) -> httpx.Response:
+    return await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+    )
+
+
+def parse_lines(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+class TestIssueToken:
+    async def test_demo_client_gets_a_bearer_token(self, api: ApiFactory) -> None:
+        async with api() as client:
+            response = await client.post("/v1/auth/token", data=DEMO)
+
+        assert response.status_code == 200
+        body = response.json()
+        assert set(body) == {"access_token", "token_type", "expires_in"}
+        assert body["token_type"] == "bearer"
+        assert isinstance(body["expires_in"], int) and body["expires_in"] > 0
+        principal = signer().verify(body["access_token"])
+        assert principal.subject == "demo"
+
+    async def test_token_opens_the_api(self, api: ApiFactory) -> None:
+        async with api() as client:
+            issued = (await client.post("/v1/auth/token", data=DEMO)).json()["access_token"]
+            response = await client.get(
+                "/v1/symbols", headers={"Authorization": f"Bearer {issued}"}
+            )
+
+        assert response.status_code == 200
+        assert any(item["symbol"] == "AAPL" for item in response.json())
+
+    async def test_expires_in_follows_the_configured_ttl(self, api: ApiFactory) -> None:
+        async with api(jwt_ttl_seconds=120) as client:
+            body = (await client.post("/v1/auth/token", data=DEMO)).json()
+
+        assert body["expires_in"] == 120
+        principal = signer().verify(body["access_token"])
+        issued_at = principal.expires_at - 120
+        assert abs(issued_at - time.time()) < 10
+
+    @pytest.mark.parametrize(
+        "form",
+        [
+            pytest.param({**DEMO, "client_secret": "not-the-secret"}, id="wrong-secret"),
+            pytest.param({**DEMO, "client_id": "nobody"}, id="unknown-client"),
+            pytest.param({**DEMO, "client_id": "DEMO"}, id="client-id-is-case-sensitive"),
+        ],
+    )
+    async def test_bad_credentials_are_401(self, api: ApiFactory, form: dict[str, str]) -> None:
+        async with api() as client:
+            response = await client.post("/v1/auth/token", data=form)
+
+        assert response.status_code == 401
+        assert "access_token" not in response.text
+
+    @pytest.mark.parametrize(
+        "form",
+        [
+            pytest.param({}, id="empty"),
+            pytest.param({k: v for k, v in DEMO.items() if k != "grant_type"}, id="no-grant-type"),
+            pytest.param({k: v for k, v in DEMO.items() if k != "client_id"}, id="no-client-id"),
+            pytest.param(
+                {k: v for k, v in DEMO.items() if k != "client_secret"}, id="no-client-secret"
+            ),
+            pytest.param({**DEMO, "grant_type": "password"}, id="grant-type-password"),
+            pytest.param({**DEMO, "client_id": ""}, id="empty-client-id"),
+        ],
+    )
+    async def test_malformed_request_is_422(self, api: ApiFactory, form: dict[str, str]) -> None:
+        async with api() as client:
+            response = await client.post("/v1/auth/token", data=form)
+
+        assert response.status_code == 422
+
+    async def test_json_body_is_422_not_500(self, api: ApiFactory) -> None:
+        async with api() as client:
+            response = await client.post("/v1/auth/token", json=DEMO)
+
+        assert response.status_code == 422
+
+    async def test_demo_client_is_not_seeded_in_prod(self, api: ApiFactory) -> None:
+        async with api(env="prod", demo_client_secret="a-prod-demo-secret-0123456789") as client:
+            response = await client.post(
+                "/v1/auth/token", data={**DEMO, "client_secret": "a-prod-demo-secret-0123456789"}
+            )
+
+        assert response.status_code == 401
+
+
+class TestAdminAddClient:
+    async def test_new_client_gets_a_token_with_its_symbols(
+        self, api: ApiFactory, database_url: str
+    ) -> None:
+        output = admin(
+            "add-client", "--id", "desk-1", "--symbols", "aapl,MSFT", "--name", "Desk 1",
+            database_url=database_url,
+        )
+        created = parse_lines(output)
+        assert created["client_id"] == "desk-1"
+        secret = created["client_secret"]
+
+        async with api() as client:
+            response = await request_token(client, "desk-1", secret)
+            wrong = await request_token(client, "desk-1", secret + "x")
+
+        assert response.status_code == 200
+        principal = signer().verify(response.json()["access_token"])
+        assert principal.subject == "desk-1"
+        assert principal.symbols == frozenset({"AAPL", "MSFT"})
+        assert wrong.status_code == 401
+
+    async def test_rerun_rotates_the_secret(self, api: ApiFactory, database_url: str) -> None:
+        first = parse_lines(admin("add-client", "--id", "desk-2", database_url=database_url))
+        second = parse_lines(admin("add-client", "--id", "desk-2", database_url=database_url))
+        assert first["client_secret"] != second["client_secret"]
+
+        async with api() as client:
+            old = await request_token(client, "desk-2", first["client_secret"])
+            new = await request_token(client, "desk-2", second["client_secret"])
+
+        assert old.status_code == 401
+        assert new.status_code == 200
+        assert signer().verify(new.json()["access_token"]).all_symbols
+
+
+class TestAdminToken:
+    def test_printed_token_verifies(self, database_url: str) -> None:
+        output = admin("token", "--sub", "x", "--symbols", "AAPL", database_url=database_url)
+
+        principal = signer().verify(output.strip())
+
+        assert principal.subject == "x"
+        assert principal.symbols == frozenset({"AAPL"})
+
+    def test_printed_token_is_signed_with_jwt_secret(self, database_url: str) -> None:
+        output = admin("token", "--sub", "x", "--ttl", "60", database_url=database_url)
+
+        assert signer().verify(output.strip()).subject == "x"
+        with pytest.raises(InvalidToken):
+            signer(secret=JWT_SECRET[::-1]).verify(output.strip())

@@ -1,0 +1,129 @@
+"""alembic/: the schema goes up, down and up again, on SQLite and on PostgreSQL, and leaves the
+seed instruments behind."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import ROOT
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+SEEDS = {
+    "AAPL": "equity", "MSFT": "equity", "GOOGL": "equity", "AMZN": "equity", "TSLA": "equity",
+    "BTC-USD": "crypto", "ETH-USD": "crypto", "SOL-USD": "crypto",
+    "EUR-USD": "fx", "GBP-USD": "fx",
+}
+APP_TABLES = {"instruments", "api_clients"}
+
+
+def alembic(database_url: str, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={database_url}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"alembic {' '.join(args)} failed:\n{done.stderr}"
+
+
+def assert_seeded(instruments: dict[str, str]) -> None:
+    assert instruments == SEEDS
+    assert {instruments["AAPL"], instruments["BTC-USD"], instruments["EUR-USD"]} == {
+        "equity", "crypto", "fx"
+    }
+
+
+class TestSqlite:
+    @staticmethod
+    def instruments(path: Path) -> dict[str, str]:
+        with closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT symbol, asset_class FROM instruments WHERE active")
+            return dict(rows.fetchall())
+
+    @staticmethod
+    def tables(path: Path) -> set[str]:
+        with closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in rows.fetchall()}
+
+    def test_upgrade_downgrade_upgrade(self, tmp_path: Path) -> None:
+        path = tmp_path / "fresh.db"
+        url = f"sqlite+aiosqlite:///{path}"
+
+        alembic(url, "upgrade", "head")
+        assert APP_TABLES <= self.tables(path)
+        assert_seeded(self.instruments(path))
+
+        alembic(url, "downgrade", "base")
+        assert not APP_TABLES & self.tables(path)
+
+        alembic(url, "upgrade", "head")
+        assert_seeded(self.instruments(path))
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh database with a random name on the local PostgreSQL, dropped afterwards."""
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is unreachable in CI: {exc!r}")
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is unreachable: {exc!r}")
+    name = f"pricefeed_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.mark.postgres
+class TestPostgres:
+    @staticmethod
+    async def read(url: str) -> tuple[set[str], dict[str, str]]:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"),
+                                     timeout=3)
+        try:
+            tables = {
+                r["tablename"]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            }
+            instruments: dict[str, str] = {}
+            if "instruments" in tables:
+                rows = await conn.fetch("SELECT symbol, asset_class FROM instruments WHERE active")
+                instruments = {r["symbol"]: r["asset_class"] for r in rows}
+        finally:
+            await conn.close()
+        return tables, instruments
+
+    async def test_upgrade_downgrade_upgrade(self, postgres_url: str) -> None:
+        alembic(postgres_url, "upgrade", "head")
+        tables, instruments = await self.read(postgres_url)
+        assert APP_TABLES <= tables
+        assert_seeded(instruments)
+
+        alembic(postgres_url, "downgrade", "base")
+        tables, _ = await self.read(postgres_url)
+        assert not APP_TABLES & tables
+
+        alembic(postgres_url, "upgrade", "head")
+        tables, instruments = await self.read(postgres_url)
+        assert APP_TABLES <= tables
+        assert_seeded(instruments)

@@ -44,6 +44,7 @@ from app.redis_client import create_redis
 from app.security import TokenSigner
 from app.shutdown import close_streams_on_exit_signal
 from app.supervisor import Supervisor
+from app.ws_protocol import PricefeedWebSocketProtocol
 
 logger = logging.getLogger("app")
 
@@ -99,6 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         lease = LocalLease()
 
+    # The kernel send buffer of each WebSocket (the protocol class is uvicorn's to instantiate).
+    PricefeedWebSocketProtocol.send_buffer_bytes = settings.ws_send_buffer_bytes
     broker = Broker(settings.broadcast_url)
     await broker.connect()
     hub = FanoutHub(broker=broker, store=store, retention=settings.retention_ticks)

@@ -12,6 +12,10 @@ Select it with `WS_IMPL=fast` (the default); `python -m app` passes it to uvicor
 
 from __future__ import annotations
 
+import socket
+from asyncio import BaseTransport
+
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
@@ -52,6 +56,31 @@ class FrameWriter:
 
 
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
+    # Set by `python -m app` from WS_SEND_BUFFER_BYTES (0: the kernel's autotuning).
+    send_buffer_bytes = 0
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if self.send_buffer_bytes and sock is not None:
+            # A bounded kernel buffer: a stuck reader is noticed (and conflated, then closed)
+            # within seconds instead of after megabytes, and 5,000 connections cannot pin
+            # gigabytes of kernel memory.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "websocket.close" and self.handshake_complete:
+            # A close must not wait for a stuck reader to drain the buffer (uvicorn's send
+            # waits for writable first): queue the close frame behind what is buffered...
+            self.writable.set()
+            await super().send(message)
+            # ...and if the peer never takes it, abort rather than wait forever to flush.
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+            return
+        await super().send(message)
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)

@@ -314,5 +314,8 @@ class Stream:
 
 @contextlib.asynccontextmanager
 async def open_stream(url: str, **kwargs: Any) -> AsyncIterator[Stream]:
+    # The client keeps reading while the test looks away, so its close handshake is not
+    # stuck behind unread ticks (websockets stops reading when its queue is full).
+    kwargs.setdefault("max_queue", None)
     async with connect(url, open_timeout=5, **kwargs) as conn:
         yield Stream(conn)

@@ -53,6 +53,9 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __iter__(self) -> Iterator[Closable]:
+        return iter(list(self._open))
+
     @contextmanager
     def admit(self, stream: Closable, subject: str, transport: str) -> Iterator[None]:
         if len(self._open) >= self._max_total:
@@ -120,6 +123,7 @@ class WebSocketStream:
         self._leeway = leeway
         self._send_timeout = send_timeout
         self._heartbeat = heartbeat
+        self._closing = False
         self._closed = asyncio.Event()
         self.principal = principal
 
@@ -134,20 +138,22 @@ class WebSocketStream:
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._closing
 
     async def close(self, code: int, reason: str) -> None:
-        if self._closed.is_set():
+        if self._closing:
             return
-        self._closed.set()
+        self._closing = True
         self.outbox.direct = None  # from now on nothing bypasses the close
         self.hub.detach(self.outbox, self.outbox.symbols)
         metrics.CLOSES.labels(code=str(code)).inc()
-        if self.websocket.application_state == WebSocketState.CONNECTED:
-            try:
+        try:
+            if self.websocket.application_state == WebSocketState.CONNECTED:
                 await self.websocket.close(code, reason)
-            except Exception:  # noqa: BLE001 - the peer may be gone already
-                pass
+        except Exception:  # noqa: BLE001 - the peer may be gone already
+            pass
+        finally:
+            self._closed.set()  # only now: the close frame is on its way
 
     async def wait_closed(self) -> None:
         await self._closed.wait()

@@ -1,0 +1,134 @@
+"""Slow and stuck readers against a real server: bounded memory, conflation a client can see,
+1013 for a reader stuck too long, and no harm to fast readers on the same instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from app.prices.streams import WebSocketStream
+from tests.support import LiveApp, Stream, open_stream, token
+
+SYMBOLS = [
+    "AAPL",
+    "MSFT",
+    "GOOGL",
+    "AMZN",
+    "TSLA",
+    "BTC-USD",
+    "ETH-USD",
+    "SOL-USD",
+    "EUR-USD",
+    "GBP-USD",
+]
+SUBSCRIBE_ALL = {"op": "subscribe", "symbols": SYMBOLS}
+
+
+@contextlib.asynccontextmanager
+async def reluctant_reader(server: LiveApp, subject: str) -> AsyncIterator[Stream]:
+    """A client with a tiny receive buffer that reads only when the test says so."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    conn = await connect(f"{server.ws}/v1/ws?token={token(subject)}", sock=sock, max_queue=1)
+    try:
+        yield Stream(conn)
+    finally:
+        conn.transport.abort()  # its close handshake would wait behind the unread frames
+        await conn.wait_closed()
+
+
+def seqs_by_symbol(frames: list[dict[str, Any]]) -> dict[str, list[int]]:
+    by_symbol: dict[str, list[int]] = {}
+    for frame in frames:
+        if frame.get("type") in ("tick", "snapshot"):
+            by_symbol.setdefault(frame["symbol"], []).append(frame["seq"])
+    for symbol, seqs in by_symbol.items():
+        assert seqs == sorted(set(seqs)), f"{symbol} out of order or duplicated"
+    return by_symbol
+
+
+def jumps(by_symbol: dict[str, list[int]]) -> int:
+    return sum(1 for s in by_symbol.values() for a, b in zip(s, s[1:], strict=False) if b > a + 1)
+
+
+def stream_of(server: LiveApp, subject: str) -> WebSocketStream | None:
+    for stream in server.app.state.streams:
+        if isinstance(stream, WebSocketStream) and stream.principal.subject == subject:
+            return stream
+    return None
+
+
+async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_every_tick(
+    live,
+) -> None:
+    async with live(
+        feed_ticks_per_second=400,
+        ws_outbox_frames=64,
+        ws_send_timeout_seconds=1.5,
+        ws_send_buffer_bytes=8192,
+    ) as server:
+        async with (
+            reluctant_reader(server, "stuck") as stuck,
+            open_stream(f"{server.ws}/v1/ws?token={token('fast')}") as fast,
+        ):
+            await stuck.send(SUBSCRIBE_ALL)
+            await fast.send(SUBSCRIBE_ALL)
+            fast_frames: list[dict[str, Any]] = []
+            largest_outbox = conflated = 0
+            stuck_closed_at = None
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                fast_frames.append(await fast.recv())
+                stream = stream_of(server, "stuck")
+                if stream is not None:
+                    largest_outbox = max(largest_outbox, len(stream.outbox))
+                    conflated = stream.outbox.conflated
+                elif stuck_closed_at is None:
+                    stuck_closed_at = time.monotonic()
+                    deadline = min(deadline, stuck_closed_at + 1)
+
+            assert stuck_closed_at is not None, "a reader stuck past the send timeout is closed"
+            assert largest_outbox <= 64, "the stuck reader's queue stayed bounded"
+            assert conflated > 0, "past its bound the queue conflated"
+            stuck_frames: list[dict[str, Any]] = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    stuck_frames.append(await stuck.recv(timeout=5))
+            assert stuck.conn.close_code == 1013
+            seqs_by_symbol(stuck_frames)  # what it did get was in order, without duplicates
+
+        fast_seqs = seqs_by_symbol(fast_frames)
+        assert set(fast_seqs) == set(SYMBOLS)
+        for symbol, seqs in fast_seqs.items():
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{symbol} has a gap"
+
+
+async def test_slow_reader_is_conflated_not_closed(live) -> None:
+    """A reader that lags in bursts but catches up sees seq jumps and stays connected."""
+    async with (
+        live(
+            feed_ticks_per_second=300,
+            ws_outbox_frames=32,
+            ws_send_timeout_seconds=5,
+            ws_send_buffer_bytes=8192,
+        ) as server,
+        reluctant_reader(server, "slow") as slow,
+    ):
+        await slow.send(SUBSCRIBE_ALL)
+        frames: list[dict[str, Any]] = []
+        for _ in range(5):
+            await asyncio.sleep(0.5)  # not reading: the server queues, then conflates
+            for _ in range(300):
+                frames.append(await slow.recv())
+        assert jumps(seqs_by_symbol(frames)) > 0
+        await slow.send({"op": "ping"})
+        assert (await slow.recv_type("pong", timeout=5))["type"] == "pong"

@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/ruff check app tests
 	$(VENV)/bin/mypy
 
 bench: install

@@ -48,6 +48,7 @@ class Stats:
         self.dups = 0
         self.errors = 0
         self.error_sample = ""
+        self.resubscribes = 0
         self.hist = [0] * LAT_BUCKETS
         self.lat_max = 0.0
 
@@ -217,6 +218,8 @@ class Conn(asyncio.Protocol):
 class PricefeedConn(Conn):
     """pricefeed ``/v1/ws``: subscribe op, ``subscribed`` ack, snapshot, tick or [tick, ...]."""
 
+    retries = 0
+
     def path(self) -> str:
         return "/v1/ws?token=" + self.lg.token(self.idx)
 
@@ -253,7 +256,14 @@ class PricefeedConn(Conn):
         elif typ == "error":
             self.st.errors += 1
             self.st.error_sample = str(obj)[:200]
-            if not self.ready.done():
+            if obj.get("code") == "unavailable" and self.retries < 5:
+                # "retry later": what a real client does, after a jittered pause
+                self.retries += 1
+                self.st.resubscribes += 1
+                asyncio.get_running_loop().call_later(
+                    random.uniform(0.2, 1.0) * self.retries, self.on_open
+                )
+            elif not self.ready.done():
                 self.fail(f"error {obj.get('code')}")
 
 
@@ -279,7 +289,7 @@ class SocketIOConn(Conn):
         return "/socket.io/?EIO=4&transport=websocket"
 
     def on_text(self, payload: bytes, now: float) -> None:
-        if payload[:3] == b'42[':
+        if payload[:3] == b"42[":
             ev = _loads(payload[2:])
             if ev[0] == "tick":
                 t = ev[1]
@@ -357,8 +367,12 @@ class LoadGen:
                     self.conns.add(conn)
                     await asyncio.wait_for(asyncio.shield(conn.ready), self.args.ready_timeout)
                     ok += 1
-                except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
-                    reason = str(exc) if isinstance(exc, ConnectionError) and str(exc) else type(exc).__name__
+                except (TimeoutError, OSError, ConnectionError) as exc:
+                    reason = (
+                        str(exc)
+                        if isinstance(exc, ConnectionError) and str(exc)
+                        else type(exc).__name__
+                    )
                     reasons[reason[:80]] += 1
                     conn.closing = True
                     if conn.transport:
@@ -408,6 +422,7 @@ class LoadGen:
             "dups": st.dups,
             "errors": st.errors,
             "error_sample": st.error_sample,
+            "resubscribes": st.resubscribes,
             "lat_max": st.lat_max,
             "hist": {i: c for i, c in enumerate(st.hist) if c},
             "closed": dict(st.closed),

@@ -128,11 +128,13 @@ def install_cleanup() -> None:
     atexit.register(kill_all)
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Kill first: the runner may be blocked on a child's answer, which then ends in EOF.
         kill_all()
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGINT too (Ctrl-C), also when started in the background with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -177,10 +179,29 @@ def core_busy() -> dict[int, tuple[int, int]]:
     return out
 
 
+def system_cpu() -> tuple[float, float]:
+    """(user+nice+system, irq+softirq) seconds over all cores, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            return (v[0] + v[1] + v[2]) / CLK_TCK, (v[5] + v[6]) / CLK_TCK
+    return 0.0, 0.0
+
+
+async def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (at most ``max_wait`` s) until the machine's task CPU drops under ``threshold``
+    cores over one second; the last measured load, in cores."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        a = system_cpu()[0]
+        await asyncio.sleep(1.0)
+        load = system_cpu()[0] - a
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
 def core_util(a: dict[int, tuple[int, int]], b: dict[int, tuple[int, int]]) -> dict[int, float]:
-    return {
-        c: 100.0 * (b[c][0] - a[c][0]) / max(1, b[c][1] - a[c][1]) for c in b if c in a
-    }
+    return {c: 100.0 * (b[c][0] - a[c][0]) / max(1, b[c][1] - a[c][1]) for c in b if c in a}
 
 
 async def wait_http_ok(port: int, path: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -191,17 +212,17 @@ async def wait_http_ok(port: int, path: str, proc: subprocess.Popen[bytes], time
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), 1.0
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
             )
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             status = await asyncio.wait_for(reader.readline(), 2.0)
             writer.close()
             parts = status.split()
             if len(parts) >= 2 and parts[1] == b"200":
                 return
             last = status.decode(errors="replace").strip()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             last = repr(exc)
         await asyncio.sleep(0.1)
     raise RuntimeError(f"GET {path} not 200 after {timeout:.0f}s: {last}")
@@ -239,8 +260,21 @@ class Redis:
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.proc = spawn(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--maxclients", "10000"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--maxclients",
+                "10000",
+            ],
             core=LOAD_CORE,
             log=workdir / f"redis-{self.port}.log",
         )
@@ -256,7 +290,7 @@ class Redis:
                     writer.close()
                     return
                 writer.close()
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             await asyncio.sleep(0.05)
         raise RuntimeError("redis-server did not answer PING")

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-STEP_S = 0.002  # publishing granularity
+STEP_S = 0.005  # publishing granularity
 
 
 class TickSource:

@@ -47,7 +47,13 @@ def machine_info() -> dict[str, str]:
         import json
 
         sio_node = json.loads(pkg.read_text()).get("version", "?")
+    repo = Path(__file__).resolve().parent.parent
+    commit = _cmd_version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_version(["git", "-C", str(repo), "status", "--porcelain", "--", "app"])
+    if dirty not in ("?", "-", ""):
+        commit += " + uncommitted changes in app/"
     return {
+        "pricefeed": commit,
         "cpu": model,
         "cores": str(os.cpu_count()),
         "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
@@ -97,6 +103,7 @@ COLUMNS = [
     ("scen", "scenario"),
     ("conns ok/asked", "conns"),
     ("conn fail", "conn_failed"),
+    ("conn/s", "conn_rate"),
     ("drops", "drops"),
     ("silent", "silent"),
     ("asked msg/s", "asked_rate"),
@@ -110,7 +117,8 @@ COLUMNS = [
     ("confl.", "conflations"),
     ("dups", "dups"),
     ("ticks/s done/asked", "producer"),
-    ("load core %", "load_core_pct"),
+    ("load CPU %", "load_cpu_pct"),
+    ("other CPU %", "other_cpu_pct"),
     ("srv RSS MB", "rss_mb"),
     ("KB/idle conn", "kb_per_conn"),
 ]
@@ -118,12 +126,15 @@ COLUMNS = [
 
 def row_cells(r: dict[str, Any]) -> list[str]:
     if r.get("error"):
-        return [r["server"], r["scenario"], "ERROR: " + r["error"][:120]] + [""] * (len(COLUMNS) - 3)
+        return [r["server"], r["scenario"], "ERROR: " + r["error"][:120]] + [""] * (
+            len(COLUMNS) - 3
+        )
     cells = {
         "server": r["server"],
         "scenario": r["scenario"],
         "conns": f"{r.get('conns_ok', 0):,}/{r.get('conns_asked', 0):,}",
         "conn_failed": _n(r.get("conn_failed")),
+        "conn_rate": _n(r["conns_ok"] / r["connect_s"] if r.get("connect_s") else None),
         "drops": _n(r.get("drops")),
         "silent": _n(r.get("silent")),
         "asked_rate": _n(r.get("asked_rate")),
@@ -136,9 +147,11 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         "gaps": "-" if r.get("gaps") is None else f"{r['gaps']:,} ({r['missed']:,})",
         "conflations": _n(r.get("conflations")),
         "dups": _n(r.get("dups")),
-        "producer": "-" if r.get("producer_asked") is None
+        "producer": "-"
+        if r.get("producer_asked") is None
         else f"{r['producer_done']:,.0f}/{r['producer_asked']:,.0f}",
-        "load_core_pct": _n(r.get("load_core_pct")),
+        "load_cpu_pct": _n(r.get("load_cpu_pct")),
+        "other_cpu_pct": _n(r.get("other_cpu_pct")),
         "rss_mb": _n(r.get("rss_mb"), "{:,.1f}"),
         "kb_per_conn": _n(r.get("kb_per_conn"), "{:.1f}"),
     }

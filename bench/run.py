@@ -30,6 +30,7 @@ from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
 from bench.servers import (
     DEFAULT_SERVERS,
     PRICEFEED_SYMBOLS,
+    QUICK_SERVERS,
     REPO,
     SERVERS,
     Server,
@@ -62,7 +63,7 @@ class Ctl:
             raise RuntimeError(f"{self.name} is gone: {_tail(self.log)}") from exc
         try:
             out = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             kill(self.proc)  # the reader thread gets EOF; this child is done for
             raise RuntimeError(f"{self.name}: no answer to {line!r} in {timeout:.0f}s") from exc
         if not out:
@@ -92,8 +93,11 @@ def _log_problems(path: Path) -> list[str]:
         text = path.read_text(errors="replace")
     except OSError:
         return []
-    hits = [ln.strip() for ln in text.splitlines()
-            if any(w in ln for w in ("Traceback", "ERROR", "Error:", "CRITICAL", "exception"))]
+    hits = [
+        ln.strip()
+        for ln in text.splitlines()
+        if any(w in ln for w in ("Traceback", "ERROR", "Error:", "CRITICAL", "exception"))
+    ]
     return hits[:3]
 
 
@@ -108,29 +112,47 @@ class Bench:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{spec.name}-{scen.name}-"))
         server_log = workdir / "server.log"
         redis = server = lg = prod = None
+        t0 = time.monotonic()
         try:
             redis = Redis(workdir)
             await redis.ready()
             port = free_port()
-            await asyncio.to_thread(spec.prepare, port=port, redis_url=redis.url,
-                                    workdir=workdir, log=server_log)
+            await spec.prepare(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
             server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
             await procs.wait_http_ok(port, spec.health_path, server, timeout=60)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
+            if server.poll() is not None:  # a worker that failed after the first answered
+                raise RuntimeError(f"server exited ({server.returncode}): {_tail(server_log)}")
+            await procs.wait_http_ok(port, spec.health_path, server, timeout=10)
+            row["startup_s"] = round(time.monotonic() - t0, 2)
 
             lg_log = workdir / "loadgen.log"
-            lg_cmd = [sys.executable, "-m", "bench.loadgen", "--kind", spec.client_kind,
-                      "--port", str(port), "--symbols", ",".join(self.symbols),
-                      "--per-client", str(opts.symbols_per_client),
-                      "--concurrency", str(opts.concurrency)]
+            lg_cmd = [
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                "--kind",
+                spec.client_kind,
+                "--port",
+                str(port),
+                "--symbols",
+                ",".join(self.symbols),
+                "--per-client",
+                str(opts.symbols_per_client),
+                "--concurrency",
+                str(opts.concurrency),
+            ]
             if spec.batch:
                 lg_cmd.append("--batch")
-            lg = Ctl("loadgen", spawn(lg_cmd, core=LOAD_CORE, cwd=REPO, log=lg_log, pipe=True),
-                     lg_log)
+            lg = Ctl(
+                "loadgen", spawn(lg_cmd, core=LOAD_CORE, cwd=REPO, log=lg_log, pipe=True), lg_log
+            )
             if scen.rate is None:
                 await self._idle(row, spec, scen, server, lg)
             else:
-                prod = await self._load(row, spec, scen, server, lg, port, redis.url, workdir)
+                prod = await self._load(
+                    row, spec, scen, server, lg, port, redis.url, redis.proc.pid, workdir
+                )
             if server.poll() is not None:
                 row["notes"].append(f"server exited ({server.returncode}): {_tail(server_log)}")
             row["notes"] += [f"server log: {p}" for p in _log_problems(server_log)]
@@ -139,13 +161,15 @@ class Bench:
             if server is not None:
                 row["notes"].append(f"server log tail: {_tail(server_log)}")
         finally:
+            t_down = time.monotonic()
             for ctl in (prod, lg):
                 if ctl is not None:
                     await ctl.quit()
             if server is not None:
-                kill(server)
+                kill(server, timeout=2)
             if redis is not None:
                 redis.stop()
+            row["teardown_s"] = round(time.monotonic() - t_down, 2)
             if opts.keep_logs:
                 row["logs"] = str(workdir)
             else:
@@ -162,19 +186,28 @@ class Bench:
             row["notes"].append(f"connect failures: {res['fail_reasons']}")
         return res
 
-    async def _idle(self, row: dict[str, Any], spec: Server, scen: Scenario,
-                    server: subprocess.Popen[bytes], lg: Ctl) -> None:
+    async def _idle(
+        self,
+        row: dict[str, Any],
+        spec: Server,
+        scen: Scenario,
+        server: subprocess.Popen[bytes],
+        lg: Ctl,
+    ) -> None:
         warm = 20  # first connections import/allocate once per process: not per connection
         await self._connect(row, lg, warm)
         await asyncio.sleep(1.0)
         rss0 = procs.tree_rss_bytes(server.pid)
         res = await self._connect(row, lg, scen.clients)
+        cpu0, t0 = procs.tree_cpu_seconds(server.pid), time.monotonic()
         await asyncio.sleep(self.opts.idle_settle)
         rss1 = procs.tree_rss_bytes(server.pid)
+        row["srv_cpu_pct"] = (
+            100 * (procs.tree_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+        )
         mark = await lg.cmd("mark", 30)
         row["conns_asked"] -= warm
-        row["conns_ok"] -= warm - 0  # the warm-up ones are not part of N
-        row["conns_ok"] = max(0, row["conns_ok"])
+        row["conns_ok"] = max(0, row["conns_ok"] - warm)  # the warm-up ones are not part of N
         row["drops"] = sum(mark["closed"].values())
         if mark["closed"]:
             row["notes"].append(f"closed while idle: {mark['closed']}")
@@ -183,9 +216,18 @@ class Bench:
         if res["ok"]:
             row["kb_per_conn"] = (rss1 - rss0) / 1024 / res["ok"]
 
-    async def _load(self, row: dict[str, Any], spec: Server, scen: Scenario,
-                    server: subprocess.Popen[bytes], lg: Ctl, port: int, redis_url: str,
-                    workdir: Path) -> Ctl:
+    async def _load(
+        self,
+        row: dict[str, Any],
+        spec: Server,
+        scen: Scenario,
+        server: subprocess.Popen[bytes],
+        lg: Ctl,
+        port: int,
+        redis_url: str,
+        redis_pid: int,
+        workdir: Path,
+    ) -> Ctl:
         opts = self.opts
         await self._connect(row, lg, scen.clients)
         k = min(opts.symbols_per_client, len(self.symbols))
@@ -196,15 +238,26 @@ class Bench:
         row["ticks_per_symbol"] = per_symbol
         cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=used, rate=prod_rate)
         plog = workdir / "producer.log"
+        # pricefeed's conflation counter, read before the first tick and after the last one
+        # is through (a saturated server answers /metrics seconds late, so not at the marks)
+        confl0 = await spec.conflations(port)
         prod = Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=plog, pipe=True), plog)
         await asyncio.sleep(opts.warmup)
 
+        load_pids = [lg.proc.pid, prod.proc.pid, redis_pid]
+
         async def mark() -> dict[str, Any]:
             lm = await lg.cmd("mark", 30)
-            pm = await prod.cmd("mark", 10)
-            return {"lg": lm, "prod": pm, "cpu": procs.tree_cpu_seconds(server.pid),
-                    "cores": procs.core_busy(), "confl": await spec.conflations(port),
-                    "t": time.monotonic()}
+            out = {
+                "lg": lm,
+                "cpu": procs.tree_cpu_seconds(server.pid),
+                "load_cpu": sum(procs.tree_cpu_seconds(p) for p in load_pids),
+                "cores": procs.core_busy(),
+                "sys": procs.system_cpu(),
+                "t": time.monotonic(),
+            }
+            out["prod"] = await prod.cmd("mark", 10)
+            return out
 
         a = await mark()
         await asyncio.sleep(scen.duration)
@@ -234,34 +287,66 @@ class Bench:
         if closed:
             row["notes"].append(f"closed during warm-up+window: {closed}")
         if lm["errors"] or a["lg"]["errors"]:
-            row["notes"].append(f"error frames: {lm['errors'] + a['lg']['errors']}, "
-                                f"e.g. {lm['error_sample'] or a['lg']['error_sample']}")
+            row["notes"].append(
+                f"error frames: {lm['errors'] + a['lg']['errors']}, "
+                f"e.g. {lm['error_sample'] or a['lg']['error_sample']}"
+            )
         row["open_at_end"] = lm["open"]
         row["silent"] = lm["silent"]
         if lm["silent"]:
             row["notes"].append(f"{lm['silent']} open connections got no tick in the window")
-        if a["confl"] is not None and b["confl"] is not None:
-            row["conflations"] = b["confl"] - a["confl"]
+        await prod.quit()
+        confl1 = await spec.conflations(port)
+        if confl0 is not None and confl1 is not None:
+            row["conflations"] = confl1 - confl0
         row["producer_asked"] = prod_rate
         row["producer_done"] = b["prod"]["ticks"] / b["prod"]["elapsed"]
         util = procs.core_util(a["cores"], b["cores"])
-        row["server_core_pct"] = util.get(procs.SERVER_CORE)
+        row["server_core_pct"] = util.get(procs.SERVER_CORE)  # includes softirq work
         row["load_core_pct"] = util.get(LOAD_CORE)
         row["loadgen_cpu_pct"] = 100 * lm["cpu"] / window
-        if row["load_core_pct"] and row["load_core_pct"] > 90:
-            row["notes"].append(f"load core {row['load_core_pct']:.0f}% busy: the load side may "
-                                "be the bottleneck")
+        row["load_cpu_pct"] = 100 * (b["load_cpu"] - a["load_cpu"]) / (b["t"] - a["t"])
+        if row["load_cpu_pct"] > 85 or row["loadgen_cpu_pct"] > 75:
+            row["notes"].append(
+                f"load generator + publisher + redis at {row['load_cpu_pct']:.0f}%"
+                " of their core: the load side may be the bottleneck"
+            )
+        span = b["t"] - a["t"]
+        tasks = b["sys"][0] - a["sys"][0]
+        other = tasks - cpu - (b["load_cpu"] - a["load_cpu"])
+        row["other_cpu_pct"] = max(0.0, 100 * other / span)
+        row["softirq_pct"] = 100 * (b["sys"][1] - a["sys"][1]) / span
+        if row["other_cpu_pct"] > 20:
+            row["notes"].append(
+                f"other processes on the machine used {row['other_cpu_pct']:.0f}% of a core "
+                "during the window: numbers are disturbed"
+            )
+        if lm["resubscribes"] or a["lg"]["resubscribes"]:
+            row["notes"].append(
+                f"resubscribed after an 'unavailable' error: "
+                f"{lm['resubscribes'] + a['lg']['resubscribes']} times"
+            )
         return prod
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
-                    help=f"comma list or 'all'; known: {', '.join(SERVERS)}")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--servers",
+        default=None,
+        help=f"comma list or 'all'; known: {', '.join(SERVERS)}; default "
+        f"{','.join(DEFAULT_SERVERS)} ({','.join(QUICK_SERVERS)} with --quick)",
+    )
     ap.add_argument("--scenarios", default="s1,s2,idle", help="comma list of s1, s2, idle")
-    ap.add_argument("--quick", action="store_true",
-                    help="short windows (about 2 minutes for the default servers)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="short windows (about 2 minutes for the default servers)",
+    )
     ap.add_argument("--warmup", type=float, help="seconds of load before the window")
     ap.add_argument("--duration", type=float, help="measuring window, seconds (S1 and S2)")
     ap.add_argument("--s1-clients", type=int, default=1000)
@@ -274,15 +359,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--symbols-per-client", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="before each scenario, wait up to this many seconds for other processes "
+        "to go quiet (default 20, quick 1)",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep each scenario's temp dir")
     opts = ap.parse_args(argv)
     quick = opts.quick
-    opts.warmup = opts.warmup if opts.warmup is not None else (2.0 if quick else 3.0)
+    opts.warmup = opts.warmup if opts.warmup is not None else (1.5 if quick else 3.0)
     opts.idle_settle = opts.idle_settle if opts.idle_settle is not None else (1.5 if quick else 3.0)
     if opts.duration is None:
-        opts.s1_duration, opts.s2_duration = (5.0, 5.0) if quick else (15.0, 20.0)
+        opts.s1_duration, opts.s2_duration = (4.0, 4.0) if quick else (15.0, 20.0)
     else:
         opts.s1_duration = opts.s2_duration = opts.duration
+    if opts.servers is None:
+        opts.servers = ",".join(QUICK_SERVERS if quick else DEFAULT_SERVERS)
+    if opts.quiet_wait is None:
+        opts.quiet_wait = 1.0 if quick else 20.0
     if quick and opts.idle_conns == 2000:
         opts.idle_conns = 1000
     return opts
@@ -307,8 +402,11 @@ async def amain(opts: argparse.Namespace) -> int:
     print("## Machine\n")
     for key, val in info.items():
         print(f"- {key}: {val}")
-    pin = "server on core 0, load generator + publisher + redis on core 1" if procs.PIN \
+    pin = (
+        "server on core 0, load generator + publisher + redis on core 1"
+        if procs.PIN
         else "NOT pinned"
+    )
     print(f"- pinning: {pin}")
     print(f"- fd limit: {procs.raise_fd_limit()}\n", flush=True)
 
@@ -330,18 +428,32 @@ async def amain(opts: argparse.Namespace) -> int:
     t0 = time.monotonic()
     for spec in specs:
         for scen in scens:
-            print(f"… {spec.name} {scen.name} ({scen.clients:,} clients"
-                  + (f", {scen.rate:,.0f} msg/s" if scen.rate else ", idle") + ")", flush=True)
+            print(
+                f"… {spec.name} {scen.name} ({scen.clients:,} clients"
+                + (f", {scen.rate:,.0f} msg/s" if scen.rate else ", idle")
+                + ")",
+                flush=True,
+            )
+            busy = await procs.wait_quiet(opts.quiet_wait)
+            t_row = time.monotonic()
             row = await bench.run_scenario(spec, scen)
+            row["wall_s"] = round(time.monotonic() - t_row, 1)
+            if busy >= 0.15:
+                row["notes"].append(
+                    f"started while other processes used {100 * busy:.0f}% of a core "
+                    f"(waited {opts.quiet_wait:g} s for quiet)"
+                )
             rows.append(row)
             print("  " + " | ".join(report.row_cells(row)), flush=True)
     elapsed = time.monotonic() - t0
 
-    settings = (f"S1 {opts.s1_clients:,} clients / {opts.s1_rate:,.0f} msg/s, "
-                f"S2 {opts.s2_clients:,} / {opts.s2_rate:,.0f}, windows {opts.s1_duration:g}/"
-                f"{opts.s2_duration:g} s after {opts.warmup:g} s warm-up, idle "
-                f"{opts.idle_conns:,} conns, {len(bench.symbols)} symbols, "
-                f"{opts.symbols_per_client} per client{' (quick)' if opts.quick else ''}")
+    settings = (
+        f"S1 {opts.s1_clients:,} clients / {opts.s1_rate:,.0f} msg/s, "
+        f"S2 {opts.s2_clients:,} / {opts.s2_rate:,.0f}, windows {opts.s1_duration:g}/"
+        f"{opts.s2_duration:g} s after {opts.warmup:g} s warm-up, idle "
+        f"{opts.idle_conns:,} conns, {len(bench.symbols)} symbols, "
+        f"{opts.symbols_per_client} per client{' (quick)' if opts.quick else ''}"
+    )
     md = [f"# pricefeed benchmark {stamp}", "", "## Machine", ""]
     md += [f"- {k}: {v}" for k, v in info.items()] + [f"- pinning: {pin}", ""]
     md += ["## Results", "", settings, "", report.table(rows), ""]
@@ -350,10 +462,16 @@ async def amain(opts: argparse.Namespace) -> int:
         md += ["## Notes", ""] + [f"- {s}" for s in skipped] + ([extra] if extra else []) + [""]
     md.append(f"total {elapsed:.0f} s")
     text = "\n".join(md)
-    print("\n" + "\n".join(md[md.index("## Results"):]))
+    print("\n" + "\n".join(md[md.index("## Results") :]))
     (RESULTS / f"bench-{stamp}.md").write_text(text + "\n")
-    raw = {"stamp": stamp, "machine": info, "options": vars(opts), "skipped": skipped,
-           "elapsed_s": elapsed, "rows": rows}
+    raw = {
+        "stamp": stamp,
+        "machine": info,
+        "options": vars(opts),
+        "skipped": skipped,
+        "elapsed_s": elapsed,
+        "rows": rows,
+    }
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
     print(f"\nwrote {RESULTS / f'bench-{stamp}.md'} and .json")
     return 0
@@ -368,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {LOAD_CORE})  # keep the runner itself off the server core
     try:
         return asyncio.run(amain(opts))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        print(f"\ninterrupted ({exc!r}); every child process killed", file=sys.stderr)
         return 130
     finally:
         procs.kill_all()

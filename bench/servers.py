@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import SERVER_CORE, http_get, spawn
+from bench.procs import SERVER_CORE, http_get, kill, spawn, wait_http_ok
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 NODE_DIR = BENCH / "peers" / "node"
 JWT_SECRET = "bench-secret-bench-secret-bench-secret"
-PRICEFEED_SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA",
-                     "BTC-USD", "ETH-USD", "SOL-USD", "EUR-USD", "GBP-USD"]
+PRICEFEED_SYMBOLS = [
+    "AAPL",
+    "MSFT",
+    "GOOGL",
+    "AMZN",
+    "TSLA",
+    "BTC-USD",
+    "ETH-USD",
+    "SOL-USD",
+    "EUR-USD",
+    "GBP-USD",
+]
 
 
 @dataclass
@@ -37,17 +48,41 @@ class Server:
             return "app/__main__.py does not exist yet"
         return None
 
-    def prepare(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> None:
+    async def prepare(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> None:
         """One-off work before start (pricefeed: the schema)."""
-        if self.client_kind == "pricefeed":
-            env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+        if self.client_kind != "pricefeed":
+            return
+        env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+
+        def migrate() -> int:
             with open(log, "ab") as out:
-                rc = subprocess.run(
+                return subprocess.run(
                     [sys.executable, "-m", "alembic", "upgrade", "head"],
-                    cwd=REPO, env=env, stdout=out, stderr=out, timeout=120,
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=out,
+                    timeout=120,
                 ).returncode
-            if rc != 0:
-                raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
+
+        rc = await asyncio.to_thread(migrate)
+        if rc != 0:
+            raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
+        if self.workers > 1:
+            # With ENV=dev every worker upserts the demo client at startup; on a fresh
+            # database two workers race (UNIQUE constraint failed: api_clients.client_id), one
+            # dies and uvicorn stops the rest. One single-worker start seeds it first.
+            seed = spawn(
+                [sys.executable, "-m", "app"],
+                core=SERVER_CORE,
+                env={**env, "WORKERS": "1"},
+                cwd=REPO,
+                log=log,
+            )
+            try:
+                await wait_http_ok(port, self.health_path, seed, timeout=60)
+            finally:
+                kill(seed)
 
     def pricefeed_env(self, *, port: int, redis_url: str, workdir: Path) -> dict[str, str]:
         import os
@@ -65,33 +100,77 @@ class Server:
             "LOG_LEVEL": "warning",
         }
 
-    def start(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, *, port: int, redis_url: str, workdir: Path, log: Path
+    ) -> subprocess.Popen[bytes]:
         if self.client_kind == "pricefeed":
             env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
-            return spawn([sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=REPO, log=log)
+            return spawn(
+                [sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=REPO, log=log
+            )
         env = {"BROADCAST_URL": redis_url, "PORT": str(port), "HOST": "127.0.0.1", **self.env}
         if self.producer == "node":
             return spawn(["node", "server.js"], core=SERVER_CORE, env=env, cwd=NODE_DIR, log=log)
-        module = {"broadcaster": "bench.peers.broadcaster_readme:app",
-                  "sio": "bench.peers.socketio_py:app"}[self.client_kind]
-        cmd = [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", "--no-access-log"]
+        module = {
+            "broadcaster": "bench.peers.broadcaster_readme:app",
+            "sio": "bench.peers.socketio_py:app",
+        }[self.client_kind]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            module,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         return spawn(cmd, core=SERVER_CORE, env=env, cwd=REPO, log=log)
 
-    def producer_cmd(self, *, redis_url: str, symbols: list[str], rate: float) -> tuple[list[str], Path]:
+    def producer_cmd(
+        self, *, redis_url: str, symbols: list[str], rate: float
+    ) -> tuple[list[str], Path]:
         syms = ",".join(symbols)
         if self.producer == "node":
-            return (["node", "producer.js", "--redis-url", redis_url, "--symbols", syms,
-                     "--rate", str(rate)], NODE_DIR)
-        return ([sys.executable, "-m", "bench.producer", "--mode", self.producer,
-                 "--redis-url", redis_url, "--symbols", syms, "--rate", str(rate)], REPO)
+            return (
+                [
+                    "node",
+                    "producer.js",
+                    "--redis-url",
+                    redis_url,
+                    "--symbols",
+                    syms,
+                    "--rate",
+                    str(rate),
+                ],
+                NODE_DIR,
+            )
+        return (
+            [
+                sys.executable,
+                "-m",
+                "bench.producer",
+                "--mode",
+                self.producer,
+                "--redis-url",
+                redis_url,
+                "--symbols",
+                syms,
+                "--rate",
+                str(rate),
+            ],
+            REPO,
+        )
 
     async def conflations(self, port: int) -> float | None:
         """pricefeed: sum of its /metrics samples named *conflat* (None when it has none)."""
         if self.client_kind != "pricefeed":
             return None
         try:
-            status, body = await http_get(port, "/metrics")
+            status, body = await http_get(port, "/metrics", timeout=10.0)
         except (OSError, ValueError, IndexError, TimeoutError):
             return None
         if status != 200:
@@ -111,23 +190,64 @@ class Server:
         return total if seen else None
 
 
-SERVERS: dict[str, Server] = {s.name: s for s in [
-    Server("pricefeed", "pricefeed", "publish", "/readyz",
-           about="python -m app, WORKERS=1, object frames"),
-    Server("pricefeed-batch", "pricefeed", "publish", "/readyz", batch=True,
-           about="python -m app, WORKERS=1, clients subscribe with batch=true"),
-    Server("pricefeed-w2", "pricefeed", "publish", "/readyz", workers=2,
-           about="python -m app, WORKERS=2 (both on the server core)"),
-    Server("broadcaster-readme", "broadcaster", "publish", "/",
-           about="broadcaster README pattern on FastAPI under uvicorn"),
-    Server("python-socketio", "sio", "sio", "/socket.io/?EIO=4&transport=polling",
-           about="python-socketio AsyncServer + AsyncRedisManager, ASGI under uvicorn"),
-    Server("node-socketio", "sio", "node", "/healthz",
-           about="socket.io + @socket.io/redis-adapter, @socket.io/redis-emitter publisher"),
-]}
+SERVERS: dict[str, Server] = {
+    s.name: s
+    for s in [
+        Server(
+            "pricefeed",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            about="python -m app, WORKERS=1, object frames",
+        ),
+        Server(
+            "pricefeed-batch",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            batch=True,
+            about="python -m app, WORKERS=1, clients subscribe with batch=true",
+        ),
+        Server(
+            "pricefeed-w2",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            workers=2,
+            about="python -m app, WORKERS=2 (both on the server core)",
+        ),
+        Server(
+            "broadcaster-readme",
+            "broadcaster",
+            "publish",
+            "/",
+            about="broadcaster README pattern on FastAPI under uvicorn",
+        ),
+        Server(
+            "python-socketio",
+            "sio",
+            "sio",
+            "/socket.io/?EIO=4&transport=polling",
+            about="python-socketio AsyncServer + AsyncRedisManager, ASGI under uvicorn",
+        ),
+        Server(
+            "node-socketio",
+            "sio",
+            "node",
+            "/healthz",
+            about="socket.io + @socket.io/redis-adapter, @socket.io/redis-emitter publisher",
+        ),
+    ]
+}
 
-DEFAULT_SERVERS = ["pricefeed", "pricefeed-batch", "broadcaster-readme", "python-socketio",
-                   "node-socketio"]
+DEFAULT_SERVERS = [
+    "pricefeed",
+    "pricefeed-batch",
+    "broadcaster-readme",
+    "python-socketio",
+    "node-socketio",
+]
+QUICK_SERVERS = ["pricefeed", "broadcaster-readme", "python-socketio", "node-socketio"]
 
 
 def ensure_node_modules(log: Path) -> str | None:
@@ -138,8 +258,13 @@ def ensure_node_modules(log: Path) -> str | None:
         return "npm not found"
     with open(log, "ab") as out:
         try:
-            rc = subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR,
-                                stdout=out, stderr=out, timeout=300).returncode
+            rc = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund"],
+                cwd=NODE_DIR,
+                stdout=out,
+                stderr=out,
+                timeout=300,
+            ).returncode
         except subprocess.TimeoutExpired:
             return "npm install timed out"
     return None if rc == 0 else f"npm install failed ({rc}), see {log}"

@@ -88,4 +88,3 @@ async def prices_ws_sender(websocket: WebSocket, symbol: str) -> None:
     async with broadcast.subscribe(channel=f"prices:{symbol}") as subscriber:
         async for event in subscriber:
             await websocket.send_text(event.message)
-

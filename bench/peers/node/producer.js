@@ -47,7 +47,7 @@ async function main() {
       });
     }
     if (due > 0) sent += due;
-  }, 2);
+  }, 5);
 
   const rl = readline.createInterface({ input: process.stdin });
   const stop = async () => {

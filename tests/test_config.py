@@ -49,8 +49,9 @@ class TestProdRefusesDevSecrets:
 
     def test_explicit_default_demo_client_secret_is_refused(self) -> None:
         with pytest.raises(ValidationError, match="DEMO_CLIENT_SECRET"):
-            settings(env="prod", jwt_secret=GOOD_JWT_SECRET,
-                     demo_client_secret=DEV_DEMO_CLIENT_SECRET)
+            settings(
+                env="prod", jwt_secret=GOOD_JWT_SECRET, demo_client_secret=DEV_DEMO_CLIENT_SECRET
+            )
 
     def test_refused_from_the_environment_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("ENV", "prod")
@@ -60,8 +61,9 @@ class TestProdRefusesDevSecrets:
             settings()
 
     def test_good_secrets_are_accepted(self) -> None:
-        loaded = settings(env="prod", jwt_secret=GOOD_JWT_SECRET,
-                          demo_client_secret=GOOD_DEMO_SECRET)
+        loaded = settings(
+            env="prod", jwt_secret=GOOD_JWT_SECRET, demo_client_secret=GOOD_DEMO_SECRET
+        )
 
         assert loaded.env == "prod"
         assert loaded.jwt_secret == GOOD_JWT_SECRET
@@ -74,7 +76,9 @@ class TestProdRefusesDevSecrets:
         loaded = settings()
 
         assert (loaded.env, loaded.jwt_secret, loaded.demo_client_secret) == (
-            "prod", GOOD_JWT_SECRET, GOOD_DEMO_SECRET
+            "prod",
+            GOOD_JWT_SECRET,
+            GOOD_DEMO_SECRET,
         )
 
     def test_dev_runs_with_the_defaults(self) -> None:
@@ -91,7 +95,8 @@ class TestAllowedOrigins:
 
     def test_comma_list_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(
-            "ALLOWED_ORIGINS", "https://a.example.com, https://b.example.com/ ,,http://localhost:3000"
+            "ALLOWED_ORIGINS",
+            "https://a.example.com, https://b.example.com/ ,,http://localhost:3000",
         )
 
         assert settings().allowed_origins == [

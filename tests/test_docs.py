@@ -78,8 +78,12 @@ class TestOpenApi:
             assert operation.get("description") or operation.get("summary"), path
 
     def test_protected_routes_document_401_and_403(self, openapi: dict[str, Any]) -> None:
-        for path in ("/v1/prices/{symbol}", "/v1/prices", "/v1/prices/{symbol}/history",
-                     "/v1/prices/{symbol}/candles"):
+        for path in (
+            "/v1/prices/{symbol}",
+            "/v1/prices",
+            "/v1/prices/{symbol}/history",
+            "/v1/prices/{symbol}/candles",
+        ):
             responses = openapi["paths"][path]["get"]["responses"]
             assert {"200", "401", "403"} <= set(responses), path
 

@@ -19,9 +19,16 @@ from tests.support import ROOT
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SEEDS = {
-    "AAPL": "equity", "MSFT": "equity", "GOOGL": "equity", "AMZN": "equity", "TSLA": "equity",
-    "BTC-USD": "crypto", "ETH-USD": "crypto", "SOL-USD": "crypto",
-    "EUR-USD": "fx", "GBP-USD": "fx",
+    "AAPL": "equity",
+    "MSFT": "equity",
+    "GOOGL": "equity",
+    "AMZN": "equity",
+    "TSLA": "equity",
+    "BTC-USD": "crypto",
+    "ETH-USD": "crypto",
+    "SOL-USD": "crypto",
+    "EUR-USD": "fx",
+    "GBP-USD": "fx",
 }
 APP_TABLES = {"instruments", "api_clients"}
 
@@ -42,7 +49,9 @@ def alembic(database_url: str, *args: str) -> None:
 def assert_seeded(instruments: dict[str, str]) -> None:
     assert instruments == SEEDS
     assert {instruments["AAPL"], instruments["BTC-USD"], instruments["EUR-USD"]} == {
-        "equity", "crypto", "fx"
+        "equity",
+        "crypto",
+        "fx",
     }
 
 
@@ -96,8 +105,9 @@ async def postgres_url() -> AsyncIterator[str]:
 class TestPostgres:
     @staticmethod
     async def read(url: str) -> tuple[set[str], dict[str, str]]:
-        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"),
-                                     timeout=3)
+        conn = await asyncpg.connect(
+            url.replace("postgresql+asyncpg://", "postgresql://"), timeout=3
+        )
         try:
             tables = {
                 r["tablename"]

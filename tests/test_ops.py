@@ -38,7 +38,9 @@ async def serve_with_state(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClien
 
 
 async def poll(
-    client: httpx.AsyncClient, path: str, until: Callable[[httpx.Response], bool],
+    client: httpx.AsyncClient,
+    path: str,
+    until: Callable[[httpx.Response], bool],
     timeout: float = 5.0,
 ) -> httpx.Response:
     deadline = time.monotonic() + timeout
@@ -80,8 +82,9 @@ class TestReadiness:
 
         assert response.json()["checks"]["producer"] == "leader"
 
-    async def test_503_while_the_database_is_unreachable(self, tmp_path: Path,
-                                                         database_url: str) -> None:
+    async def test_503_while_the_database_is_unreachable(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
         # The database lives in a directory of its own, so it can be made to vanish.
         source = Path(database_url.removeprefix("sqlite+aiosqlite:///"))
         directory = tmp_path / "dbdir"

@@ -119,9 +119,7 @@ class TestRejectedTokens:
             ),
             pytest.param(forge(claims(), alg="HS512", digest=hashlib.sha512), id="hs512"),
             pytest.param(forge(claims(), alg="HS384", digest=hashlib.sha384), id="hs384"),
-            pytest.param(
-                forge(claims(), header={"alg": "RS256", "typ": "JWT"}), id="rs256-header"
-            ),
+            pytest.param(forge(claims(), header={"alg": "RS256", "typ": "JWT"}), id="rs256-header"),
             pytest.param(forge(claims(aud="other-service")), id="wrong-aud"),
             pytest.param(forge(claims(aud=None)), id="missing-aud"),
             pytest.param(forge(claims(), secret=OTHER_SECRET), id="bad-signature"),
@@ -163,8 +161,9 @@ class TestRejectedTokens:
             signer().verify(forge(claims(exp=int(time.time()) - 60)))
 
     def test_leeway_accepts_a_just_expired_token(self) -> None:
-        lenient = TokenSigner(secret=JWT_SECRET, audience="pricefeed", ttl_seconds=60,
-                              leeway_seconds=30)
+        lenient = TokenSigner(
+            secret=JWT_SECRET, audience="pricefeed", ttl_seconds=60, leeway_seconds=30
+        )
 
         principal = lenient.verify(forge(claims(exp=int(time.time()) - 5)))
 

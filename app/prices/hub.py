@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from app import metrics
@@ -52,7 +52,7 @@ class Outbox:
         "_floor",
         "_syncing",
         "_awaiting_snapshot",
-        "_wakeup",
+        "_on_queued",
         "_flushing",
         "_corked",
         "direct",
@@ -63,14 +63,19 @@ class Outbox:
     )
 
     def __init__(
-        self, *, limit: int, direct: FrameWriter | None = None, deadline: float = math.inf
+        self,
+        *,
+        limit: int,
+        on_queued: Callable[[], None],
+        direct: FrameWriter | None = None,
+        deadline: float = math.inf,
     ) -> None:
         self._frames: list[Frame] = []
         self._limit = limit
         self._floor: dict[str, int] = {}  # symbol → highest seq enqueued (subscribed symbols)
         self._syncing: dict[str, list[Tick]] = {}  # live ticks held while a snapshot loads
         self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
-        self._wakeup = asyncio.Event()
+        self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
         self._corked: list[tuple[Tick, bytes]] = []  # direct writes held until the burst ends
         self.direct = direct
@@ -130,7 +135,7 @@ class Outbox:
         if len(self._frames) >= self._limit:
             self._conflate()
         self._frames.append(frame)
-        self._wakeup.set()
+        self._on_queued()
 
     def _conflate(self) -> None:
         seen: set[str] = set()
@@ -180,29 +185,18 @@ class Outbox:
     def push_control(self, text: str) -> None:
         """A protocol frame (subscribed, pong, error…): never conflated away."""
         self._frames.append(Frame("", 0, text, "control"))
-        self._wakeup.set()
+        self._on_queued()
 
     def drain(self) -> list[Frame]:
         """Take the queued frames; until `flushed()`, new ticks queue behind them."""
         if self._corked:
             self.flush()  # what was corked came first
         frames, self._frames = self._frames, []
-        self._wakeup.clear()
         self._flushing = bool(frames)
         return frames
 
     def flushed(self) -> None:
         self._flushing = False
-
-    async def wait(self, timeout: float | None) -> bool:
-        """Wait until a frame is pending; False on timeout."""
-        if self._frames:
-            return True
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
 
 class FanoutHub:

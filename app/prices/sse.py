@@ -33,13 +33,24 @@ class EventStream:
     ) -> None:
         self.hub = hub
         self.principal = principal
-        self.outbox = Outbox(limit=outbox_frames)
+        self.wakeup = asyncio.Event()
+        self.outbox = Outbox(limit=outbox_frames, on_queued=self.wakeup.set)
         self.deadline = principal.expires_at + leeway
         self.ended: tuple[int, str] | None = None
 
     async def close(self, code: int, reason: str) -> None:
         self.ended = (code, reason)
-        self.outbox.push_control("")  # wake the writer
+        self.wakeup.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Until frames are queued (True) or `timeout` passes (False)."""
+        if not len(self.outbox):
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout)
+            except TimeoutError:
+                return False
+        self.wakeup.clear()
+        return bool(len(self.outbox))
 
 
 def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
@@ -96,7 +107,7 @@ async def stream_events(
             yield "retry: 2000\n\n"
             while True:
                 timeout = min(_KEEPALIVE_SECONDS, stream.deadline - time.time())
-                ready = await stream.outbox.wait(max(timeout, 0.0))
+                ready = await stream.wait(max(timeout, 0.0))
                 if stream.ended is not None:
                     yield _error_event("going_away", stream.ended[1] or "server going away")
                     return
@@ -106,7 +117,8 @@ async def stream_events(
                 if not ready:
                     yield ": keep-alive\n\n"
                     continue
-                frames = [f for f in stream.outbox.drain() if f.event != "control"]
+                frames = stream.outbox.drain()
+                stream.outbox.flushed()
                 metrics.MESSAGES_SENT.inc(len(frames))
                 yield "".join(
                     f"event: {f.event}\nid: {f.symbol}:{f.seq}\ndata: {f.text}\n\n" for f in frames

@@ -104,6 +104,13 @@ def control(kind: str, **fields: object) -> str:
 
 
 class WebSocketStream:
+    """One WebSocket connection's sending side.
+
+    An idle stream costs no task: live ticks are written by the hub (`Outbox.flush`), a timer
+    checks for token expiry and idleness, and a short-lived task drains the outbox only while
+    frames are queued in it (protocol replies, snapshots, or ticks for a reader that is behind).
+    """
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -119,12 +126,17 @@ class WebSocketStream:
         self.hub = hub
         extension = websocket.scope.get("extensions", {}).get(EXTENSION)
         self._direct: FrameWriter | None = extension["writer"] if extension else None
-        self.outbox = Outbox(limit=outbox_frames, direct=self._direct)
+        self.outbox = Outbox(limit=outbox_frames, on_queued=self._drain_soon, direct=self._direct)
         self._leeway = leeway
         self._send_timeout = send_timeout
-        self._heartbeat = heartbeat
+        # Checked twice per period: a heartbeat goes out at most `heartbeat` s after the last frame.
+        self._check_every = heartbeat / 2 if heartbeat is not None else None
+        self._sent_at_check = -1
+        self._queued_sent = 0
         self._closing = False
-        self._closed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self.principal = principal
 
     @property
@@ -135,10 +147,22 @@ class WebSocketStream:
     def principal(self, value: Principal) -> None:
         self._principal = value
         self.outbox.deadline = value.expires_at + self._leeway
+        if self._timer is not None:
+            self._arm_timer()
 
     @property
     def closed(self) -> bool:
         return self._closing
+
+    def start(self) -> None:
+        self._arm_timer()
+
+    def stop(self) -> None:
+        """The connection is over: drop timers and any drain still running."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._drainer is not None:
+            self._drainer.cancel()
 
     async def close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -146,58 +170,70 @@ class WebSocketStream:
         self._closing = True
         self.outbox.direct = None  # from now on nothing bypasses the close
         self.hub.detach(self.outbox, self.outbox.symbols)
+        if self._timer is not None:
+            self._timer.cancel()
         metrics.CLOSES.labels(code=str(code)).inc()
         try:
             if self.websocket.application_state == WebSocketState.CONNECTED:
                 await self.websocket.close(code, reason)
         except Exception:  # noqa: BLE001 - the peer may be gone already
             pass
-        finally:
-            self._closed.set()  # only now: the close frame is on its way
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+    def _close_soon(self, code: int, reason: str) -> None:
+        if not self._closing and self._closer is None:
+            self._closer = asyncio.get_running_loop().create_task(self.close(code, reason))
 
-    async def write_forever(self) -> None:
-        """Send what queues in the outbox, heartbeats when idle, and close at token expiry,
-        until the stream closes. (Live ticks mostly bypass this: see `Outbox.offer`.)"""
-        loop = asyncio.get_running_loop()
+    # -- timers: token expiry and heartbeats
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = self.outbox.deadline - time.time()
+        if self._check_every is not None:
+            delay = min(delay, self._check_every)
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        if time.time() >= self.outbox.deadline:
+            self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+            return
+        if self._check_every is not None:
+            sent = self.outbox.sent + self._queued_sent
+            if sent == self._sent_at_check:  # nothing went out for a whole period
+                self.outbox.push_control(control("heartbeat", ts=time.time_ns() // 1_000_000))
+            self._sent_at_check = sent
+        self._arm_timer()
+
+    # -- draining what queued in the outbox
+
+    def _drain_soon(self) -> None:
+        if self._drainer is None and not self._closing:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
         outbox = self.outbox
-        active_at, direct_seen = loop.time(), outbox.sent
-        while not self.closed:
-            timeout = outbox.deadline - time.time()
-            if self._heartbeat is not None:
-                timeout = min(timeout, self._heartbeat - (loop.time() - active_at))
-            ready = await outbox.wait(max(timeout, 0.0))
-            if self.closed:
-                return
-            if time.time() >= outbox.deadline:
-                await self.close(CLOSE_TOKEN_EXPIRED, "token expired")
-                return
-            if outbox.sent != direct_seen:  # direct writes count as activity
-                active_at, direct_seen = loop.time(), outbox.sent
-            if ready:
+        try:
+            while len(outbox) and not self._closing:
                 frames = outbox.drain()
-            elif self._heartbeat is not None and loop.time() - active_at >= self._heartbeat:
-                frames = [
-                    Frame("", 0, control("heartbeat", ts=time.time_ns() // 1_000_000), "control")
-                ]
-            else:
-                continue
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    await self._send(frames)
-            except TimeoutError:
-                logger.info("stream: reader stuck for %.0fs; closing 1013", self._send_timeout)
-                await self.close(CLOSE_TRY_LATER, "reader too slow")
-                return
-            except Exception:  # noqa: BLE001 - the peer went away mid-send
-                await self.close(CLOSE_GOING_AWAY, "connection lost")
-                return
-            finally:
-                outbox.flushed()
-            metrics.MESSAGES_SENT.inc(len(frames))
-            active_at = loop.time()
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await self._send(frames)
+                except TimeoutError:
+                    logger.info("stream: reader stuck %.0fs; closing 1013", self._send_timeout)
+                    self._close_soon(CLOSE_TRY_LATER, "reader too slow")
+                    return
+                except Exception:  # noqa: BLE001 - the peer went away mid-send
+                    self._close_soon(CLOSE_GOING_AWAY, "connection lost")
+                    return
+                finally:
+                    outbox.flushed()
+                self._queued_sent += len(frames)
+                metrics.MESSAGES_SENT.inc(len(frames))
+        finally:
+            self._drainer = None
 
     def _texts(self, frames: list[Frame]) -> list[str]:
         if not self.outbox.batch:

@@ -3,7 +3,6 @@ app/prices/protocol.md, which /docs shows)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -75,20 +74,15 @@ def _new_stream(
 
 
 async def _run(stream: WebSocketStream, state: AppState, reader: Any) -> None:
-    """Run the writer and `reader` until either ends or the stream is closed."""
+    """Serve the stream: `reader` (this connection's requests) runs until the client goes or
+    the stream is closed; sending happens without a task of its own (see WebSocketStream)."""
     try:
         with state.streams.admit(stream, stream.principal.subject, "websocket"):
-            tasks = [
-                asyncio.create_task(stream.write_forever()),
-                asyncio.create_task(reader),
-                asyncio.create_task(stream.wait_closed()),
-            ]
+            stream.start()
             try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await reader
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                stream.stop()
                 await stream.close(1000, "")
     except PricefeedError as exc:  # refused admission
         reader.close()

@@ -137,7 +137,13 @@ class TestAdminAddClient:
         self, api: ApiFactory, database_url: str
     ) -> None:
         output = admin(
-            "add-client", "--id", "desk-1", "--symbols", "aapl,MSFT", "--name", "Desk 1",
+            "add-client",
+            "--id",
+            "desk-1",
+            "--symbols",
+            "aapl,MSFT",
+            "--name",
+            "Desk 1",
             database_url=database_url,
         )
         created = parse_lines(output)

@@ -29,7 +29,7 @@ def offer(outbox: Outbox, t: Tick) -> None:
 
 
 def subscribed_outbox(*symbols: str, limit: int = 16) -> Outbox:
-    outbox = Outbox(limit=limit)
+    outbox = Outbox(limit=limit, on_queued=lambda: None)
     for symbol in symbols:
         outbox.begin_sync(symbol)
         outbox.end_sync(symbol, [], floor=0, first_live_is_snapshot=False)
@@ -78,7 +78,7 @@ class TestOutbox:
         assert texts[0] == '{"type":"pong"}'
 
     def test_live_ticks_during_sync_follow_the_snapshot_without_duplicates(self) -> None:
-        outbox = Outbox(limit=64)
+        outbox = Outbox(limit=64, on_queued=lambda: None)
         outbox.begin_sync("AAPL")
         for seq in (5, 6, 7):  # live ticks arrive while the snapshot (seq 6) is loading
             offer(outbox, tick("AAPL", seq))
@@ -97,7 +97,7 @@ class TestOutbox:
         assert frames[0].text.startswith('{"type":"snapshot","symbol":"AAPL"')
 
     def test_first_live_tick_is_the_snapshot_when_none_existed(self) -> None:
-        outbox = Outbox(limit=64)
+        outbox = Outbox(limit=64, on_queued=lambda: None)
         outbox.begin_sync("AAPL")
         outbox.end_sync("AAPL", [], floor=0, first_live_is_snapshot=True)
         offer(outbox, tick("AAPL", 1))
@@ -113,7 +113,10 @@ class TestFanoutHub:
         hub = FanoutHub(broker=broker, store=store, retention=1000)
         consumer = asyncio.create_task(hub.consume(["AAPL"]))
         try:
-            fast, slow = Outbox(limit=32), Outbox(limit=32)
+            fast, slow = (
+                Outbox(limit=32, on_queued=lambda: None),
+                Outbox(limit=32, on_queued=lambda: None),
+            )
             await hub.attach(fast, "AAPL", since=None)
             await hub.attach(slow, "AAPL", since=None)
             await asyncio.sleep(0.05)  # the consumer has subscribed
@@ -147,7 +150,7 @@ class TestFanoutHub:
         hub = FanoutHub(broker=broker, store=store, retention=1000)
         consumer = asyncio.create_task(hub.consume(["MSFT"]))
         try:
-            outbox = Outbox(limit=64)
+            outbox = Outbox(limit=64, on_queued=lambda: None)
             await hub.attach(outbox, "MSFT", since=None)
             await asyncio.sleep(0.05)
             for seq in range(1, 11):

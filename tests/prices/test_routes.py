@@ -20,7 +20,16 @@ ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 DECIMAL_RE = re.compile(r"^-?\d+(\.\d+)?$")
 SEED_SYMBOLS = {
-    "AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "BTC-USD", "ETH-USD", "SOL-USD", "EUR-USD", "GBP-USD"
+    "AAPL",
+    "MSFT",
+    "GOOGL",
+    "AMZN",
+    "TSLA",
+    "BTC-USD",
+    "ETH-USD",
+    "SOL-USD",
+    "EUR-USD",
+    "GBP-USD",
 }
 INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
 
@@ -233,9 +242,7 @@ class TestReadPriceHistory:
     async def test_since_at_latest_is_empty(self, client: httpx.AsyncClient) -> None:
         await wait_for_seq(client, "AAPL", 1)
 
-        response = await client.get(
-            "/v1/prices/AAPL/history", params={"since": 10**9}, headers=ALL
-        )
+        response = await client.get("/v1/prices/AAPL/history", params={"since": 10**9}, headers=ALL)
 
         assert response.status_code == 200
         assert response.json() == []

@@ -122,9 +122,7 @@ def by_symbol(events: list[Event]) -> dict[str, list[Event]]:
 def ticks_each(symbols: list[str], count: int) -> Callable[[list[Event]], bool]:
     def enough(events: list[Event]) -> bool:
         grouped = by_symbol(events)
-        return all(
-            sum(e.event == "tick" for e in grouped.get(s, ())) >= count for s in symbols
-        )
+        return all(sum(e.event == "tick" for e in grouped.get(s, ())) >= count for s in symbols)
 
     return enough
 

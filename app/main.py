@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
 
 from app.auth.routes import router as auth_router
 from app.auth.service import upsert_client
@@ -39,7 +42,7 @@ from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
 from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
-from app.prices.ws import router as ws_router
+from app.prices.ws import routes as websocket_routes
 from app.redis_client import create_redis
 from app.security import TokenSigner
 from app.shutdown import close_streams_on_exit_signal
@@ -177,10 +180,27 @@ def _log_how_to_start(settings: Settings) -> None:
         )
 
 
+class PricefeedApp(FastAPI):
+    """FastAPI, with WebSocket connections routed straight to their endpoints: they need no
+    HTTP middleware (CORS, error pages, body limits), and each layer would stay on the stack of
+    every open connection."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.websocket_router = Router(routes=websocket_routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope["app"] = self
+            await self.websocket_router(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     install_redaction()
-    app = FastAPI(
+    app = PricefeedApp(
         title="pricefeed",
         version="0.1.0",
         description=PROTOCOL_DOC,
@@ -204,7 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
     )
     install_error_handlers(app)
-    for router in (auth_router, prices_router, sse_router, ws_router, ops_router, board_router):
+    for router in (auth_router, prices_router, sse_router, ops_router, board_router):
         app.include_router(router)
     return app
 

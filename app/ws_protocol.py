@@ -80,6 +80,9 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
             return
         await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake request and response are not needed again: ~3 KB per connection.
+            self.request = self.response = None  # type: ignore[assignment]
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, WebSocket
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from app.deps import AppState, read_app_state, verify_token
 from app.errors import Forbidden, PricefeedError, Unauthenticated
@@ -26,7 +27,6 @@ from app.prices.streams import (
 from app.security import Principal
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
 
 
 class BadRequest(Exception):
@@ -113,9 +113,9 @@ async def _receive_text(
     return text
 
 
-@router.websocket("/v1/ws/prices/{symbol}")
-async def stream_symbol(websocket: WebSocket, symbol: str) -> None:
+async def stream_symbol(websocket: WebSocket) -> None:
     """One symbol: a snapshot (or the ticks after `since`), then every tick."""
+    symbol: str = websocket.path_params["symbol"]
     state = read_app_state(websocket)
     principal = await _accept(websocket, state)
     if principal is None:
@@ -151,7 +151,6 @@ async def _drain_client(stream: WebSocketStream, state: AppState) -> None:
         pass
 
 
-@router.websocket("/v1/ws")
 async def stream_many(websocket: WebSocket) -> None:
     """Many symbols over one connection, driven by subscribe/unsubscribe/ping/auth requests."""
     state = read_app_state(websocket)
@@ -283,3 +282,11 @@ def _reauthenticate(stream: WebSocketStream, state: AppState, request: dict[str,
     if denied:
         raise Forbidden(f"no longer entitled to {', '.join(denied)}")
     stream.outbox.push_control(control("authenticated", expires=int(principal.expires_at * 1000)))
+
+
+# Plain Starlette routes, served ahead of the HTTP middleware stack (app/main.py): a
+# WebSocket lives for hours, and every layer it passes through stays in memory that long.
+routes: list[BaseRoute] = [
+    WebSocketRoute("/v1/ws/prices/{symbol}", stream_symbol),
+    WebSocketRoute("/v1/ws", stream_many),
+]

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _workers_need_redis(self) -> Settings:
+        if self.workers > 1 and not self.uses_redis:
+            raise ValueError("WORKERS > 1 needs BROADCAST_URL=redis://… (memory:// is one process)")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_dev_secrets_in_prod(self) -> Settings:
         if self.env == "prod":
             if self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
@@ -35,7 +36,9 @@ class AppState:
     hub: FanoutHub
     streams: StreamRegistry
     supervisor: Supervisor
-    producer: Producer | None
+    producer: Producer | None  # None when PRODUCER=off (or it runs in its own process)
+    instance: str
+    redis: Redis | None
 
 
 def read_app_state(conn: HTTPConnection) -> AppState:

@@ -7,8 +7,6 @@ ASGI server as `app.main:app`.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,7 +15,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from redis.asyncio import Redis
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
@@ -29,18 +26,18 @@ from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
 from app.errors import install_error_handlers
-from app.feed.leader import LocalLease, RedisLease
-from app.feed.producer import Lease, Producer
+from app.feed.leader import create_lease, instance_name
+from app.feed.producer import Producer
 from app.feed.sources import SimulatedSource
 from app.instruments.catalog import Catalog
-from app.instruments.repository import list_active_instruments
+from app.instruments.repository import load_instruments
 from app.logs import install_redaction
 from app.ops import router as ops_router
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
 from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
-from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
+from app.prices.store import create_tick_store
 from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
 from app.prices.ws import routes as websocket_routes
 from app.redis_client import create_redis
@@ -58,14 +55,14 @@ PROTOCOL_DOC = (Path(__file__).parent / "prices" / "protocol.md").read_text(enco
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     settings: Settings = app.state.settings
     streams: StreamRegistry = app.state.streams
-    instance = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    instance = instance_name(settings)
 
     engine = create_engine(settings.database_url)
     sessions = create_session_factory(engine)
     try:
-        async with sessions() as session:
-            instruments = await list_active_instruments(session)
-            if settings.env == "dev":
+        instruments = await load_instruments(sessions)
+        if settings.env == "dev":
+            async with sessions() as session:
                 await upsert_client(
                     session,
                     client_id=settings.demo_client_id,
@@ -73,35 +70,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
                     secret=settings.demo_client_secret,
                     symbols=["*"],
                 )
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, RuntimeError):
         await engine.dispose()
-        raise RuntimeError(
-            f"database not ready ({type(exc).__name__}); is DATABASE_URL right, "
-            "and has `alembic upgrade head` run?"
-        ) from exc
-    if not instruments:
-        raise RuntimeError("no active instruments in the database; run `alembic upgrade head`")
+        raise
 
-    redis: Redis | None = None
-    store: TickStore
-    lease: Lease
-    if settings.uses_redis:
-        redis = create_redis(settings.broadcast_url)
-        redis_store = RedisTickStore(
-            redis,
-            prefix=settings.redis_key_prefix,
-            retention=settings.retention_ticks,
-            candles_kept=settings.candles_kept,
-        )
-        store = redis_store
-        lease = RedisLease(
-            redis, key=redis_store.leader_key, lease_ms=settings.leader_lease_ms, instance=instance
-        )
-    else:
-        store = MemoryTickStore(
-            retention=settings.retention_ticks, candles_kept=settings.candles_kept
-        )
-        lease = LocalLease()
+    redis = create_redis(settings.broadcast_url) if settings.uses_redis else None
+    store = create_tick_store(settings, redis)
+    lease = create_lease(settings, redis, store, instance=instance)
 
     # The kernel send buffer of each WebSocket (the protocol class is uvicorn's to instantiate).
     PricefeedWebSocketProtocol.send_buffer_bytes = settings.ws_send_buffer_bytes
@@ -140,6 +115,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         streams=streams,
         supervisor=supervisor,
         producer=producer,
+        instance=instance,
+        redis=redis,
     )
     logger.info(
         "pricefeed ready: %d symbols, broker %s, producer %s, instance %s",

@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.db import ping_database
-from app.deps import StateDep
+from app.deps import AppState, StateDep
+from app.feed.leader import read_leader
 
 router = APIRouter(tags=["operations"])
 
@@ -30,6 +31,19 @@ async def _check(probe: object) -> str:
     return "ok"
 
 
+async def _producer_role(state: AppState) -> str:
+    """Whether this instance's producer (in this process or its own) holds the lease."""
+    if state.producer is not None:
+        return "leader" if state.producer.is_leader else "standby"
+    if state.redis is None:
+        return "off"
+    try:
+        holder = await asyncio.wait_for(read_leader(state.redis, state.store), 1.0)
+    except Exception:  # noqa: BLE001 - the store check reports Redis being down
+        return "unknown"
+    return "leader" if holder is not None and holder.startswith(f"{state.instance}:") else "standby"
+
+
 @router.get("/readyz", responses={503: {"description": "A dependency is down"}})
 async def read_readiness(state: StateDep) -> JSONResponse:
     """Ready: database, price store and broker reachable, background tasks healthy."""
@@ -43,8 +57,7 @@ async def read_readiness(state: StateDep) -> JSONResponse:
     }
     for task, reason in state.supervisor.unhealthy().items():
         checks[f"task:{task}"] = f"down: {reason}"
-    if state.producer is not None:
-        checks["producer"] = "leader" if state.producer.is_leader else "standby"
+    checks["producer"] = await _producer_role(state)
     ready = all(not v.startswith("down") for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks},

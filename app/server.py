@@ -1,27 +1,92 @@
 """Run the service under uvicorn with every setting applied: WebSocket implementation,
-frame size limit, compression, workers, and log redaction."""
+frame size limit, compression, workers, log redaction; and, with Redis, the producer in a
+process of its own.
+
+The producer must not share its fate with the fan-out: in the same event loop, a burst of
+client work would delay ticks. So with `BROADCAST_URL=redis://…` and `PRODUCER=on`, this
+starts `python -m app.feed` beside the workers (restarting it if it dies) and runs the workers
+with `PRODUCER=off`. With `memory://` everything stays in one process.
+"""
 
 from __future__ import annotations
 
+import logging
+import logging.config
+import os
+import subprocess
+import sys
+import threading
+
 import uvicorn
 
-from app.config import get_settings
+from app.config import Settings, get_settings
+from app.feed.leader import instance_name
 from app.logs import logging_config
+
+logger = logging.getLogger("app.server")
+
+
+class ProducerProcess:
+    """`python -m app.feed`, kept running until `stop()`."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._keep_running, name="producer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _keep_running(self) -> None:
+        env = {**os.environ, "PRICEFEED_PARENT_PID": str(os.getpid())}
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen([sys.executable, "-m", "app.feed"], env=env)
+            code = self._process.wait()
+            if not self._stopping.is_set():
+                logger.error("producer process exited with %s; restarting it", code)
+                self._stopping.wait(1.0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        self._thread.join(5)
+
+
+def _separate_producer(settings: Settings) -> bool:
+    return settings.uses_redis and settings.producer == "on"
 
 
 def main() -> None:
     settings = get_settings()
-    uvicorn.run(
-        "app.main:app",
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        ws=settings.uvicorn_ws,
-        ws_max_size=settings.ws_max_message_bytes,
-        ws_per_message_deflate=settings.ws_per_message_deflate,
-        log_config=logging_config(settings.log_level),
-        log_level=settings.log_level,
-        proxy_headers=True,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
+    logging.config.dictConfig(logging_config(settings.log_level))
+    producer: ProducerProcess | None = None
+    if _separate_producer(settings):
+        # One name for the workers and their producer: /readyz reports whether it leads.
+        os.environ["INSTANCE_ID"] = instance_name(settings)
+        os.environ["PRODUCER"] = "off"
+        get_settings.cache_clear()
+        producer = ProducerProcess()
+        producer.start()
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            ws=settings.uvicorn_ws,
+            ws_max_size=settings.ws_max_message_bytes,
+            ws_per_message_deflate=settings.ws_per_message_deflate,
+            log_config=logging_config(settings.log_level),
+            log_level=settings.log_level,
+            proxy_headers=True,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if producer is not None:
+            producer.stop()

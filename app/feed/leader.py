@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 
 from redis.asyncio import Redis
+
+from app.config import Settings
+from app.prices.store import RedisTickStore, TickStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +76,27 @@ class RedisLease:
             await asyncio.wait_for(self._release(keys=[self._key], args=[self._token]), 1.0)
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself anyway
             logger.info("producer: lease not released (%s); it expires by itself", exc)
+
+
+def instance_name(settings: Settings) -> str:
+    """INSTANCE_ID, or hostname:pid; a producer process started by `python -m app` shares its
+    server's name, so /readyz can tell whether its own instance leads."""
+    return settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_lease(
+    settings: Settings, redis: Redis | None, store: TickStore, *, instance: str
+) -> LocalLease | RedisLease:
+    if redis is None or not isinstance(store, RedisTickStore):
+        return LocalLease()
+    return RedisLease(
+        redis, key=store.leader_key, lease_ms=settings.leader_lease_ms, instance=instance
+    )
+
+
+async def read_leader(redis: Redis, store: TickStore) -> str | None:
+    """The lease holder's token (`instance:random`), if any."""
+    if not isinstance(store, RedisTickStore):
+        return None
+    value = await redis.get(store.leader_key)
+    return value.decode() if isinstance(value, bytes) else None

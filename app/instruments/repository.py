@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.instruments.models import Instrument
 
@@ -36,3 +37,18 @@ async def list_active_instruments(session: AsyncSession) -> list[InstrumentInfo]
         )
         for row in rows
     ]
+
+
+async def load_instruments(sessions: async_sessionmaker[AsyncSession]) -> list[InstrumentInfo]:
+    """The active instruments; a clear error when the database is not there or not migrated."""
+    try:
+        async with sessions() as session:
+            instruments = await list_active_instruments(session)
+    except SQLAlchemyError as exc:
+        raise RuntimeError(
+            f"database not ready ({type(exc).__name__}); is DATABASE_URL right, "
+            "and has `alembic upgrade head` run?"
+        ) from exc
+    if not instruments:
+        raise RuntimeError("no active instruments in the database; run `alembic upgrade head`")
+    return instruments

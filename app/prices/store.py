@@ -14,6 +14,7 @@ from typing import Protocol, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from app.config import Settings
 from app.prices.candles import Candle
 from app.prices.ticks import Tick, decode_tick
 
@@ -174,3 +175,17 @@ class RedisTickStore:
 
     async def ping(self) -> None:
         await self._redis.ping()
+
+
+def create_tick_store(settings: Settings, redis: Redis | None) -> TickStore:
+    """In Redis when the broker is Redis (shared by every instance), else in this process."""
+    if redis is None:
+        return MemoryTickStore(
+            retention=settings.retention_ticks, candles_kept=settings.candles_kept
+        )
+    return RedisTickStore(
+        redis,
+        prefix=settings.redis_key_prefix,
+        retention=settings.retention_ticks,
+        candles_kept=settings.candles_kept,
+    )

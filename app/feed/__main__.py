@@ -1,0 +1,91 @@
+"""`python -m app.feed`: the producer on its own, in a process of its own.
+
+With Redis, `python -m app` starts one of these beside its uvicorn workers (which then run
+`PRODUCER=off`), so a fan-out loop saturated by clients can never delay a tick: the producer
+keeps its own core time. It can also run as a separate service. Leadership is the usual lease:
+any number may run, one publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.config
+import os
+import signal
+
+from app.broker import Broker
+from app.config import get_settings
+from app.db import create_engine, create_session_factory
+from app.feed.leader import create_lease, instance_name
+from app.feed.producer import Producer
+from app.feed.sources import SimulatedSource
+from app.instruments.repository import load_instruments
+from app.logs import logging_config
+from app.prices.store import create_tick_store
+from app.redis_client import create_redis
+
+logger = logging.getLogger("app.feed")
+
+
+async def _exit_with_parent(parent: int) -> None:
+    """A producer started by a server goes when its server goes, even on SIGKILL."""
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    logger.warning("producer: parent process %d is gone; stopping", parent)
+
+
+async def run_producer() -> None:
+    settings = get_settings()
+    if not settings.uses_redis:
+        raise SystemExit(
+            "python -m app.feed needs BROADCAST_URL=redis://… (memory:// is in-process)"
+        )
+    engine = create_engine(settings.database_url)
+    try:
+        instruments = await load_instruments(create_session_factory(engine))
+    finally:
+        await engine.dispose()
+    redis = create_redis(settings.broadcast_url)
+    store = create_tick_store(settings, redis)
+    lease = create_lease(settings, redis, store, instance=instance_name(settings))
+    broker = Broker(settings.broadcast_url)
+    await broker.connect()
+    producer = Producer(
+        source=SimulatedSource(
+            ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
+        ),
+        instruments=instruments,
+        store=store,
+        broker=broker,
+        lease=lease,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchers = [asyncio.create_task(producer.run()), asyncio.create_task(stop.wait())]
+    parent = os.environ.get("PRICEFEED_PARENT_PID")
+    if parent:
+        watchers.append(asyncio.create_task(_exit_with_parent(int(parent))))
+    try:
+        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await lease.release()
+        await broker.disconnect()
+        await redis.aclose()
+
+
+def main() -> None:
+    logging.config.dictConfig(logging_config(get_settings().log_level))
+    asyncio.run(run_producer())
+
+
+if __name__ == "__main__":
+    main()

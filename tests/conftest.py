@@ -39,7 +39,8 @@ def database_url(migrated_db_template: Path, tmp_path: Path) -> str:
 @pytest.fixture
 def build_app(database_url: str) -> Callable[..., FastAPI]:
     def build(**overrides: Any) -> FastAPI:
-        return create_app(make_settings(database_url, **overrides))
+        url = overrides.pop("database_url", database_url)
+        return create_app(make_settings(url, **overrides))
 
     return build
 

@@ -137,3 +137,21 @@ class TestPostgres:
         tables, instruments = await self.read(postgres_url)
         assert APP_TABLES <= tables
         assert_seeded(instruments)
+
+    async def test_the_service_runs_on_postgres(self, postgres_url: str, api) -> None:
+        """Not only the schema: tokens (api clients) and instruments come from PostgreSQL."""
+        alembic(postgres_url, "upgrade", "head")
+        async with api(database_url=postgres_url) as client:
+            issued = await client.post(
+                "/v1/auth/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": "demo",
+                    "client_secret": "demo-secret",
+                },
+            )
+            assert issued.status_code == 200
+            headers = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+            symbols = await client.get("/v1/symbols", headers=headers)
+            assert {s["symbol"] for s in symbols.json()} == set(SEEDS)
+            assert (await client.get("/readyz")).json()["checks"]["database"] == "ok"

@@ -11,7 +11,8 @@ above the last one a duplicate.
 
 Control on stdin, one command a line, each answered by one JSON line on stdout:
   ``connect N``  open N more clients, answer once each is ready (subscribed) or failed
-  ``mark``       counters since the previous mark (then reset)
+  ``mark``       counters since the previous mark (then reset); ``mark sub``: the same, but
+                 which connections stayed silent is only judged between plain marks
   ``quit``       close every socket and exit
 """
 
@@ -30,7 +31,19 @@ from typing import Any
 
 import orjson
 
-LAT_BUCKETS = 100_000  # 0.1 ms each: 0..10 s, the last one catches everything above
+# Latency histogram: 0.1 ms buckets below 1 s, 10 ms buckets from 1 s to 120 s, the last
+# bucket catches everything above.
+FINE_BUCKETS = 10_000
+LAT_BUCKETS = FINE_BUCKETS + 11_900
+
+
+def bucket_upper_ms(b: int) -> float:
+    """Upper edge, in ms, of histogram bucket ``b``."""
+    if b < FINE_BUCKETS:
+        return (b + 1) / 10.0
+    return 1000.0 + (b - FINE_BUCKETS + 1) * 10.0
+
+
 _loads = orjson.loads
 
 
@@ -137,7 +150,11 @@ class Conn(asyncio.Protocol):
         if lat > st.lat_max:
             st.lat_max = lat
         b = int(lat * 10)
-        st.hist[b if 0 <= b < LAT_BUCKETS else (LAT_BUCKETS - 1 if b > 0 else 0)] += 1
+        if b >= FINE_BUCKETS:
+            b = min(FINE_BUCKETS + int((lat - 1000.0) / 10.0), LAT_BUCKETS - 1)
+        elif b < 0:
+            b = 0
+        st.hist[b] += 1
 
     # --- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -402,13 +419,16 @@ class LoadGen:
             "elapsed": time.monotonic() - t0,
         }
 
-    def mark(self) -> dict[str, Any]:
+    def mark(self, sub: bool = False) -> dict[str, Any]:
+        """Counters since the last mark. A ``sub`` mark leaves the per-connection "got a tick"
+        flags alone: silence is judged between full marks."""
         st = self.stats
         silent = 0
-        for c in self.conns:
-            if not c.got and c.open:
-                silent += 1
-            c.got = 0
+        if not sub:
+            for c in self.conns:
+                if not c.got and c.open:
+                    silent += 1
+                c.got = 0
         now, cpu = time.monotonic(), self._cpu()
         out = {
             "event": "mark",
@@ -478,7 +498,7 @@ async def main() -> None:
         if cmd == "connect":
             _reply(await lg.connect(int(rest[0])))
         elif cmd == "mark":
-            _reply(lg.mark())
+            _reply(lg.mark(sub=rest == ["sub"]))
         else:
             _reply({"event": "error", "message": f"unknown command {cmd!r}"})
 

@@ -74,7 +74,9 @@ def machine_info() -> dict[str, str]:
 
 
 def percentile(hist: dict[int, int], q: float) -> float | None:
-    """q-quantile (0..1) in ms of a 0.1 ms-bucket histogram; the bucket's upper edge."""
+    """q-quantile (0..1) in ms of a load generator histogram: the bucket's upper edge."""
+    from bench.loadgen import bucket_upper_ms
+
     total = sum(hist.values())
     if not total:
         return None
@@ -83,8 +85,8 @@ def percentile(hist: dict[int, int], q: float) -> float | None:
     for b in sorted(hist):
         seen += hist[b]
         if seen >= want:
-            return (b + 1) / 10.0
-    return (max(hist) + 1) / 10.0
+            return bucket_upper_ms(b)
+    return bucket_upper_ms(max(hist))
 
 
 def merge_hist(a: dict[Any, int], b: dict[Any, int]) -> dict[int, int]:

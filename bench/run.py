@@ -101,6 +101,34 @@ def _log_problems(path: Path) -> list[str]:
     return hits[:3]
 
 
+def merge_marks(marks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load generator marks taken one after another, as one."""
+    out = dict(marks[-1])
+    for key in (
+        "elapsed",
+        "cpu",
+        "frames",
+        "ticks",
+        "snapshots",
+        "gaps",
+        "missed",
+        "dups",
+        "errors",
+        "resubscribes",
+    ):
+        out[key] = sum(m[key] for m in marks)
+    out["lat_max"] = max(m["lat_max"] for m in marks)
+    out["error_sample"] = next((m["error_sample"] for m in marks if m["error_sample"]), "")
+    hist: dict[int, int] = {}
+    closed: dict[str, int] = {}
+    for m in marks:
+        hist = report.merge_hist(hist, m["hist"])
+        for k, v in m["closed"].items():
+            closed[k] = closed.get(k, 0) + v
+    out["hist"], out["closed"] = hist, closed
+    return out
+
+
 class Bench:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
@@ -186,6 +214,38 @@ class Bench:
             row["notes"].append(f"connect failures: {res['fail_reasons']}")
         return res
 
+    @staticmethod
+    def _series(row: dict[str, Any], marks: list[dict[str, Any]]) -> None:
+        """Per-second delivered rate and latency; a note when latency keeps growing."""
+        series, t = [], 0.0
+        for m in marks:
+            t += m["elapsed"]
+            hist = {int(k): v for k, v in m["hist"].items()}
+            series.append(
+                {
+                    "t_s": round(t, 2),
+                    "msg_s": round(m["ticks"] / m["elapsed"]) if m["elapsed"] else 0,
+                    "p50_ms": report.percentile(hist, 0.5),
+                    "gaps": m["gaps"],
+                }
+            )
+        row["series"] = series
+        p50s = [x["p50_ms"] for x in series if x["p50_ms"] is not None]
+        third = len(p50s) // 3
+        if third:
+            first = sum(p50s[:third]) / third
+            last = sum(p50s[-third:]) / third
+            if last > 100 and last > 1.5 * first:
+                row["notes"].append(
+                    f"p50 latency grew from {first:,.0f} ms (first third of the window) to "
+                    f"{last:,.0f} ms (last third): a backlog is building up"
+                )
+        rates = [x["msg_s"] for x in series[:-1]]  # the last one may be a short second
+        if len(rates) >= 3 and max(rates) > 3 * max(1, min(rates)):
+            row["notes"].append(
+                f"bursty delivery: per-second msg/s between {min(rates):,} and {max(rates):,}"
+            )
+
     async def _idle(
         self,
         row: dict[str, Any],
@@ -260,11 +320,19 @@ class Bench:
             return out
 
         a = await mark()
-        await asyncio.sleep(scen.duration)
+        rss_a = procs.tree_rss_bytes(server.pid)
+        subs: list[dict[str, Any]] = []  # one load generator mark a second: the time series
+        end = time.monotonic() + scen.duration
+        while end - time.monotonic() > 1.0:
+            await asyncio.sleep(1.0)
+            subs.append(await lg.cmd("mark sub", 30))
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
         b = await mark()
         row["rss_mb"] = procs.tree_rss_bytes(server.pid) / 2**20
+        row["rss_growth_mb"] = row["rss_mb"] - rss_a / 2**20
 
-        lm = b["lg"]
+        lm = merge_marks([*subs, b["lg"]])
+        self._series(row, [*subs, b["lg"]])
         window = lm["elapsed"]
         row["window_s"] = round(window, 2)
         row["delivered_rate"] = lm["ticks"] / window
@@ -277,7 +345,7 @@ class Bench:
         row["p99_ms"] = report.percentile(hist, 0.99)
         row["p999_ms"] = report.percentile(hist, 0.999)
         row["max_ms"] = lm["lat_max"] if lm["ticks"] else None
-        row["hist_0.1ms"] = hist
+        row["hist"] = hist  # bucket -> count, see loadgen.bucket_upper_ms
         row["gaps"], row["missed"], row["dups"] = lm["gaps"], lm["missed"], lm["dups"]
         row["snapshots"] = a["lg"]["snapshots"] + lm["snapshots"]
         closed = dict(a["lg"]["closed"])

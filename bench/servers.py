@@ -70,8 +70,9 @@ class Server:
             raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
         if self.workers > 1:
             # With ENV=dev every worker upserts the demo client at startup; on a fresh
-            # database two workers race (UNIQUE constraint failed: api_clients.client_id), one
-            # dies and uvicorn stops the rest. One single-worker start seeds it first.
+            # database two workers raced (UNIQUE constraint failed: api_clients.client_id) in
+            # early versions, one died and uvicorn stopped the rest. One single-worker start
+            # seeds it first, so the benchmark does not depend on that race being handled.
             seed = spawn(
                 [sys.executable, "-m", "app"],
                 core=SERVER_CORE,

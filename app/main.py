@@ -82,7 +82,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     PricefeedWebSocketProtocol.send_buffer_bytes = settings.ws_send_buffer_bytes
     broker = Broker(settings.broadcast_url)
     await broker.connect()
-    hub = FanoutHub(broker=broker, store=store, retention=settings.retention_ticks)
+    hub = FanoutHub(
+        broker=broker,
+        store=store,
+        retention=settings.retention_ticks,
+        max_lag_ms=settings.fanout_max_lag_ms,
+    )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
     producer: Producer | None = None

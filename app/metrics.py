@@ -14,6 +14,9 @@ MESSAGES_SENT = Counter("pricefeed_messages_sent_total", "Frames sent to stream 
 CONFLATED = Counter(
     "pricefeed_ticks_conflated_total", "Ticks dropped for a slow reader (latest wins)"
 )
+HUB_SKIPPED = Counter(
+    "pricefeed_hub_ticks_skipped_total", "Stale ticks skipped while the fan-out was behind"
+)
 CLOSES = Counter("pricefeed_closes_total", "Streams closed by the server", ["code"])
 GAPS_REPAIRED = Counter(
     "pricefeed_gap_ticks_repaired_total", "Ticks refetched from the store after a broker gap"

@@ -3,7 +3,7 @@ replaces a pooled connection that died with a Redis restart."""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,11 +11,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
-    return Redis.from_url(
+    # A blocking pool: a burst of requests waits for a connection instead of failing at once
+    # (redis-py's default pool raises past its limit). `from_pool`: the client owns the pool.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=64,
+        timeout=5,
         socket_connect_timeout=2,
         socket_timeout=socket_timeout,
         socket_keepalive=True,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)

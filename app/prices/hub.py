@@ -200,12 +200,16 @@ class Outbox:
 
 
 class FanoutHub:
-    def __init__(self, *, broker: Broker, store: TickStore, retention: int) -> None:
+    def __init__(
+        self, *, broker: Broker, store: TickStore, retention: int, max_lag_ms: int = 50
+    ) -> None:
         self._broker = broker
         self._store = store
         self._retention = retention
+        self._max_lag_ms = max_lag_ms
         self._streams: dict[str, set[Outbox]] = {}
         self._last_seq: dict[str, int] = {}
+        self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
 
     @property
     def subscription_count(self) -> int:
@@ -219,17 +223,11 @@ class FanoutHub:
         channels = {price_channel(s): s for s in symbols}
         async with self._broker.subscribe_many(list(channels)) as receive:
             while True:
+                ticks = self._decode(await receive(), channels)
+                if len(ticks) > 1:
+                    ticks = self._skip_stale(ticks)
                 dirty: list[Outbox] = []
-                for channel, text in await receive():
-                    try:
-                        tick = decode_tick(text)
-                    except MalformedTick as exc:
-                        metrics.BROKER_DROPPED.labels(reason="malformed").inc()
-                        logger.warning("hub: dropped a malformed message on %s: %s", channel, exc)
-                        continue
-                    if tick.symbol != channels.get(channel):
-                        metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
-                        continue
+                for tick in ticks:
                     last = self._last_seq.get(tick.symbol)
                     if last is not None and tick.seq > last + 1:
                         self._flush(dirty)  # keep order: what came before the gap goes first
@@ -237,6 +235,40 @@ class FanoutHub:
                         await self._repair_gap(tick.symbol, last, tick.seq, dirty)
                     self._deliver(tick, dirty)
                 self._flush(dirty)
+
+    @staticmethod
+    def _decode(messages: list[tuple[str, str]], channels: dict[str, str]) -> list[Tick]:
+        ticks = []
+        for channel, text in messages:
+            try:
+                tick = decode_tick(text)
+            except MalformedTick as exc:
+                metrics.BROKER_DROPPED.labels(reason="malformed").inc()
+                logger.warning("hub: dropped a malformed message on %s: %s", channel, exc)
+                continue
+            if tick.symbol != channels.get(channel):
+                metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
+                continue
+            ticks.append(tick)
+        return ticks
+
+    def _skip_stale(self, ticks: list[Tick]) -> list[Tick]:
+        """When the hub is behind, a burst holds several ticks of a symbol: pass on only those
+        within `max_lag_ms` of its newest. Clients see a `seq` jump, and latency stays bounded
+        instead of growing with the backlog."""
+        newest: dict[str, int] = {}
+        for tick in ticks:
+            if tick.ts > newest.get(tick.symbol, -1):
+                newest[tick.symbol] = tick.ts
+        kept: list[Tick] = []
+        for tick in ticks:
+            if newest[tick.symbol] - tick.ts <= self._max_lag_ms:
+                kept.append(tick)
+            elif tick.seq > self._last_seq.get(tick.symbol, -1):
+                self._last_seq[tick.symbol] = tick.seq  # skipped on purpose: not a gap to repair
+        if len(kept) < len(ticks):
+            metrics.HUB_SKIPPED.inc(len(ticks) - len(kept))
+        return kept
 
     @staticmethod
     def _flush(dirty: list[Outbox]) -> None:
@@ -271,6 +303,7 @@ class FanoutHub:
         if last is not None and tick.seq <= last:
             return  # already passed on (a redelivery, or a repair that raced the live tick)
         self._last_seq[tick.symbol] = tick.seq
+        self._latest[tick.symbol] = tick
         metrics.TICKS_RECEIVED.inc()
         outboxes = self._streams.get(tick.symbol)
         if not outboxes:
@@ -289,7 +322,11 @@ class FanoutHub:
         initial: list[Frame] = []
         floor, first_live_is_snapshot = since or 0, since is None
         try:
-            latest = (await self._store.read_latest([symbol])).get(symbol)
+            # The newest tick this hub passed on is the snapshot: no store round trip, so a
+            # reconnect storm costs Redis nothing. The store is asked only before any tick.
+            latest = self._latest.get(symbol)
+            if latest is None:
+                latest = (await self._store.read_latest([symbol])).get(symbol)
             if latest is not None:
                 if since is None or since > latest.seq:
                     # No resume point, or one from a future we never produced: start afresh.

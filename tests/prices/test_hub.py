@@ -169,3 +169,41 @@ class TestFanoutHub:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             await broker.disconnect()
+
+    async def test_a_backlog_is_skipped_to_its_newest_ticks_without_refetching(self) -> None:
+        """Behind by a burst: ticks older than max_lag_ms vs the newest are skipped (a seq jump
+        the client sees), and the hub does not refetch them as if they were a broker gap."""
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
+        outbox = Outbox(limit=64, on_queued=lambda: None)
+        first = tick("TSLA", 1)
+        await store.append(first, {}, fence=None)
+        await hub.attach(outbox, "TSLA", since=None)  # snapshot: seq 1
+        consumer = asyncio.create_task(hub.consume(["TSLA"]))
+        try:
+            await asyncio.sleep(0.05)
+            for seq in range(2, 12):  # one burst: 10 ticks, 20 ms apart by their ts
+                t = encode_tick(
+                    symbol="TSLA",
+                    price=Decimal("245.0000"),
+                    ts=1_764_300_000_000 + seq * 20,
+                    seq=seq,
+                    bid=Decimal("244.9900"),
+                    ask=Decimal("245.0100"),
+                    volume=Decimal(1),
+                )
+                await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("TSLA"), t.frame)
+            seqs: list[int] = []
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                seqs += [f.seq for f in outbox.drain()]
+                if seqs and seqs[-1] == 11:
+                    break
+            assert seqs == [1, 9, 10, 11]
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()

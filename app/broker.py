@@ -143,15 +143,23 @@ class ResilientRedisBackend(RedisBackend):
                     pinged = True
                 continue
             last_heard, pinged = now, False
-            if message["type"] != "message":
-                continue
-            try:
-                event = Event(channel=message["channel"].decode(), message=message["data"].decode())
-            except UnicodeDecodeError:
-                metrics.BROKER_DROPPED.labels(reason="not_utf8").inc()
-                logger.warning("broker: dropped a non-UTF-8 message")
-                continue
-            await self._queue.put(event)
+            # Then everything already received, without yielding to the loop in between: a
+            # busy loop runs this task once per turn, and one message per turn would leave the
+            # backlog in the socket, out of reach of the hub's skipping of stale ticks.
+            while message is not None:
+                await self._enqueue(message)
+                message = await self._pubsub.get_message(timeout=0.0)
+
+    async def _enqueue(self, message: dict[str, Any]) -> None:
+        if message["type"] != "message":
+            return
+        try:
+            event = Event(channel=message["channel"].decode(), message=message["data"].decode())
+        except UnicodeDecodeError:
+            metrics.BROKER_DROPPED.labels(reason="not_utf8").inc()
+            logger.warning("broker: dropped a non-UTF-8 message")
+            return
+        await self._queue.put(event)
 
 
 class BoundedMemoryBackend(MemoryBackend):

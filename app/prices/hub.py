@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from app import metrics
 from app.broker import Broker, price_channel
@@ -77,7 +78,8 @@ class Outbox:
         self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
         self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
-        self._corked: list[tuple[Tick, bytes]] = []  # direct writes held until the burst ends
+        # Direct writes held until the burst ends: encoded frames, or texts in batch mode.
+        self._corked: list[bytes | str] = []
         self.direct = direct
         self.batch = False  # the client accepts JSON-array frames
         self.deadline = deadline  # Unix time after which nothing more may be sent
@@ -110,8 +112,9 @@ class Outbox:
         direct = self.direct
         if direct is not None and not self._frames and not self._flushing and direct.keeping_up():
             self._floor[tick.symbol] = tick.seq
-            self._corked.append((tick, wire))
-            return len(self._corked) == 1
+            corked = self._corked
+            corked.append(tick.frame if self.batch else wire)
+            return len(corked) == 1
         self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
         return False
 
@@ -121,10 +124,13 @@ class Outbox:
         direct = self.direct
         if not corked or direct is None or time.time() >= self.deadline:
             return 0  # closed or expired meanwhile: the writer closes the stream
-        if self.batch and len(corked) > 1:
-            data = text_frame(("[" + ",".join(t.frame for t, _ in corked) + "]").encode())
-        else:
-            data = b"".join(wire for _, wire in corked)
+        if self.batch:  # corked texts: one frame, an array when there are several
+            texts = cast(list[str], corked)
+            data = text_frame(
+                (texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]").encode()
+            )
+        else:  # corked frames, each already encoded
+            data = b"".join(cast(list[bytes], corked))
         if not direct.write(data):
             return 0
         self.sent += len(corked)

@@ -12,12 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 from app.auth.routes import router as auth_router
@@ -40,7 +38,7 @@ from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
 from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
-from app.prices.ws import routes as websocket_routes
+from app.prices.ws import serve_websocket
 from app.redis_client import create_redis
 from app.security import TokenSigner
 from app.shutdown import close_streams_on_exit_signal
@@ -178,14 +176,10 @@ class PricefeedApp(FastAPI):
     HTTP middleware (CORS, error pages, body limits), and each layer would stay on the stack of
     every open connection."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.websocket_router = Router(routes=websocket_routes)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             scope["app"] = self
-            await self.websocket_router(scope, receive, send)
+            await serve_websocket(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 import orjson
-from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from app.deps import AppState, read_app_state, verify_token
@@ -284,9 +284,20 @@ def _reauthenticate(stream: WebSocketStream, state: AppState, request: dict[str,
     stream.outbox.push_control(control("authenticated", expires=int(principal.expires_at * 1000)))
 
 
-# Plain Starlette routes, served ahead of the HTTP middleware stack (app/main.py): a
-# WebSocket lives for hours, and every layer it passes through stays in memory that long.
-routes: list[BaseRoute] = [
-    WebSocketRoute("/v1/ws/prices/{symbol}", stream_symbol),
-    WebSocketRoute("/v1/ws", stream_many),
-]
+async def serve_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """Route a WebSocket connection straight to its endpoint, ahead of the HTTP middleware
+    stack (app/main.py): a WebSocket lives for hours, and every layer it passes through stays
+    in memory that long."""
+    path: str = scope["path"]
+    if path == "/v1/ws":
+        endpoint = stream_many
+    elif path.startswith(_ONE_SYMBOL_PREFIX) and "/" not in path[len(_ONE_SYMBOL_PREFIX) :]:
+        scope["path_params"] = {"symbol": path[len(_ONE_SYMBOL_PREFIX) :]}
+        endpoint = stream_symbol
+    else:
+        await send({"type": "websocket.close", "code": 1000, "reason": ""})  # HTTP 403
+        return
+    await endpoint(WebSocket(scope, receive, send))
+
+
+_ONE_SYMBOL_PREFIX = "/v1/ws/prices/"

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     ws_send_buffer_bytes: int = Field(default=131_072, ge=0)  # kernel send buffer; 0 = autotune
     ws_per_message_deflate: bool = False
     ws_impl: Literal["fast", "websockets-sansio", "wsproto", "websockets"] = "fast"
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

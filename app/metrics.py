@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("pricefeed_connections", "Open streaming connections", ["transport"])
 SUBSCRIPTIONS = Gauge("pricefeed_subscriptions", "Symbol subscriptions across open connections")
@@ -28,3 +28,8 @@ PRODUCER_LEADER = Gauge(
     "pricefeed_producer_leader", "1 while this instance holds the producer lease"
 )
 TASK_FAILURES = Counter("pricefeed_task_failures_total", "Background task failures", ["task"])
+FANOUT_LAG = Histogram(
+    "pricefeed_fanout_lag_seconds",
+    "Age of a tick (producer ts to now) when the hub passes it on: how far behind fan-out is",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

@@ -79,6 +79,7 @@ def main() -> None:
             port=settings.port,
             workers=settings.workers,
             ws=settings.uvicorn_ws,
+            loop=settings.event_loop,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
             log_config=logging_config(settings.log_level),

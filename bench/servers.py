@@ -99,6 +99,7 @@ class Server:
             "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
             "WORKERS": str(self.workers),
             "LOG_LEVEL": "warning",
+            **self.env,
         }
 
     def start(
@@ -216,6 +217,30 @@ SERVERS: dict[str, Server] = {
             "/readyz",
             workers=2,
             about="python -m app, WORKERS=2 (both on the server core)",
+        ),
+        Server(
+            "pricefeed-sansio",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            env={"WS_IMPL": "websockets-sansio"},
+            about="python -m app, uvicorn's websockets-sansio without the direct frame path",
+        ),
+        Server(
+            "pricefeed-wsproto",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            env={"WS_IMPL": "wsproto"},
+            about="python -m app, uvicorn's wsproto implementation",
+        ),
+        Server(
+            "pricefeed-asyncio",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            env={"EVENT_LOOP": "asyncio"},
+            about="python -m app, the stock asyncio event loop instead of uvloop",
         ),
         Server(
             "broadcaster-readme",

@@ -232,6 +232,8 @@ class FanoutHub:
                 ticks = self._decode(await receive(), channels)
                 if len(ticks) > 1:
                     ticks = self._skip_stale(ticks)
+                if ticks:
+                    metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
                 dirty: list[Outbox] = []
                 for tick in ticks:
                     last = self._last_seq.get(tick.symbol)

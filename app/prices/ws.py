@@ -11,12 +11,11 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from app.deps import AppState, read_app_state, verify_token
-from app.errors import Forbidden, PricefeedError, Unauthenticated
+from app.errors import Forbidden, InvalidRequest, PricefeedError, Unauthenticated
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
 from app.prices.streams import (
     CLOSE_BAD_TOKEN,
-    CLOSE_NOT_ENTITLED,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
     CLOSE_TRY_LATER,
@@ -73,11 +72,25 @@ def _new_stream(
     )
 
 
-async def _run(stream: WebSocketStream, state: AppState, reader: Any) -> None:
-    """Serve the stream: `reader` (this connection's requests) runs until the client goes or
-    the stream is closed; sending happens without a task of its own (see WebSocketStream)."""
+async def _run(
+    stream: WebSocketStream,
+    state: AppState,
+    reader: Any,
+    subscribe: tuple[str, int | None] | None = None,
+) -> None:
+    """Admit the stream, `subscribe` it (symbol, since) if asked, then serve it: `reader`
+    (this connection's requests) runs until the client goes or the stream is closed; sending
+    happens without a task of its own (see WebSocketStream)."""
     try:
         with state.streams.admit(stream, stream.principal.subject, "websocket"):
+            if subscribe is not None:
+                try:
+                    await state.hub.attach(stream.outbox, subscribe[0], since=subscribe[1])
+                except Exception:  # noqa: BLE001 - the store is down: come back later
+                    logger.exception("stream: could not load %s", subscribe[0])
+                    reader.close()
+                    await stream.close(CLOSE_TRY_LATER, "prices unavailable; retry later")
+                    return
             stream.start()
             try:
                 await reader
@@ -124,24 +137,17 @@ async def stream_symbol(websocket: WebSocket) -> None:
     try:
         resolved = state.catalog.resolve(symbol)
         if not principal.may_read(resolved):
-            await stream.close(CLOSE_NOT_ENTITLED, f"not entitled to {resolved}")
-            return
+            raise Forbidden(f"not entitled to {resolved}")
         raw_since = websocket.query_params.get("since")
         since = None
         if raw_since is not None:
             if not (raw_since.isascii() and raw_since.isdigit()) or len(raw_since) > 18:
-                await stream.close(CLOSE_POLICY, "since must be a non-negative integer")
-                return
+                raise InvalidRequest("since must be a non-negative integer")
             since = int(raw_since)
-        await state.hub.attach(stream.outbox, resolved, since=since)
     except PricefeedError as exc:
         await stream.close(exc.close_code, exc.message)
         return
-    except Exception:  # noqa: BLE001 - the store is down: tell the client to come back
-        logger.exception("stream: could not load %s", symbol)
-        await stream.close(CLOSE_TRY_LATER, "prices unavailable; retry later")
-        return
-    await _run(stream, state, _drain_client(stream, state))
+    await _run(stream, state, _drain_client(stream, state), subscribe=(resolved, since))
 
 
 async def _drain_client(stream: WebSocketStream, state: AppState) -> None:

@@ -33,11 +33,6 @@ class FrameWriter:
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self._protocol = protocol
 
-    @property
-    def open(self) -> bool:
-        p = self._protocol
-        return not (p.close_sent or p.disconnected or p.transport.is_closing())
-
     def keeping_up(self) -> bool:
         """Open, and its unsent bytes below the high-water mark."""
         p = self._protocol
@@ -50,10 +45,11 @@ class FrameWriter:
         await self._protocol.writable.wait()
 
     def write(self, data: bytes) -> bool:
-        """Write regardless of the buffer (the caller waited for writable)."""
-        if not self.open:
+        """Write regardless of the buffer (the caller checked `keeping_up` or waited)."""
+        p = self._protocol
+        if p.close_sent or p.disconnected:
             return False
-        self._protocol.transport.write(data)
+        p.transport.write(data)
         return True
 
 

@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
 
 from app import metrics
 from app.broker import Broker, price_channel
@@ -56,6 +55,7 @@ class Outbox:
         "_on_queued",
         "_flushing",
         "_corked",
+        "_corked_texts",
         "direct",
         "batch",
         "deadline",
@@ -79,7 +79,8 @@ class Outbox:
         self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
         # Direct writes held until the burst ends: encoded frames, or texts in batch mode.
-        self._corked: list[bytes | str] = []
+        self._corked: list[bytes] = []
+        self._corked_texts: list[str] = []
         self.direct = direct
         self.batch = False  # the client accepts JSON-array frames
         self.deadline = deadline  # Unix time after which nothing more may be sent
@@ -96,45 +97,47 @@ class Outbox:
     def offer(self, tick: Tick, wire: bytes) -> bool:
         """Take a live tick (`wire`: its encoded frame). True if it was corked for a direct
         write and this outbox had nothing corked before: the caller must `flush()` it."""
-        held = self._syncing.get(tick.symbol)
-        if held is not None:
-            held.append(tick)
-            if len(held) > self._limit:
-                del held[0]
+        symbol = tick.symbol
+        floor = self._floor.get(symbol)
+        if floor is None:  # not subscribed, or its snapshot is still loading
+            held = self._syncing.get(symbol)
+            if held is not None:
+                held.append(tick)
+                if len(held) > self._limit:
+                    del held[0]
             return False
-        floor = self._floor.get(tick.symbol)
-        if floor is None or tick.seq <= floor:
+        if tick.seq <= floor:
             return False
-        if self._awaiting_snapshot and tick.symbol in self._awaiting_snapshot:
-            self._awaiting_snapshot.discard(tick.symbol)
-            self._push(Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot"))
+        if self._awaiting_snapshot and symbol in self._awaiting_snapshot:
+            self._awaiting_snapshot.discard(symbol)
+            self._push(Frame(symbol, tick.seq, tick.snapshot_frame, "snapshot"))
             return False
         direct = self.direct
         if direct is not None and not self._frames and not self._flushing and direct.keeping_up():
-            self._floor[tick.symbol] = tick.seq
-            corked = self._corked
-            corked.append(tick.frame if self.batch else wire)
-            return len(corked) == 1
-        self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
+            self._floor[symbol] = tick.seq
+            if self.batch:
+                self._corked_texts.append(tick.frame)
+                return len(self._corked_texts) == 1
+            self._corked.append(wire)
+            return len(self._corked) == 1
+        self._push(Frame(symbol, tick.seq, tick.frame, "tick"))
         return False
 
-    def flush(self) -> int:
+    def flush(self, now: float) -> int:
         """Write what `offer` corked, in one write; how many frames that carried."""
-        corked, self._corked = self._corked, []
         direct = self.direct
-        if not corked or direct is None or time.time() >= self.deadline:
-            return 0  # closed or expired meanwhile: the writer closes the stream
-        if self.batch:  # corked texts: one frame, an array when there are several
-            texts = cast(list[str], corked)
-            data = text_frame(
-                (texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]").encode()
-            )
-        else:  # corked frames, each already encoded
-            data = b"".join(cast(list[bytes], corked))
-        if not direct.write(data):
-            return 0
-        self.sent += len(corked)
-        return len(corked)
+        if self._corked_texts:  # batch mode: one frame, an array when there are several
+            texts, self._corked_texts = self._corked_texts, []
+            count = len(texts)
+            data = text_frame((texts[0] if count == 1 else "[" + ",".join(texts) + "]").encode())
+        else:
+            frames, self._corked = self._corked, []
+            count = len(frames)
+            data = frames[0] if count == 1 else b"".join(frames)
+        if direct is None or now >= self.deadline or not count or not direct.write(data):
+            return 0  # closed or expired meanwhile: the stream's close follows
+        self.sent += count
+        return count
 
     def _push(self, frame: Frame) -> None:
         self._floor[frame.symbol] = frame.seq
@@ -195,8 +198,8 @@ class Outbox:
 
     def drain(self) -> list[Frame]:
         """Take the queued frames; until `flushed()`, new ticks queue behind them."""
-        if self._corked:
-            self.flush()  # what was corked came first
+        if self._corked or self._corked_texts:
+            self.flush(time.time())  # what was corked came first
         frames, self._frames = self._frames, []
         self._flushing = bool(frames)
         return frames
@@ -281,8 +284,9 @@ class FanoutHub:
     @staticmethod
     def _flush(dirty: list[Outbox]) -> None:
         sent = 0
+        now = time.time()
         for outbox in dirty:
-            sent += outbox.flush()
+            sent += outbox.flush(now)
         if sent:
             metrics.MESSAGES_SENT.inc(sent)
 

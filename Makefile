@@ -26,10 +26,11 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/mypy
 
 bench: install
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -85,11 +85,21 @@ async def measure(deflate: bool, clients: int, rate: float, seconds: float) -> d
         "WS_MAX_CONNECTIONS_PER_SUBJECT": str(clients + 10),
         "WS_HEARTBEAT_SECONDS": "3600",
     }
-    subprocess.run([sys.executable, "-m", "alembic", "-x", f"url={db}", "upgrade", "head"],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={db}", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    proc = subprocess.Popen([*taskset, sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*taskset, sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     conns = []
     try:
         await _wait_ready(f"http://127.0.0.1:{port}", proc)
@@ -97,13 +107,17 @@ async def measure(deflate: bool, clients: int, rate: float, seconds: float) -> d
         _, rss0 = _proc_stat(proc.pid)
         url = f"ws://127.0.0.1:{port}/v1/ws?token={_token()}"
         for i in range(0, clients, 100):
-            batch = [connect(url, compression="deflate", max_queue=None, ping_interval=None)
-                     for _ in range(min(100, clients - i))]
+            batch = [
+                connect(url, compression="deflate", max_queue=None, ping_interval=None)
+                for _ in range(min(100, clients - i))
+            ]
             conns += await asyncio.gather(*batch)
         await asyncio.sleep(1.0)
         _, rss_idle = _proc_stat(proc.pid)
-        negotiated = any("permessage-deflate" in (c.response.headers.get("Sec-WebSocket-Extensions") or "")
-                         for c in conns[:1])
+        negotiated = any(
+            "permessage-deflate" in (c.response.headers.get("Sec-WebSocket-Extensions") or "")
+            for c in conns[:1]
+        )
         received = 0
 
         async def reader(conn) -> None:  # type: ignore[no-untyped-def]
@@ -154,12 +168,19 @@ async def main() -> None:
     if shutil.which("taskset"):
         os.sched_setaffinity(0, {1})
     rows = [await measure(d, args.clients, args.rate, args.seconds) for d in (False, True)]
-    print(f"\npermessage-deflate, {args.clients} clients offering it, 2 symbols x {args.rate:g} ticks/s")
-    print("| WS_PER_MESSAGE_DEFLATE | negotiated | KB/conn idle | KB/conn live | msg/s | CPU µs/msg |")
+    print(
+        f"\npermessage-deflate, {args.clients} clients offering it, "
+        f"2 symbols x {args.rate:g} ticks/s"
+    )
+    print(
+        "| WS_PER_MESSAGE_DEFLATE | negotiated | KB/conn idle | KB/conn live | msg/s | CPU µs/msg |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {str(r['deflate']).lower()} | {r['negotiated']} | {r['kb_per_conn_idle']:.1f} | "
-              f"{r['kb_per_conn_live']:.1f} | {r['msg_per_s']:.0f} | {r['cpu_us_per_msg']:.1f} |")
+        print(
+            f"| {str(r['deflate']).lower()} | {r['negotiated']} | {r['kb_per_conn_idle']:.1f} | "
+            f"{r['kb_per_conn_live']:.1f} | {r['msg_per_s']:.0f} | {r['cpu_us_per_msg']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ from app.db import create_engine, create_session_factory
 from app.deps import AppState
 from app.errors import install_error_handlers
 from app.feed.leader import create_lease, instance_name
-from app.feed.producer import Producer
-from app.feed.sources import SimulatedSource
+from app.feed.producer import Producer, create_producer
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
 from app.logs import install_redaction
@@ -91,14 +90,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
     producer: Producer | None = None
     if settings.producer == "on":
-        producer = Producer(
-            source=SimulatedSource(
-                ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
-            ),
-            instruments=instruments,
-            store=store,
-            broker=broker,
-            lease=lease,
+        producer = create_producer(
+            settings, instruments=instruments, store=store, broker=broker, lease=lease
         )
         supervisor.spawn("producer", producer.run)
 

@@ -18,8 +18,7 @@ from app.broker import Broker
 from app.config import get_settings
 from app.db import create_engine, create_session_factory
 from app.feed.leader import create_lease, instance_name
-from app.feed.producer import Producer
-from app.feed.sources import SimulatedSource
+from app.feed.producer import create_producer
 from app.instruments.repository import load_instruments
 from app.logs import logging_config
 from app.prices.store import create_tick_store
@@ -51,14 +50,8 @@ async def run_producer() -> None:
     lease = create_lease(settings, redis, store, instance=instance_name(settings))
     broker = Broker(settings.broadcast_url)
     await broker.connect()
-    producer = Producer(
-        source=SimulatedSource(
-            ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
-        ),
-        instruments=instruments,
-        store=store,
-        broker=broker,
-        lease=lease,
+    producer = create_producer(
+        settings, instruments=instruments, store=store, broker=broker, lease=lease
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

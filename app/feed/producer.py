@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 
 from app import metrics
 from app.broker import Broker, price_channel
-from app.feed.sources import Quote, TickSource
+from app.config import Settings
+from app.feed.sources import Quote, SimulatedSource, TickSource
 from app.instruments.repository import InstrumentInfo
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
 from app.prices.store import NotLeader, TickStore
@@ -166,3 +167,18 @@ class Producer:
         if written:
             await self._broker.publish(price_channel(symbol), tick.frame)
             metrics.TICKS_PUBLISHED.inc()
+
+
+def create_producer(
+    settings: Settings,
+    *,
+    instruments: Sequence[InstrumentInfo],
+    store: TickStore,
+    broker: Broker,
+    lease: Lease,
+) -> Producer:
+    """The producer FEED_SOURCE names (so far: the simulated feed)."""
+    source = SimulatedSource(
+        ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
+    )
+    return Producer(source=source, instruments=instruments, store=store, broker=broker, lease=lease)

@@ -8,7 +8,8 @@ import re
 from typing import Any
 
 _SECRETS = re.compile(
-    r"(?P<key>(?:access_)?token=|client_secret=|Bearer\s+)[^&\s\"']+"
+    # A `$NAME` after the key is a reference to an environment variable, not a secret.
+    r"(?P<key>(?:access_)?token=|client_secret=|Bearer\s+)(?!\$[A-Z_])[^&\s\"']+"
     r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
     re.IGNORECASE,
 )

@@ -9,10 +9,12 @@ any number may run, one publishes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import logging.config
 import os
 import signal
+import sys
 
 from app.broker import Broker
 from app.config import get_settings
@@ -27,8 +29,18 @@ from app.redis_client import create_redis
 logger = logging.getLogger("app.feed")
 
 
+def _die_with_parent(parent: int) -> None:
+    """A producer started by a server goes when its server goes, even on SIGKILL: on Linux the
+    kernel kills it (PR_SET_PDEATHSIG); the lease it held expires within LEADER_LEASE_MS."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before we asked
+        raise SystemExit(0)
+
+
 async def _exit_with_parent(parent: int) -> None:
-    """A producer started by a server goes when its server goes, even on SIGKILL."""
+    """Elsewhere, notice the parent is gone by polling."""
     while os.getppid() == parent:
         await asyncio.sleep(0.5)
     logger.warning("producer: parent process %d is gone; stopping", parent)
@@ -69,14 +81,21 @@ async def run_producer() -> None:
     finally:
         for task in watchers:
             task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-        await lease.release()
-        await broker.disconnect()
-        await redis.aclose()
+        try:
+            async with asyncio.timeout(5):  # never linger: a successor may need the lease
+                await asyncio.gather(*watchers, return_exceptions=True)
+                await lease.release()
+                await broker.disconnect()
+                await redis.aclose()
+        except TimeoutError:
+            logger.warning("producer: cleanup timed out; exiting anyway")
 
 
 def main() -> None:
     logging.config.dictConfig(logging_config(get_settings().log_level))
+    parent = os.environ.get("PRICEFEED_PARENT_PID")
+    if parent:
+        _die_with_parent(int(parent))
     asyncio.run(run_producer())
 
 

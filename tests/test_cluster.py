@@ -105,8 +105,12 @@ class TestTwoInstances:
             )
             async with watch(standby, "MSFT") as stream:
                 before = await collect(stream, 0.5)
+                assert leader.process is not None
+                producers = children(leader.process.pid)
+                assert producers, "with Redis, the producer runs in a process of its own"
                 leader.stop(signal.SIGKILL)
                 await wait_for(lambda: _is_leader(standby), timeout=10)
+                await wait_for(lambda: _all_gone(producers), timeout=5)
                 after = await collect(stream, 1.5)
             assert before and after
             assert after[-1]["seq"] > before[-1]["seq"], "seq carries on, never restarts"
@@ -115,6 +119,20 @@ class TestTwoInstances:
                 replay = await collect(resumed, 1.0)
             assert replay[0]["seq"] == before[-1]["seq"] + 1
             assert_contiguous(replay)
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+async def _all_gone(pids: list[int]) -> bool:
+    """No orphan: a killed server's producer process goes with it."""
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
 async def _is_leader(server: ServerProcess) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 
 class PricefeedError(Exception):
@@ -65,8 +66,14 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _handle_store_down(request: Request, exc: Exception) -> JSONResponse:
+    return await _handle(request, Unavailable("price store unavailable; retry shortly"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PricefeedError, _handle)
+    # The Redis tick store unreachable: a 503 the client can retry, never a 500.
+    app.add_exception_handler(RedisError, _handle_store_down)
 
 
 ErrorOutDoc = {

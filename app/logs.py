@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+from urllib.parse import unquote
 
 _SECRETS = re.compile(
     # A `$NAME` after the key is a reference to an environment variable, not a secret.
@@ -16,7 +17,12 @@ _SECRETS = re.compile(
 
 
 def redact(text: str) -> str:
-    return _SECRETS.sub(lambda m: f"{m.group('key') or ''}[redacted]", text)
+    cleaned = _SECRETS.sub(lambda m: f"{m.group('key') or ''}[redacted]", text)
+    if "%" in cleaned:  # a percent-encoded `%74oken=%65yJ…` is still a token to the server
+        decoded = unquote(cleaned)
+        if _SECRETS.search(decoded):
+            cleaned = _SECRETS.sub(lambda m: f"{m.group('key') or ''}[redacted]", decoded)
+    return cleaned
 
 
 class RedactSecrets(logging.Filter):

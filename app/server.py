@@ -32,6 +32,7 @@ class ProducerProcess:
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # no start after stop() looked
         self._thread = threading.Thread(target=self._keep_running, name="producer", daemon=True)
 
     def start(self) -> None:
@@ -39,15 +40,21 @@ class ProducerProcess:
 
     def _keep_running(self) -> None:
         env = {**os.environ, "PRICEFEED_PARENT_PID": str(os.getpid())}
-        while not self._stopping.is_set():
-            self._process = subprocess.Popen([sys.executable, "-m", "app.feed"], env=env)
-            code = self._process.wait()
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                process = self._process = subprocess.Popen(
+                    [sys.executable, "-m", "app.feed"], env=env
+                )
+            code = process.wait()
             if not self._stopping.is_set():
                 logger.error("producer process exited with %s; restarting it", code)
                 self._stopping.wait(1.0)
 
     def stop(self) -> None:
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:

@@ -36,8 +36,9 @@ class FrameWriter:
     def keeping_up(self) -> bool:
         """Open, and its unsent bytes below the high-water mark."""
         p = self._protocol
-        return not (p.close_sent or p.disconnected) and (
-            p.transport.get_write_buffer_size() <= _HIGH_WATER
+        transport = p.transport
+        return not (p.close_sent or p.disconnected or transport.is_closing()) and (
+            transport.get_write_buffer_size() <= _HIGH_WATER
         )
 
     async def wait_writable(self) -> None:
@@ -47,7 +48,9 @@ class FrameWriter:
     def write(self, data: bytes) -> bool:
         """Write regardless of the buffer (the caller checked `keeping_up` or waited)."""
         p = self._protocol
-        if p.close_sent or p.disconnected:
+        # uvicorn sends some close frames (a peer's close, shutdown) without `close_sent`,
+        # then closes the transport: nothing may follow them.
+        if p.close_sent or p.disconnected or p.transport.is_closing():
             return False
         p.transport.write(data)
         return True

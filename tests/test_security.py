@@ -204,3 +204,15 @@ class TestClientSecrets:
     )
     def test_malformed_stored_hash_is_refused(self, stored: str) -> None:
         assert not verify_secret("anything", stored)
+
+
+def test_a_crafted_deeply_nested_header_is_just_invalid() -> None:
+    """A header that exhausts the JSON parser's recursion must be a 401, not a 500."""
+    from app.security import InvalidToken
+
+    header = base64.urlsafe_b64encode(b"[" * 2500).rstrip(b"=").decode()
+    assert len(header) < 4096  # under the length cap: the parser itself must be survived
+    with pytest.raises(InvalidToken):
+        signer().verify(f"{header}.e30.sig")
+    with pytest.raises(InvalidToken):
+        signer().verify("x" * 5000)  # and an oversized token is not parsed at all

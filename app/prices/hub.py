@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from app import metrics
 from app.broker import Broker, price_channel
 from app.prices.store import TickStore
-from app.prices.ticks import MalformedTick, Tick, decode_tick
+from app.prices.ticks import MalformedTick, Tick, as_snapshot, decode_tick
 from app.prices.wire import text_frame
 from app.ws_protocol import FrameWriter
 
@@ -37,7 +37,12 @@ class Frame:
     symbol: str
     seq: int
     text: str
-    event: str  # "tick" or "snapshot"
+    event: str  # "tick", "snapshot", "replay" (a retained tick sent for `since`), "control"
+
+    @property
+    def pinned(self) -> bool:
+        """Never conflated away."""
+        return self.event == "replay" or self.event == "control"
 
 
 class Outbox:
@@ -54,6 +59,8 @@ class Outbox:
         "_awaiting_snapshot",
         "_on_queued",
         "_flushing",
+        "_pinned",
+        "closed",
         "_corked",
         "_corked_texts",
         "direct",
@@ -78,6 +85,8 @@ class Outbox:
         self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
         self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
+        self._pinned = 0  # queued frames conflation keeps (they do not count against `limit`)
+        self.closed = False  # its stream is gone: the hub must not attach it again
         # Direct writes held until the burst ends: encoded frames, or texts in batch mode.
         self._corked: list[bytes] = []
         self._corked_texts: list[str] = []
@@ -141,18 +150,34 @@ class Outbox:
 
     def _push(self, frame: Frame) -> None:
         self._floor[frame.symbol] = frame.seq
-        if len(self._frames) >= self._limit:
+        if len(self._frames) >= self._limit + self._pinned:
             self._conflate()
         self._frames.append(frame)
         self._on_queued()
 
+    def _pin(self, frame: Frame) -> None:
+        """Queue a frame conflation must keep: a protocol reply, or a replayed tick (a `since`
+        resume owes the client every retained tick; the replay is finite)."""
+        if frame.symbol:
+            self._floor[frame.symbol] = frame.seq
+        self._frames.append(frame)
+        self._pinned += 1
+        self._on_queued()
+
     def _conflate(self) -> None:
         seen: set[str] = set()
+        snapshot_dropped: set[str] = set()
         kept: list[Frame] = []
         for frame in reversed(self._frames):
-            if frame.event == "control" or frame.symbol not in seen:
+            if frame.pinned or frame.symbol not in seen:
                 seen.add(frame.symbol)
                 kept.append(frame)
+            elif frame.event == "snapshot":
+                snapshot_dropped.add(frame.symbol)
+        for i, frame in enumerate(kept):
+            if frame.symbol in snapshot_dropped and frame.event == "tick":
+                # The client must still see a snapshot first: the survivor becomes it.
+                kept[i] = Frame(frame.symbol, frame.seq, as_snapshot(frame.text), "snapshot")
         kept.reverse()
         dropped = len(self._frames) - len(kept)
         self._frames = kept
@@ -172,7 +197,10 @@ class Outbox:
             return
         self._floor[symbol] = floor
         for frame in initial:
-            self._push(frame)
+            if frame.event == "replay":
+                self._pin(frame)
+            else:
+                self._push(frame)
         for tick in held:
             if tick.seq <= self._floor[symbol]:
                 continue
@@ -190,17 +218,18 @@ class Outbox:
         self._syncing.pop(symbol, None)
         self._awaiting_snapshot.discard(symbol)
         self._frames = [f for f in self._frames if f.symbol != symbol]
+        self._pinned = sum(1 for f in self._frames if f.pinned)
 
     def push_control(self, text: str) -> None:
         """A protocol frame (subscribed, pong, error…): never conflated away."""
-        self._frames.append(Frame("", 0, text, "control"))
-        self._on_queued()
+        self._pin(Frame("", 0, text, "control"))
 
     def drain(self) -> list[Frame]:
         """Take the queued frames; until `flushed()`, new ticks queue behind them."""
         if self._corked or self._corked_texts:
             self.flush(time.time())  # what was corked came first
         frames, self._frames = self._frames, []
+        self._pinned = 0
         self._flushing = bool(frames)
         return frames
 
@@ -328,6 +357,8 @@ class FanoutHub:
     async def attach(self, outbox: Outbox, symbol: str, *, since: int | None) -> None:
         """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`),
         then every live tick, with no gap and no duplicate between the two."""
+        if outbox.closed:
+            return
         outbox.begin_sync(symbol)
         self._streams.setdefault(symbol, set()).add(outbox)
         metrics.SUBSCRIPTIONS.inc()
@@ -335,10 +366,12 @@ class FanoutHub:
         floor, first_live_is_snapshot = since or 0, since is None
         try:
             # The newest tick this hub passed on is the snapshot: no store round trip, so a
-            # reconnect storm costs Redis nothing. The store is asked only before any tick.
+            # reconnect storm costs Redis nothing. The store is asked before any tick, and
+            # when a resume point is ahead of this hub (it lags, or the client came from a
+            # faster instance).
             latest = self._latest.get(symbol)
-            if latest is None:
-                latest = (await self._store.read_latest([symbol])).get(symbol)
+            if latest is None or (since is not None and since > latest.seq):
+                latest = (await self._store.read_latest([symbol])).get(symbol) or latest
             if latest is not None:
                 if since is None or since > latest.seq:
                     # No resume point, or one from a future we never produced: start afresh.
@@ -348,11 +381,13 @@ class FanoutHub:
                     history = await self._store.read_history(
                         symbol, since=since, limit=self._retention
                     )
-                    initial = [Frame(t.symbol, t.seq, t.frame, "tick") for t in history]
+                    initial = [Frame(t.symbol, t.seq, t.frame, "replay") for t in history]
         finally:
             outbox.end_sync(
                 symbol, initial, floor=floor, first_live_is_snapshot=first_live_is_snapshot
             )
+            if outbox.closed:  # its stream closed while the store answered
+                self.detach(outbox, [symbol])
 
     def detach(self, outbox: Outbox, symbols: Iterable[str]) -> None:
         for symbol in list(symbols):

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
 from app import metrics
 from app.deps import StateDep, authenticate_stream
-from app.errors import Forbidden, InvalidRequest
+from app.errors import Forbidden, InvalidRequest, Unavailable
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub, Outbox
 from app.prices.ticks import normalise_symbol
@@ -73,6 +73,7 @@ def _error_event(code: str, message: str) -> str:
     responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream"}},
 )
 async def stream_events(
+    principal: Annotated[Principal, Depends(authenticate_stream)],
     request: Request,
     state: StateDep,
     symbols: Annotated[str, Query(description="Comma-separated, e.g. AAPL,MSFT", min_length=1)],
@@ -84,7 +85,6 @@ async def stream_events(
     from a snapshot). Token: `Authorization: Bearer` or `?token=`."""
     if not origin_allowed(request, state.settings.allowed_origins):
         raise Forbidden("origin not allowed")
-    principal = authenticate_stream(request, state)
     resolved = state.catalog.resolve_many(symbols.split(","))
     denied = [s for s in resolved if not principal.may_read(s)]
     if denied:
@@ -98,12 +98,18 @@ async def stream_events(
     )
     admission = state.streams.admit(stream, principal.subject, "sse")
     admission.__enter__()  # raises 503 at capacity, 429 past the per-subject limit
+    try:  # subscribe before answering: a store outage is a 503, not a broken 200
+        for symbol in resolved:
+            since = resume[1] if resume is not None and resume[0] == symbol else None
+            await state.hub.attach(stream.outbox, symbol, since=since)
+    except Exception as exc:
+        stream.outbox.closed = True
+        state.hub.detach(stream.outbox, stream.outbox.symbols)
+        admission.__exit__(None, None, None)
+        raise Unavailable("prices unavailable; retry shortly") from exc
 
     async def events() -> AsyncIterator[str]:
         try:
-            for symbol in resolved:
-                since = resume[1] if resume is not None and resume[0] == symbol else None
-                await state.hub.attach(stream.outbox, symbol, since=since)
             yield "retry: 2000\n\n"
             while True:
                 timeout = min(_KEEPALIVE_SECONDS, stream.deadline - time.time())
@@ -121,11 +127,14 @@ async def stream_events(
                 stream.outbox.flushed()
                 metrics.MESSAGES_SENT.inc(len(frames))
                 yield "".join(
-                    f"event: {f.event}\nid: {f.symbol}:{f.seq}\ndata: {f.text}\n\n" for f in frames
+                    f"event: {'tick' if f.event == 'replay' else f.event}\n"
+                    f"id: {f.symbol}:{f.seq}\ndata: {f.text}\n\n"
+                    for f in frames
                 )
         except asyncio.CancelledError:
             raise
         finally:
+            stream.outbox.closed = True
             state.hub.detach(stream.outbox, stream.outbox.symbols)
             admission.__exit__(None, None, None)
 

@@ -99,6 +99,10 @@ class RateLimiter:
         return True
 
 
+class TokenExpiredWhileSending(Exception):
+    """The token expired while a send waited for the socket: nothing more may go out."""
+
+
 def control(kind: str, **fields: object) -> str:
     return orjson.dumps({"type": kind, **fields}).decode()
 
@@ -168,6 +172,7 @@ class WebSocketStream:
         if self._closing:
             return
         self._closing = True
+        self.outbox.closed = True
         self.outbox.direct = None  # from now on nothing bypasses the close
         self.hub.detach(self.outbox, self.outbox.symbols)
         if self._timer is not None:
@@ -217,10 +222,16 @@ class WebSocketStream:
         outbox = self.outbox
         try:
             while len(outbox) and not self._closing:
+                if time.time() >= outbox.deadline:  # nothing more after the token expired
+                    self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+                    return
                 frames = outbox.drain()
                 try:
                     async with asyncio.timeout(self._send_timeout):
                         await self._send(frames)
+                except TokenExpiredWhileSending:
+                    self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+                    return
                 except TimeoutError:
                     logger.info("stream: reader stuck %.0fs; closing 1013", self._send_timeout)
                     self._close_soon(CLOSE_TRY_LATER, "reader too slow")
@@ -263,5 +274,7 @@ class WebSocketStream:
         # One write for everything queued: the frames leave in one segment.
         data = b"".join(text_frame(text.encode()) for text in texts)
         await direct.wait_writable()
+        if time.time() >= self.outbox.deadline:
+            raise TokenExpiredWhileSending
         if not direct.write(data):
             raise ConnectionError("connection closed")

@@ -38,15 +38,20 @@ class Tick:
     @property
     def snapshot_frame(self) -> str:
         """The same tick as a `snapshot` frame."""
-        if self.frame.startswith(_TICK_PREFIX):
-            return _SNAPSHOT_PREFIX + self.frame[len(_TICK_PREFIX) :]
-        body = orjson.loads(self.frame)
-        body["type"] = "snapshot"
-        return orjson.dumps(body).decode()
+        return as_snapshot(self.frame)
 
     def as_dict(self) -> dict[str, object]:
         value: dict[str, object] = orjson.loads(self.frame)
         return value
+
+
+def as_snapshot(frame: str) -> str:
+    """A tick frame's text as a `snapshot` frame."""
+    if frame.startswith(_TICK_PREFIX):
+        return _SNAPSHOT_PREFIX + frame[len(_TICK_PREFIX) :]
+    body = orjson.loads(frame)
+    body["type"] = "snapshot"
+    return orjson.dumps(body).decode()
 
 
 def encode_tick(

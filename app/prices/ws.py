@@ -268,6 +268,8 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
         stream.outbox.batch = batch
     stream.outbox.push_control(control("subscribed", symbols=symbols))
     for symbol in new:
+        if stream.closed:  # closed (expiry, shutdown…) while an earlier symbol loaded
+            return
         try:
             await state.hub.attach(stream.outbox, symbol, since=since.get(symbol))
         except Exception:  # noqa: BLE001 - the store is down

@@ -207,3 +207,64 @@ class TestFanoutHub:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             await broker.disconnect()
+
+
+class SlowStore(MemoryTickStore):
+    """A store whose reads take a while, like Redis under load."""
+
+    async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        await asyncio.sleep(0.1)
+        return await super().read_history(symbol, since=since, limit=limit)
+
+    async def read_latest(self, symbols):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.1)
+        return await super().read_latest(symbols)
+
+
+class TestAttach:
+    async def test_a_stream_closed_while_its_snapshot_loads_is_not_left_attached(self) -> None:
+        store = SlowStore(retention=100, candles_kept=10)
+        await store.append(tick("AAPL", 1), {}, fence=None)
+        hub = FanoutHub(broker=Broker("memory://"), store=store, retention=100)
+        outbox = Outbox(limit=16, on_queued=lambda: None)
+        loading = asyncio.create_task(hub.attach(outbox, "AAPL", since=None))
+        await asyncio.sleep(0.02)
+        outbox.closed = True  # what WebSocketStream.close does
+        hub.detach(outbox, outbox.symbols)
+        await loading
+        assert hub.subscription_count == 0
+        await hub.attach(outbox, "MSFT", since=None)  # and a closed outbox is never attached
+        assert hub.subscription_count == 0
+
+    async def test_resume_ahead_of_this_hub_replays_nothing_twice(self) -> None:
+        """The client came from a faster instance: its `since` is past what this hub passed
+        on, but not past the store. No old snapshot, no duplicate."""
+        store = MemoryTickStore(retention=100, candles_kept=10)
+        broker = Broker("memory://")
+        await broker.connect()
+        hub = FanoutHub(broker=broker, store=store, retention=100)
+        consumer = asyncio.create_task(hub.consume(["AAPL"]))
+        try:
+            await asyncio.sleep(0.02)
+            first = tick("AAPL", 1)
+            await store.append(first, {}, fence=None)
+            await broker.publish(price_channel("AAPL"), first.frame)
+            await asyncio.sleep(0.02)  # the hub has passed on seq 1
+            for seq in range(2, 6):  # in the store, not yet through this hub
+                await store.append(tick("AAPL", seq), {}, fence=None)
+            outbox = Outbox(limit=16, on_queued=lambda: None)
+            await hub.attach(outbox, "AAPL", since=4)
+            for seq in range(2, 7):
+                t = tick("AAPL", seq)
+                if seq == 6:
+                    await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("AAPL"), t.frame)
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+                if len(outbox) >= 2:
+                    break
+            assert [(f.event, f.seq) for f in outbox.drain()] == [("replay", 5), ("tick", 6)]
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()

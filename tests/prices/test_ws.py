@@ -356,3 +356,19 @@ class TestLimits:
                 async with open_stream(f"{server.ws}/v1/ws?token={token('b')}") as second:
                     code, _ = await second.closed_with()
         assert code == 1013
+
+
+class TestResume:
+    async def test_resume_longer_than_the_outbox_has_no_gap(self, live) -> None:
+        """A `since` resume owes every retained tick, even more than the outbox bound."""
+        async with live(feed_ticks_per_second=400, ws_outbox_frames=64) as server:
+            async with open_stream(f"{server.ws}/v1/ws/prices/AAPL?token={token()}") as stream:
+                latest = (await stream.recv())["seq"]
+                while latest < 300:
+                    latest = (await stream.recv())["seq"]
+            since = latest - 250
+            async with open_stream(
+                f"{server.ws}/v1/ws/prices/AAPL?token={token()}&since={since}"
+            ) as stream:
+                seqs = [(await stream.recv())["seq"] for _ in range(300)]
+        assert seqs == list(range(since + 1, since + 301))

@@ -29,6 +29,19 @@ from app.config import Settings
 from app.security import TokenSigner
 
 ROOT = Path(__file__).resolve().parent.parent
+# The instruments the first migration seeds, in its order.
+SEED_SYMBOLS = [
+    "AAPL",
+    "MSFT",
+    "GOOGL",
+    "AMZN",
+    "TSLA",
+    "BTC-USD",
+    "ETH-USD",
+    "SOL-USD",
+    "EUR-USD",
+    "GBP-USD",
+]
 JWT_SECRET = "test-secret-test-secret-test-secret-0123"
 TEST_ENV = {
     "ENV": "dev",

@@ -13,24 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support import SEED_SYMBOLS as SEED_LIST
 from tests.support import token
 from tests.test_security import OTHER_SECRET, claims, forge
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 DECIMAL_RE = re.compile(r"^-?\d+(\.\d+)?$")
-SEED_SYMBOLS = {
-    "AAPL",
-    "MSFT",
-    "GOOGL",
-    "AMZN",
-    "TSLA",
-    "BTC-USD",
-    "ETH-USD",
-    "SOL-USD",
-    "EUR-USD",
-    "GBP-USD",
-}
+SEED_SYMBOLS = set(SEED_LIST)
 INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
 
 

@@ -14,20 +14,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.prices.streams import WebSocketStream
-from tests.support import LiveApp, Stream, open_stream, token
+from tests.support import SEED_SYMBOLS, LiveApp, Stream, open_stream, token
 
-SYMBOLS = [
-    "AAPL",
-    "MSFT",
-    "GOOGL",
-    "AMZN",
-    "TSLA",
-    "BTC-USD",
-    "ETH-USD",
-    "SOL-USD",
-    "EUR-USD",
-    "GBP-USD",
-]
+SYMBOLS = SEED_SYMBOLS
 SUBSCRIBE_ALL = {"op": "subscribe", "symbols": SYMBOLS}
 
 

@@ -12,6 +12,7 @@ from alembic import context
 from app.auth import models as _auth_models  # noqa: F401  (register tables on Base.metadata)
 from app.config import get_settings
 from app.db import Base
+from app.feed import checkpoints as _checkpoint_models  # noqa: F401
 from app.instruments import models as _instrument_models  # noqa: F401
 
 config = context.config

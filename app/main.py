@@ -25,6 +25,7 @@ from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
 from app.errors import install_error_handlers
+from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
 from app.instruments.catalog import Catalog
@@ -91,7 +92,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
-            settings, instruments=instruments, store=store, broker=broker, lease=lease
+            settings,
+            instruments=instruments,
+            store=store,
+            broker=broker,
+            lease=lease,
+            checkpoints=SeqCheckpoints(sessions) if settings.uses_redis else None,
         )
         supervisor.spawn("producer", producer.run)
 

@@ -216,3 +216,26 @@ class TestShutdownAndLogs:
         assert "/docs" in log and "get a token: curl" in log, "the log says how to start"
         for secret in (secret_token, issued_token, secret_token.split(".")[2], "chosen-secret-42"):
             assert secret not in log
+
+
+class TestSeqNeverRestarts:
+    async def test_new_leader_after_redis_lost_everything_resumes_above_the_old_seq(
+        self, redis: RedisServer, database_url: str, tmp_path: Path
+    ) -> None:
+        """Redis restarts empty and the producer changes: the database checkpoint keeps seq
+        going forward (a visible jump), never back to 1."""
+        a = server_process(tmp_path, "a", database_url, BROADCAST_URL=redis.url)
+        with running(a):
+            await a.wait_ready()
+            async with watch(a, "AAPL") as stream:
+                await asyncio.sleep(2.5)  # past one checkpoint
+                before = await collect(stream, 0.5)
+            a.stop(signal.SIGKILL)
+        redis.restart()  # no persistence: the tick store is gone
+        b = server_process(tmp_path, "b", database_url, BROADCAST_URL=redis.url)
+        with running(b):
+            await b.wait_ready()
+            async with watch(b, "AAPL") as stream:
+                after = await collect(stream, 1.0)
+        assert before and after
+        assert after[0]["seq"] > before[-1]["seq"], "seq went forward, not back to 1"

@@ -19,6 +19,7 @@ import sys
 from app.broker import Broker
 from app.config import get_settings
 from app.db import create_engine, create_session_factory
+from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import create_producer
 from app.instruments.repository import load_instruments
@@ -53,17 +54,24 @@ async def run_producer() -> None:
             "python -m app.feed needs BROADCAST_URL=redis://… (memory:// is in-process)"
         )
     engine = create_engine(settings.database_url)
+    sessions = create_session_factory(engine)
     try:
-        instruments = await load_instruments(create_session_factory(engine))
-    finally:
+        instruments = await load_instruments(sessions)
+    except BaseException:
         await engine.dispose()
+        raise
     redis = create_redis(settings.broadcast_url)
     store = create_tick_store(settings, redis)
     lease = create_lease(settings, redis, store, instance=instance_name(settings))
     broker = Broker(settings.broadcast_url)
     await broker.connect()
     producer = create_producer(
-        settings, instruments=instruments, store=store, broker=broker, lease=lease
+        settings,
+        instruments=instruments,
+        store=store,
+        broker=broker,
+        lease=lease,
+        checkpoints=SeqCheckpoints(sessions),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,6 +95,7 @@ async def run_producer() -> None:
                 await lease.release()
                 await broker.disconnect()
                 await redis.aclose()
+                await engine.dispose()
         except TimeoutError:
             logger.warning("producer: cleanup timed out; exiting anyway")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from decimal import Decimal
@@ -16,6 +17,7 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.broker import Broker, price_channel
 from app.config import Settings
+from app.feed.checkpoints import SeqCheckpoints
 from app.feed.sources import Quote, SimulatedSource, TickSource
 from app.instruments.repository import InstrumentInfo
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
@@ -39,6 +41,9 @@ class Lease(Protocol):
     async def release(self) -> None: ...
 
 
+CHECKPOINT_SECONDS = 2.0
+
+
 class LostLease(Exception):
     pass
 
@@ -52,8 +57,13 @@ class Producer:
         store: TickStore,
         broker: Broker,
         lease: Lease,
+        checkpoints: SeqCheckpoints | None = None,
+        checkpoint_margin: int = 0,
     ) -> None:
         self._source = source
+        self._checkpoints = checkpoints
+        # Ticks that may have gone out after the last checkpoint: skipped over on resume.
+        self._checkpoint_margin = checkpoint_margin
         self._instruments = list(instruments)
         self._store = store
         self._broker = broker
@@ -101,6 +111,17 @@ class Producer:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._keep_lease(), name="producer-lease")
             group.create_task(self._publish_forever(), name="producer-publish")
+            if self._checkpoints is not None:
+                group.create_task(self._checkpoint_forever(), name="producer-checkpoint")
+
+    async def _checkpoint_forever(self) -> None:
+        assert self._checkpoints is not None
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await self._checkpoints.write(dict(self._seq))
+            except Exception as exc:  # noqa: BLE001 - the next checkpoint tries again
+                logger.warning("producer: seq checkpoint failed (%s)", exc)
 
     async def _keep_lease(self) -> None:
         while True:
@@ -122,6 +143,20 @@ class Producer:
                 price = tick.as_dict().get("price")
                 if isinstance(price, str):
                     self._prices[symbol] = Decimal(price)
+        unknown = [s for s in symbols if s not in self._seq]
+        if unknown and self._checkpoints is not None:
+            # The store lost these (an empty Redis) and this process never published them:
+            # resume above the last checkpoint, never below it.
+            checkpointed = await self._checkpoints.read()
+            for symbol in unknown:
+                if symbol in checkpointed:
+                    self._seq[symbol] = checkpointed[symbol] + self._checkpoint_margin
+                    logger.warning(
+                        "producer: %s not in the store; seq resumes at %d (checkpoint + %d)",
+                        symbol,
+                        self._seq[symbol] + 1,
+                        self._checkpoint_margin,
+                    )
         for symbol in symbols:
             for interval in INTERVALS_MS:
                 kept = await self._store.read_candles(symbol, interval, limit=1)
@@ -176,9 +211,21 @@ def create_producer(
     store: TickStore,
     broker: Broker,
     lease: Lease,
+    checkpoints: SeqCheckpoints | None = None,
 ) -> Producer:
     """The producer FEED_SOURCE names (so far: the simulated feed)."""
     source = SimulatedSource(
         ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
     )
-    return Producer(source=source, instruments=instruments, store=store, broker=broker, lease=lease)
+    # At most this many ticks of a symbol can follow its last checkpoint before a successor
+    # takes over: two checkpoint periods and a lease.
+    window = 2 * CHECKPOINT_SECONDS + settings.leader_lease_ms / 1000
+    return Producer(
+        source=source,
+        instruments=instruments,
+        store=store,
+        broker=broker,
+        lease=lease,
+        checkpoints=checkpoints,
+        checkpoint_margin=math.ceil(settings.feed_ticks_per_second * window) + 1,
+    )

@@ -78,11 +78,15 @@ def authenticate_rest(
     return verify_token(state, _bearer(conn))
 
 
+def read_stream_token(conn: HTTPConnection) -> str | None:
+    """WebSocket and SSE: the header, or `?token=` for browsers, which cannot set headers."""
+    return _bearer(conn) or conn.query_params.get("token")
+
+
 def authenticate_stream(
     conn: HTTPConnection, state: Annotated[AppState, Depends(read_app_state)]
 ) -> Principal:
-    """WebSocket and SSE: the header, or `?token=` for browsers, which cannot set headers."""
-    return verify_token(state, _bearer(conn) or conn.query_params.get("token"))
+    return verify_token(state, read_stream_token(conn))
 
 
 StateDep = Annotated[AppState, Depends(read_app_state)]

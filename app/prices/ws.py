@@ -10,7 +10,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from app.deps import AppState, read_app_state, verify_token
+from app.deps import AppState, read_app_state, read_stream_token, verify_token
 from app.errors import Forbidden, InvalidRequest, PricefeedError, Unauthenticated
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
@@ -44,17 +44,10 @@ async def _accept(websocket: WebSocket, state: AppState) -> Principal | None:
         return None
     await websocket.accept()
     try:
-        return verify_token(state, _stream_token(websocket))
+        return verify_token(state, read_stream_token(websocket))
     except Unauthenticated as exc:
         await websocket.close(CLOSE_BAD_TOKEN, exc.message)
         return None
-
-
-def _stream_token(websocket: WebSocket) -> str | None:
-    scheme, _, credentials = websocket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return websocket.query_params.get("token")
 
 
 def _new_stream(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from asyncio import BaseTransport
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -22,23 +23,42 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 
 EXTENSION = "pricefeed.frames"
-_HIGH_WATER = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
+HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
+
+Transport = asyncio.Transport
 
 
 class FrameWriter:
-    """Writes whole frames to one connection, in order with everything else it sends."""
+    """Writes whole frames to one connection, in order with everything else it sends.
 
-    __slots__ = ("_protocol",)
+    The hub may also write to `transport` itself, in a loop over many connections, while
+    `on_blocked` is set: the protocol calls it the moment such writes must stop (the transport
+    paused writing, or the app is sending its close frame). Anything that closes the transport
+    shows in `transport.is_closing()`, which those writers check."""
+
+    __slots__ = ("_protocol", "on_blocked")
 
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self._protocol = protocol
+        self.on_blocked: Callable[[], None] | None = None
+
+    @property
+    def transport(self) -> Transport:
+        transport: Transport = self._protocol.transport
+        return transport
+
+    def blocked(self) -> None:
+        callback = self.on_blocked
+        if callback is not None:
+            self.on_blocked = None
+            callback()
 
     def keeping_up(self) -> bool:
         """Open, and its unsent bytes below the high-water mark."""
         p = self._protocol
         transport = p.transport
         return not (p.close_sent or p.disconnected or transport.is_closing()) and (
-            transport.get_write_buffer_size() <= _HIGH_WATER
+            transport.get_write_buffer_size() <= HIGH_WATER_BYTES
         )
 
     async def wait_writable(self) -> None:
@@ -131,6 +151,8 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
+        # pause_writing() exactly where FrameWriter.keeping_up() turns false.
+        self.transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
         if self.send_buffer_bytes and sock is not None:
             # A bounded kernel buffer: a stuck reader is noticed (and conflated, then closed)
@@ -138,7 +160,22 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
             # gigabytes of kernel memory.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
 
+    def _frame_writer(self) -> FrameWriter | None:
+        scope = getattr(self, "scope", None)
+        entry = scope["extensions"].get(EXTENSION) if scope is not None else None
+        return entry["writer"] if entry is not None else None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        writer = self._frame_writer()
+        if writer is not None:
+            writer.blocked()
+
     async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "websocket.close":
+            writer = self._frame_writer()
+            if writer is not None:
+                writer.blocked()  # no frame may follow the close frame
         if message["type"] == "websocket.close" and self.handshake_complete:
             # A close must not wait for a stuck reader to drain the buffer (uvicorn's send
             # waits for writable first): queue the close frame behind what is buffered...

@@ -1,10 +1,17 @@
 """The fan-out hub: one broker subscription per symbol per process, shared by every local
 stream, and the per-stream outbox that keeps a slow reader from growing memory.
 
-Where a tick goes: broker → `FanoutHub.consume` (one task, a burst of messages at a time) →
-`Outbox.offer` of each stream subscribed to that symbol → at the end of the burst, one direct
-write per connection (`Outbox.flush`) of the same pre-encoded frames; or, for a connection that
-is behind or has protocol frames queued, its writer task (app/prices/streams.py).
+Where a tick goes: broker → `FanoutHub.consume` (one task, a burst of messages at a time),
+then one of three ways, fastest first:
+- a *lane*: connections subscribed to one symbol that are up to date, keeping up and have
+  nothing queued. At the end of the burst the hub writes the symbol's frames (encoded once) to
+  each lane member's transport in a plain loop: no per-connection Python call, no state update.
+  A member leaves its lane the moment that stops being true (its transport pauses writing, a
+  protocol frame queues, it subscribes to more, its token is due, it closes).
+- `Outbox.offer` of every other stream subscribed to that symbol, then one direct write per
+  connection at the end of the burst (`Outbox.flush`) of the same pre-encoded frames;
+- or, for a connection that is behind or has protocol frames queued, its writer task
+  (app/prices/streams.py).
 
 Ordering and exactly-once per stream come from `seq`: the hub drops a tick it has already
 passed on, and refetches from the store what a broker gap skipped; each outbox keeps a
@@ -25,7 +32,7 @@ from app.broker import Broker, price_channel
 from app.prices.store import TickStore
 from app.prices.ticks import MalformedTick, Tick, as_snapshot, decode_tick
 from app.prices.wire import text_frame
-from app.ws_protocol import FrameWriter
+from app.ws_protocol import FrameWriter, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +71,12 @@ class Outbox:
         "_corked",
         "_corked_texts",
         "direct",
-        "batch",
-        "deadline",
-        "sent",
+        "_batch",
+        "_deadline",
+        "_sent",
         "conflated",
+        "lane",
+        "_lane_mark",
     )
 
     def __init__(
@@ -91,14 +100,64 @@ class Outbox:
         self._corked: list[bytes] = []
         self._corked_texts: list[str] = []
         self.direct = direct
-        self.batch = False  # the client accepts JSON-array frames
-        self.deadline = deadline  # Unix time after which nothing more may be sent
-        self.sent = 0  # frames written directly
+        self._batch = False  # the client accepts JSON-array frames
+        self._deadline = deadline  # Unix time after which nothing more may be sent
+        self._sent = 0  # frames written directly, outside a lane
         self.conflated = 0
+        self.lane: _Lane | None = None  # the hub's fast path, while it qualifies
+        self._lane_mark = 0  # the lane's `delivered` when this outbox joined it
 
     @property
     def symbols(self) -> set[str]:
         return set(self._floor) | set(self._syncing)
+
+    @property
+    def batch(self) -> bool:
+        return self._batch
+
+    @batch.setter
+    def batch(self, value: bool) -> None:
+        if value != self._batch:
+            self.leave_lane()  # its lane writes the other frame shape
+            self._batch = value
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self.leave_lane()  # the lane checks its members' deadlines; it rejoins on its next tick
+        self._deadline = value
+
+    @property
+    def sent(self) -> int:
+        """Live tick frames written to the connection without queueing."""
+        lane = self.lane
+        return self._sent + (lane.delivered - self._lane_mark if lane is not None else 0)
+
+    def leave_lane(self) -> None:
+        """Back to the per-tick path (`offer`), from the seq its lane got to."""
+        lane = self.lane
+        if lane is not None:
+            lane.hub.leave_lane(self)
+
+    def lane_symbol(self) -> str | None:
+        """The symbol of the lane this outbox qualifies for, as far as it alone can tell: one
+        symbol, subscribed and synced, written directly, nothing queued, not closed."""
+        if (
+            self.direct is None
+            or self.closed
+            or self._frames
+            or self._flushing
+            or self._syncing
+            or self._awaiting_snapshot
+            or self._corked
+            or self._corked_texts
+            or len(self._floor) != 1
+        ):
+            return None
+        return next(iter(self._floor))
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -124,7 +183,7 @@ class Outbox:
         direct = self.direct
         if direct is not None and not self._frames and not self._flushing and direct.keeping_up():
             self._floor[symbol] = tick.seq
-            if self.batch:
+            if self._batch:
                 self._corked_texts.append(tick.frame)
                 return len(self._corked_texts) == 1
             self._corked.append(wire)
@@ -143,12 +202,14 @@ class Outbox:
             frames, self._corked = self._corked, []
             count = len(frames)
             data = frames[0] if count == 1 else b"".join(frames)
-        if direct is None or now >= self.deadline or not count or not direct.write(data):
+        if direct is None or now >= self._deadline or not count or not direct.write(data):
             return 0  # closed or expired meanwhile: the stream's close follows
-        self.sent += count
+        self._sent += count
         return count
 
     def _push(self, frame: Frame) -> None:
+        if self.lane is not None:
+            self.leave_lane()
         self._floor[frame.symbol] = frame.seq
         if len(self._frames) >= self._limit + self._pinned:
             self._conflate()
@@ -158,6 +219,8 @@ class Outbox:
     def _pin(self, frame: Frame) -> None:
         """Queue a frame conflation must keep: a protocol reply, or a replayed tick (a `since`
         resume owes the client every retained tick; the replay is finite)."""
+        if self.lane is not None:
+            self.leave_lane()
         if frame.symbol:
             self._floor[frame.symbol] = frame.seq
         self._frames.append(frame)
@@ -222,6 +285,7 @@ class Outbox:
 
     def push_control(self, text: str) -> None:
         """A protocol frame (subscribed, pong, error…): never conflated away."""
+        self.leave_lane()  # the writer sends it; ticks queue behind it meanwhile
         self._pin(Frame("", 0, text, "control"))
 
     def drain(self) -> list[Frame]:
@@ -237,6 +301,45 @@ class Outbox:
         self._flushing = False
 
 
+class _Lane:
+    """The outboxes of one symbol (and one frame shape) that the hub writes to in a plain loop.
+
+    Members are up to date: each has been sent every tick of the symbol up to the hub's last
+    passed-on seq, so they need no per-tick bookkeeping. `delivered` counts the ticks written
+    to the lane, so a member's own count is what it grew by while the member was in it."""
+
+    __slots__ = ("hub", "symbol", "batch", "members", "_transports", "deadline", "delivered")
+
+    def __init__(self, hub: FanoutHub, symbol: str, batch: bool) -> None:
+        self.hub = hub
+        self.symbol = symbol
+        self.batch = batch
+        self.members: dict[Outbox, Transport] = {}
+        self._transports: tuple[Transport, ...] | None = ()
+        self.deadline = math.inf  # no member's token is due before this
+        self.delivered = 0
+
+    def transports(self) -> tuple[Transport, ...]:
+        transports = self._transports
+        if transports is None:
+            transports = self._transports = tuple(self.members.values())
+        return transports
+
+    def add(self, outbox: Outbox, transport: Transport) -> None:
+        self.members[outbox] = transport
+        self._transports = None
+        outbox.lane = self
+        outbox._lane_mark = self.delivered
+        if outbox.deadline < self.deadline:
+            self.deadline = outbox.deadline
+
+    def remove(self, outbox: Outbox) -> None:
+        del self.members[outbox]
+        self._transports = None
+        outbox.lane = None
+        outbox._sent += self.delivered - outbox._lane_mark
+
+
 class FanoutHub:
     def __init__(
         self, *, broker: Broker, store: TickStore, retention: int, max_lag_ms: int = 50
@@ -245,13 +348,19 @@ class FanoutHub:
         self._store = store
         self._retention = retention
         self._max_lag_ms = max_lag_ms
-        self._streams: dict[str, set[Outbox]] = {}
+        self._streams: dict[str, set[Outbox]] = {}  # per symbol, every subscriber not in a lane
+        self._lanes: dict[str, tuple[_Lane, _Lane]] = {}  # per symbol: plain and batch frames
         self._last_seq: dict[str, int] = {}
         self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
 
     @property
     def subscription_count(self) -> int:
-        return sum(len(s) for s in self._streams.values())
+        return sum(len(s) for s in self._streams.values()) + self.lane_count
+
+    @property
+    def lane_count(self) -> int:
+        """Subscriptions on the fast path."""
+        return sum(len(lane.members) for lanes in self._lanes.values() for lane in lanes)
 
     async def consume(self, symbols: list[str]) -> None:
         """Pass every tick of `symbols` from the broker to the local streams, forever.
@@ -267,14 +376,17 @@ class FanoutHub:
                 if ticks:
                     metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
                 dirty: list[Outbox] = []
+                lanes: dict[str, list[tuple[Tick, bytes]]] = {}
                 for tick in ticks:
                     last = self._last_seq.get(tick.symbol)
                     if last is not None and tick.seq > last + 1:
-                        self._flush(dirty)  # keep order: what came before the gap goes first
-                        dirty = []
-                        await self._repair_gap(tick.symbol, last, tick.seq, dirty)
-                    self._deliver(tick, dirty)
-                self._flush(dirty)
+                        # Keep order: what came before the gap goes first, and nothing is
+                        # pending while the repair awaits the store.
+                        self._flush(dirty, lanes)
+                        dirty, lanes = [], {}
+                        await self._repair_gap(tick.symbol, last, tick.seq, dirty, lanes)
+                    self._deliver(tick, dirty, lanes)
+                self._flush(dirty, lanes)
 
     @staticmethod
     def _decode(messages: list[tuple[str, str]], channels: dict[str, str]) -> list[Tick]:
@@ -310,16 +422,96 @@ class FanoutHub:
             metrics.HUB_SKIPPED.inc(len(ticks) - len(kept))
         return kept
 
-    @staticmethod
-    def _flush(dirty: list[Outbox]) -> None:
-        sent = 0
+    def _flush(self, dirty: list[Outbox], lanes: dict[str, list[tuple[Tick, bytes]]]) -> None:
+        """Write what the burst gave each connection: lanes first, then the corked outboxes,
+        which join their lane if they now qualify."""
         now = time.time()
+        sent = 0
+        for symbol, pending in lanes.items():
+            plain, batch = self._lanes[symbol]
+            count = len(pending)
+            if plain.members:
+                data = pending[0][1] if count == 1 else b"".join(wire for _, wire in pending)
+                sent += self._write_lane(plain, data, count, now)
+            if batch.members:
+                if count == 1:
+                    data = pending[0][1]
+                else:
+                    text = "[" + ",".join(tick.frame for tick, _ in pending) + "]"
+                    data = text_frame(text.encode())
+                sent += self._write_lane(batch, data, count, now)
         for outbox in dirty:
-            sent += outbox.flush(now)
+            written = outbox.flush(now)
+            if written:
+                sent += written
+                self._join_lane(outbox, now)
         if sent:
             metrics.MESSAGES_SENT.inc(sent)
 
-    async def _repair_gap(self, symbol: str, last: int, upto: int, dirty: list[Outbox]) -> None:
+    def _write_lane(self, lane: _Lane, data: bytes, count: int, now: float) -> int:
+        """`data` (frames for `count` ticks) to every member; how many ticks that sent."""
+        if now >= lane.deadline:
+            self._expire_lane(lane, now)
+        lane.delivered += count
+        written = 0
+        for transport in lane.transports():
+            # A transport closing under us: uvicorn wrote its close frame (a peer's close,
+            # shutdown, ping timeout); the stream leaves once the app hears of it.
+            if not transport.is_closing():
+                # A write that fills the buffer pauses the transport, whose member leaves the
+                # lane at once (`FrameWriter.on_blocked`): the next tick queues for it.
+                transport.write(data)
+                written += 1
+        return written * count
+
+    def _expire_lane(self, lane: _Lane, now: float) -> None:
+        """Members whose token is due go back to `offer`, which sends them nothing more."""
+        for outbox in [o for o in lane.members if o.deadline <= now]:
+            self.leave_lane(outbox)
+        lane.deadline = min((o.deadline for o in lane.members), default=math.inf)
+
+    def _join_lane(self, outbox: Outbox, now: float) -> None:
+        symbol = outbox.lane_symbol()
+        if symbol is None or outbox.deadline <= now:
+            return
+        direct = outbox.direct
+        if (
+            direct is None
+            or outbox._floor.get(symbol) != self._last_seq.get(symbol)  # behind, or ahead
+            or not direct.keeping_up()
+        ):
+            return
+        streams = self._streams.get(symbol)
+        if streams is None or outbox not in streams:
+            return
+        lanes = self._lanes.get(symbol)
+        if lanes is None:
+            lanes = self._lanes[symbol] = (_Lane(self, symbol, False), _Lane(self, symbol, True))
+        streams.discard(outbox)
+        direct.on_blocked = outbox.leave_lane
+        lanes[outbox.batch].add(outbox, direct.transport)
+
+    def leave_lane(self, outbox: Outbox) -> None:
+        lane = outbox.lane
+        if lane is None:
+            return
+        lane.remove(outbox)
+        if outbox.direct is not None:
+            outbox.direct.on_blocked = None
+        symbol = lane.symbol
+        # Every tick up to the hub's last one went to the lane (nothing is pending between
+        # bursts, and a pause comes from the write that carried the burst's last tick).
+        outbox._floor[symbol] = self._last_seq[symbol]
+        self._streams.setdefault(symbol, set()).add(outbox)
+
+    async def _repair_gap(
+        self,
+        symbol: str,
+        last: int,
+        upto: int,
+        dirty: list[Outbox],
+        lanes: dict[str, list[tuple[Tick, bytes]]],
+    ) -> None:
         """The broker skipped seqs (a reconnect, a producer crash between store and publish):
         refetch them from the store, where the producer wrote them first."""
         try:
@@ -337,28 +529,37 @@ class FanoutHub:
         for tick in missing:
             if tick.seq < upto:
                 metrics.GAPS_REPAIRED.inc()
-                self._deliver(tick, dirty)
+                self._deliver(tick, dirty, lanes)
 
-    def _deliver(self, tick: Tick, dirty: list[Outbox]) -> None:
-        last = self._last_seq.get(tick.symbol)
+    def _deliver(
+        self, tick: Tick, dirty: list[Outbox], lanes: dict[str, list[tuple[Tick, bytes]]]
+    ) -> None:
+        symbol = tick.symbol
+        last = self._last_seq.get(symbol)
         if last is not None and tick.seq <= last:
             return  # already passed on (a redelivery, or a repair that raced the live tick)
-        self._last_seq[tick.symbol] = tick.seq
-        self._latest[tick.symbol] = tick
+        self._last_seq[symbol] = tick.seq
+        self._latest[symbol] = tick
         metrics.TICKS_RECEIVED.inc()
-        outboxes = self._streams.get(tick.symbol)
-        if not outboxes:
+        outboxes = self._streams.get(symbol)
+        lane = self._lanes.get(symbol)
+        in_lanes = lane is not None and bool(lane[0].members or lane[1].members)
+        if not outboxes and not in_lanes:
             return
         wire = text_frame(tick.frame.encode())  # encoded once, written to every subscriber
-        for outbox in outboxes:
-            if outbox.offer(tick, wire):
-                dirty.append(outbox)
+        if in_lanes:
+            lanes.setdefault(symbol, []).append((tick, wire))  # written in `_flush`
+        if outboxes:
+            for outbox in outboxes:
+                if outbox.offer(tick, wire):
+                    dirty.append(outbox)
 
     async def attach(self, outbox: Outbox, symbol: str, *, since: int | None) -> None:
         """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`),
         then every live tick, with no gap and no duplicate between the two."""
         if outbox.closed:
             return
+        outbox.leave_lane()  # a second symbol: its ticks are corked together from now on
         outbox.begin_sync(symbol)
         self._streams.setdefault(symbol, set()).add(outbox)
         metrics.SUBSCRIPTIONS.inc()
@@ -390,6 +591,7 @@ class FanoutHub:
                 self.detach(outbox, [symbol])
 
     def detach(self, outbox: Outbox, symbols: Iterable[str]) -> None:
+        outbox.leave_lane()
         for symbol in list(symbols):
             streams = self._streams.get(symbol)
             if streams is not None and outbox in streams:

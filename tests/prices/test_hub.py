@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from decimal import Decimal
+from typing import Any
+
+import orjson
 
 from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub, Outbox
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
+from app.ws_protocol import HIGH_WATER_BYTES, FrameWriter
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -268,3 +275,231 @@ class TestAttach:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             await broker.disconnect()
+
+
+class FakeTransport:
+    """The parts of a transport the hub's fast path uses. Past `pause_at` buffered bytes it
+    pauses its protocol, as asyncio and uvloop transports do at their high-water mark."""
+
+    def __init__(self, protocol: FakeProtocol, pause_at: int | None) -> None:
+        self.protocol = protocol
+        self.pause_at = pause_at
+        self.buffered = 0
+        self.closing = False
+        self.writes: list[tuple[float, bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((time.time(), data))
+        if self.pause_at is not None:
+            was = self.buffered
+            self.buffered += len(data)
+            if was <= self.pause_at < self.buffered:
+                self.protocol.pause_writing()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def frames(self) -> list[Any]:
+        """Every frame written, decoded (a batch frame stays a list)."""
+        out: list[Any] = []
+        for _, data in self.writes:
+            pos = 0
+            while pos < len(data):
+                assert data[pos] == 0x81, "one final text frame after another"
+                length, pos = data[pos + 1], pos + 2
+                if length == 126:
+                    length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+                out.append(orjson.loads(data[pos : pos + length]))
+                pos += length
+        return out
+
+    def seqs(self) -> list[int]:
+        seqs: list[int] = []
+        for frame in self.frames():
+            for item in frame if isinstance(frame, list) else [frame]:
+                if item.get("type") in (None, "tick", "snapshot"):
+                    seqs.append(item["seq"])
+        return seqs
+
+
+class FakeProtocol:
+    """What FrameWriter reads of uvicorn's protocol."""
+
+    def __init__(self, pause_at: int | None = None) -> None:
+        self.close_sent = False
+        self.disconnected = False
+        self.transport = FakeTransport(self, pause_at)
+        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        self.writer.blocked()
+
+
+def direct_outbox(protocol: FakeProtocol, *, limit: int = 64, batch: bool = False) -> Outbox:
+    """An outbox written straight to `protocol`, with a writer that drains what queues."""
+
+    def drain_soon() -> None:
+        asyncio.get_running_loop().call_soon(drain)
+
+    def drain() -> None:
+        if not protocol.writer.keeping_up():
+            return  # the real writer waits for the transport to drain: a stalled reader
+        frames = outbox.drain()
+        if frames:
+            protocol.writer.write(b"".join(text_frame(f.text.encode()) for f in frames))
+        outbox.flushed()
+
+    outbox = Outbox(limit=limit, on_queued=drain_soon, direct=protocol.writer)
+    outbox.batch = batch
+    return outbox
+
+
+@contextlib.asynccontextmanager
+async def running_hub(*symbols: str) -> AsyncIterator[tuple[FanoutHub, Callable[..., Any]]]:
+    """A hub consuming `symbols`, and `publish(symbol, seqs, burst=1)`: ticks through the
+    broker, the hub running after every `burst` of them."""
+    broker = Broker("memory://")
+    await broker.connect()
+    store = MemoryTickStore(retention=1000, candles_kept=10)
+    hub = FanoutHub(broker=broker, store=store, retention=1000)
+    consumer = asyncio.create_task(hub.consume(list(symbols)))
+    await asyncio.sleep(0.05)  # the consumer has subscribed
+
+    async def publish(symbol: str, seqs: Iterable[int], burst: int = 1) -> None:
+        for i, seq in enumerate(seqs, 1):
+            t = tick(symbol, seq)
+            await store.append(t, {}, fence=None)
+            await broker.publish(price_channel(symbol), t.frame)
+            if i % burst == 0:
+                for _ in range(3):
+                    await asyncio.sleep(0)
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+
+    try:
+        yield hub, publish
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await broker.disconnect()
+
+
+class TestLanes:
+    """One-symbol subscribers that keep up ride the hub's lane: written in a plain loop, with
+    no per-connection bookkeeping. Whatever makes one leave must not cost it a tick or give
+    it one twice."""
+
+    async def test_an_up_to_date_subscriber_rides_the_lane_and_gets_every_tick_once(self) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 202))
+            assert outbox.lane is not None and hub.lane_count == 1
+            assert protocol.transport.seqs() == list(range(1, 202))  # snapshot 1, then live
+            assert protocol.transport.frames()[0]["type"] == "snapshot"
+            assert outbox.sent >= 195  # the heartbeat's notion of "something went out"
+
+    async def test_a_paused_transport_leaves_the_lane_and_queues_from_the_next_seq(self) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            # The reader stalls: the transport buffers until its high-water mark, then pauses.
+            protocol = FakeProtocol(pause_at=HIGH_WATER_BYTES)
+            outbox = direct_outbox(protocol, limit=2000)  # large enough not to conflate here
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 1500))
+            assert outbox.lane is None and hub.lane_count == 0
+            written = protocol.transport.seqs()
+            queued = [f.seq for f in outbox.drain()]
+            assert 100 < len(written) < 1000
+            assert written + queued == list(range(1, 1500)), "no gap, no duplicate between"
+
+    async def test_a_closing_transport_is_not_written_to(self) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 20))
+            assert outbox.lane is not None
+            protocol.transport.closing = True  # uvicorn wrote a close frame of its own
+            before = len(protocol.transport.writes)
+            await publish("AAPL", range(20, 40))
+            assert len(protocol.transport.writes) == before
+
+    async def test_nothing_is_written_once_the_token_is_due(self) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 10))
+            assert outbox.lane is not None
+            outbox.deadline = due = time.time() + 0.1
+            await publish("AAPL", range(10, 20))  # it rejoins the lane with its new deadline
+            assert outbox.lane is not None
+            await asyncio.sleep(0.15)
+            await publish("AAPL", range(20, 30))
+            assert outbox.lane is None, "a member whose token is due leaves the lane"
+            assert all(at < due for at, _ in protocol.transport.writes)
+            assert max(protocol.transport.seqs()) == 19
+
+    async def test_a_protocol_frame_leaves_the_lane_and_the_stream_rejoins_seamlessly(
+        self,
+    ) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 50))
+            assert outbox.lane is not None
+            outbox.push_control('{"type":"pong"}')
+            assert outbox.lane is None
+            await publish("AAPL", range(50, 100))
+            assert outbox.lane is not None, "back on the lane once the pong went out"
+            assert protocol.transport.seqs() == list(range(1, 100))
+            assert {"type": "pong"} in protocol.transport.frames()
+
+    async def test_a_second_symbol_takes_it_off_the_lane_with_nothing_lost(self) -> None:
+        async with running_hub("AAPL", "MSFT") as (hub, publish):
+            await publish("AAPL", [1])
+            await publish("MSFT", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 30))
+            assert outbox.lane is not None
+            await hub.attach(outbox, "MSFT", since=None)
+            assert outbox.lane is None
+            await publish("AAPL", range(30, 60))
+            await publish("MSFT", range(2, 30))
+            assert outbox.lane is None, "a watchlist is corked per burst, not laned"
+            frames = protocol.transport.frames()
+            aapl = [f["seq"] for f in frames if f["symbol"] == "AAPL"]
+            msft = [f["seq"] for f in frames if f["symbol"] == "MSFT"]
+            assert aapl == list(range(1, 60)) and msft == list(range(1, 30))
+            hub.detach(outbox, ["MSFT"])
+            await publish("AAPL", range(60, 80))
+            assert outbox.lane is not None, "one symbol again: back on the lane"
+            assert [f["seq"] for f in protocol.transport.frames() if f["symbol"] == "AAPL"] == (
+                list(range(1, 80))
+            )
+
+    async def test_batch_lane_frames_carry_each_burst_in_seq_order(self) -> None:
+        async with running_hub("AAPL") as (hub, publish):
+            await publish("AAPL", [1])
+            protocol = FakeProtocol()
+            outbox = direct_outbox(protocol, batch=True)
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 10))
+            assert outbox.lane is not None and outbox.lane.batch
+            await publish("AAPL", range(10, 110), burst=10)
+            arrays = [f for f in protocol.transport.frames() if isinstance(f, list)]
+            assert arrays, "bursts of several ticks went out as arrays"
+            assert all([t["seq"] for t in a] == sorted(t["seq"] for t in a) for a in arrays)
+            assert protocol.transport.seqs() == list(range(1, 110))

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -56,9 +57,16 @@ def stream_of(server: LiveApp, subject: str) -> WebSocketStream | None:
     return None
 
 
+@pytest.mark.parametrize(
+    "symbols",
+    [SYMBOLS, SYMBOLS[:1]],
+    # A watchlist goes through the per-connection path; one symbol through the hub's lanes.
+    ids=["watchlist", "one-symbol"],
+)
 async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_every_tick(
-    live,
+    live, symbols: list[str]
 ) -> None:
+    subscribe = {"op": "subscribe", "symbols": symbols}
     async with live(
         feed_ticks_per_second=400,
         ws_outbox_frames=64,
@@ -69,15 +77,19 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
             reluctant_reader(server, "stuck") as stuck,
             open_stream(f"{server.ws}/v1/ws?token={token('fast')}") as fast,
         ):
-            await stuck.send(SUBSCRIBE_ALL)
-            await fast.send(SUBSCRIBE_ALL)
+            await stuck.send(subscribe)
+            await fast.send(subscribe)
             fast_frames: list[dict[str, Any]] = []
             largest_outbox = conflated = 0
             stuck_closed_at = None
+            fast_in_lane = stuck_in_lane = False
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
                 fast_frames.append(await fast.recv())
+                fast_stream = stream_of(server, "fast")
+                fast_in_lane |= fast_stream is not None and fast_stream.outbox.lane is not None
                 stream = stream_of(server, "stuck")
+                stuck_in_lane |= stream is not None and stream.outbox.lane is not None
                 if stream is not None:
                     largest_outbox = max(largest_outbox, len(stream.outbox))
                     conflated = stream.outbox.conflated
@@ -95,8 +107,10 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
             assert stuck.conn.close_code == 1013
             seqs_by_symbol(stuck_frames)  # what it did get was in order, without duplicates
 
+        # The path under test: one symbol rides the lane until its reader stops keeping up.
+        assert fast_in_lane == stuck_in_lane == (len(symbols) == 1)
         fast_seqs = seqs_by_symbol(fast_frames)
-        assert set(fast_seqs) == set(SYMBOLS)
+        assert set(fast_seqs) == set(symbols)
         for symbol, seqs in fast_seqs.items():
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{symbol} has a gap"
 

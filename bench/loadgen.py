@@ -47,6 +47,19 @@ def bucket_upper_ms(b: int) -> float:
 _loads = orjson.loads
 
 
+def make_token(idx: int, secret: str, audience: str) -> str:
+    """Client ``idx``'s JWT (the runner writes these for the C load generator too)."""
+    from jose import jwt
+
+    claims = {
+        "sub": f"bench-{idx}",  # one subject per client: per-subject connection caps
+        "aud": audience,
+        "exp": int(time.time()) + 3600,
+        "symbols": ["*"],
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 class Stats:
     def __init__(self) -> None:
         self.reset()
@@ -350,15 +363,7 @@ class LoadGen:
         return ru.ru_utime + ru.ru_stime
 
     def token(self, idx: int) -> str:
-        from jose import jwt
-
-        claims = {
-            "sub": f"bench-{idx}",  # one subject per client: per-subject connection caps
-            "aud": self.args.audience,
-            "exp": int(time.time()) + 3600,
-            "symbols": ["*"],
-        }
-        return jwt.encode(claims, self.args.jwt_secret, algorithm="HS256")
+        return make_token(idx, self.args.jwt_secret, self.args.audience)
 
     def client_symbols(self, idx: int) -> list[str]:
         m, k = len(self.symbols), self.args.per_client

@@ -3,6 +3,9 @@
 For each chosen server and scenario: a fresh redis-server and a fresh server (pinned to core 0),
 the load generator and the publisher (pinned to core 1), a warm-up, then a measuring window
 between two marks. Everything is killed after each scenario, and on any exit.
+
+The load generator is bench/loadgen.c (built into bench/.build/ on first use) when a C compiler
+is on PATH, else bench/loadgen.py; ``--loadgen`` picks one.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import orjson
 
 from bench import procs, report
+from bench.loadgen import make_token
 from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
 from bench.servers import (
     DEFAULT_SERVERS,
+    JWT_SECRET,
     PRICEFEED_SYMBOLS,
     QUICK_SERVERS,
     REPO,
@@ -38,6 +43,57 @@ from bench.servers import (
 )
 
 RESULTS = REPO / "bench" / "results"
+LOADGEN_C = REPO / "bench" / "loadgen.c"
+LOADGEN_BIN = REPO / "bench" / ".build" / "loadgen"  # ignored by git
+JWT_AUDIENCE = "pricefeed"  # loadgen.py's --audience default
+
+
+def c_compiler() -> str | None:
+    return shutil.which("gcc") or shutil.which("cc")
+
+
+def build_c_loadgen() -> Path:
+    """Compile bench/loadgen.c into LOADGEN_BIN unless that is newer than the source."""
+    if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_C.stat().st_mtime:
+        return LOADGEN_BIN
+    cc = c_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = LOADGEN_BIN.with_name(f"loadgen.tmp{os.getpid()}")
+    cmd = [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-o", str(tmp), str(LOADGEN_C)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    tmp.replace(LOADGEN_BIN)
+    return LOADGEN_BIN
+
+
+def resolve_loadgen(opts: argparse.Namespace) -> str | None:
+    """Settle ``opts.loadgen`` (c or py), building the C one; a note when it falls back."""
+    if opts.loadgen == "py":
+        return None
+    if opts.loadgen is None and c_compiler() is None:
+        opts.loadgen = "py"
+        return "no C compiler (gcc or cc) on PATH: using the Python load generator"
+    try:
+        build_c_loadgen()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        if opts.loadgen == "c":
+            raise
+        opts.loadgen = "py"
+        return f"could not build bench/loadgen.c ({exc}): using the Python load generator"
+    opts.loadgen = "c"
+    return None
+
+
+def loadgen_about(kind: str) -> str:
+    if kind == "c":
+        cc = c_compiler() or "cc"
+        ver = report._cmd_version([cc, "--version"])
+        return f"C (bench/loadgen.c, {ver}, -O2), epoll, one process"
+    return f"Python (bench/loadgen.py), uvloop {report._version('uvloop')}, one process"
 
 
 @dataclass
@@ -134,6 +190,38 @@ class Bench:
         self.opts = opts
         self.symbols = PRICEFEED_SYMBOLS[: opts.symbols]
 
+    def write_tokens(self, path: Path) -> None:
+        """JWTs for the C load generator, line i for client i: enough for the largest scenario
+        (the idle one connects 20 warm-up clients first; connects number clients on from the
+        previous one)."""
+        opts = self.opts
+        n = max(opts.s1_clients, opts.s2_clients, opts.idle_conns + 20) + 100
+        path.write_text("".join(make_token(i, JWT_SECRET, JWT_AUDIENCE) + "\n" for i in range(n)))
+
+    def loadgen_cmd(self, spec: Server, port: int, workdir: Path) -> list[str]:
+        opts = self.opts
+        args = [
+            "--kind",
+            spec.client_kind,
+            "--port",
+            str(port),
+            "--symbols",
+            ",".join(self.symbols),
+            "--per-client",
+            str(opts.symbols_per_client),
+            "--concurrency",
+            str(opts.concurrency),
+        ]
+        if spec.batch:
+            args.append("--batch")
+        if opts.loadgen == "py":
+            return [sys.executable, "-m", "bench.loadgen", *args]
+        if spec.client_kind == "pricefeed":
+            tokens = workdir / "tokens.txt"
+            self.write_tokens(tokens)
+            args += ["--tokens", str(tokens)]
+        return [str(LOADGEN_BIN), *args]
+
     async def run_scenario(self, spec: Server, scen: Scenario) -> dict[str, Any]:
         opts = self.opts
         row: dict[str, Any] = {"server": spec.name, "scenario": scen.name, "notes": []}
@@ -155,23 +243,7 @@ class Bench:
             row["startup_s"] = round(time.monotonic() - t0, 2)
 
             lg_log = workdir / "loadgen.log"
-            lg_cmd = [
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                "--kind",
-                spec.client_kind,
-                "--port",
-                str(port),
-                "--symbols",
-                ",".join(self.symbols),
-                "--per-client",
-                str(opts.symbols_per_client),
-                "--concurrency",
-                str(opts.concurrency),
-            ]
-            if spec.batch:
-                lg_cmd.append("--batch")
+            lg_cmd = self.loadgen_cmd(spec, port, workdir)
             lg = Ctl(
                 "loadgen", spawn(lg_cmd, core=LOAD_CORE, cwd=REPO, log=lg_log, pipe=True), lg_log
             )
@@ -434,6 +506,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to go quiet (default 20, quick 1)",
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep each scenario's temp dir")
+    ap.add_argument(
+        "--loadgen",
+        choices=["c", "py"],
+        default=None,
+        help="load generator: c (bench/loadgen.c, compiled into bench/.build/ when the source "
+        "is newer) or py (bench/loadgen.py); default c when gcc or cc is on PATH, else py",
+    )
     opts = ap.parse_args(argv)
     quick = opts.quick
     opts.warmup = opts.warmup if opts.warmup is not None else (1.5 if quick else 3.0)
@@ -466,7 +545,15 @@ async def amain(opts: argparse.Namespace) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
+    try:
+        lg_note = resolve_loadgen(opts)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"--loadgen c: {exc}", file=sys.stderr)
+        return 2
+    if lg_note:
+        print(f"note: {lg_note}", flush=True)
     info = report.machine_info()
+    info["load generator"] = loadgen_about(opts.loadgen)
     print("## Machine\n")
     for key, val in info.items():
         print(f"- {key}: {val}")
@@ -479,7 +566,7 @@ async def amain(opts: argparse.Namespace) -> int:
     print(f"- fd limit: {procs.raise_fd_limit()}\n", flush=True)
 
     specs: list[Server] = []
-    skipped: list[str] = []
+    skipped: list[str] = [lg_note] if lg_note else []
     for name in names:
         spec = SERVERS[name]
         why = spec.unavailable()

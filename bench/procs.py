@@ -157,6 +157,30 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def worker_pids(pid: int, workers: int) -> list[int]:
+    """The processes that serve: `pid` itself with one worker; with several, uvicorn's
+    multiprocessing workers under it (not its resource tracker)."""
+    if workers <= 1:
+        return [pid]
+    children = psutil.Process(pid).children()
+    return [c.pid for c in children if "multiprocessing.spawn" in " ".join(c.cmdline())]
+
+
+def established_by_pid(pids: list[int], port: int) -> list[int]:
+    """How many client connections to `port` each of `pids` holds."""
+    counts = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            counts.append(0)
+            continue
+        counts.append(
+            sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+        )
+    return counts
+
+
 def tree_rss_bytes(pid: int) -> int:
     total = 0
     for p in tree_pids(pid):

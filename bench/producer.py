@@ -90,7 +90,7 @@ async def main() -> None:
     stop = asyncio.Event()
 
     async def control() -> None:
-        nonlocal mark_sent, mark_at
+        nonlocal mark_sent, mark_at, rate, start, base
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -102,17 +102,21 @@ async def main() -> None:
                 sys.stdout.write(orjson.dumps(out).decode() + "\n")
                 sys.stdout.flush()
                 mark_sent, mark_at = sent, now
+            elif line.startswith("rate "):  # a new rate from now on (the scale ladder)
+                rate, start, base = float(line.split()[1]), time.monotonic(), sent
+                sys.stdout.write(orjson.dumps({"rate": rate}).decode() + "\n")
+                sys.stdout.flush()
             elif line == "quit" or not line:
                 stop.set()
                 return
 
-    ctl = asyncio.create_task(control())
+    rate, base = args.rate, 0
     start = time.monotonic()
-    burst_cap = max(1, int(args.rate * 0.05))
+    ctl = asyncio.create_task(control())
     while not stop.is_set():
-        due = int(args.rate * (time.monotonic() - start)) - sent
+        due = base + int(rate * (time.monotonic() - start)) - sent
         if due > 0:
-            due = min(due, burst_cap)
+            due = min(due, max(1, int(rate * 0.05)))
             await send([src.make() for _ in range(due)])
             sent += due
         await asyncio.sleep(STEP_S)

@@ -174,3 +174,20 @@ def notes(rows: list[dict[str, Any]]) -> str:
         for n in r.get("notes", []):
             out.append(f"- {r['server']} {r['scenario']}: {n}")
     return "\n".join(out)
+
+
+def worker_scaling(rows: list[dict[str, Any]]) -> str | None:
+    """`WORKERS=2` over `WORKERS=1`, each worker given the same CPU (the scale scenario)."""
+    rates = {
+        r["server"]: r.get("delivered_rate")
+        for r in rows
+        if r["scenario"] == "scale" and not r.get("error")
+    }
+    one, two = rates.get("pricefeed-1q"), rates.get("pricefeed-w2q")
+    if not one or not two:
+        return None
+    return (
+        "worker scaling (scale scenario: each worker capped at the same share of a core, "
+        f"capacity carried in full): WORKERS=2 {two:,.0f} msg/s, WORKERS=1 {one:,.0f}: "
+        f"{two / one:.2f}x"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 import orjson
 
-from bench import procs, report
+from bench import cpuquota, procs, report
 from bench.loadgen import make_token
 from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
 from bench.servers import (
@@ -195,7 +196,7 @@ class Bench:
         (the idle one connects 20 warm-up clients first; connects number clients on from the
         previous one)."""
         opts = self.opts
-        n = max(opts.s1_clients, opts.s2_clients, opts.idle_conns + 20) + 100
+        n = max(opts.s1_clients, opts.s2_clients, opts.scale_clients, opts.idle_conns + 20) + 100
         path.write_text("".join(make_token(i, JWT_SECRET, JWT_AUDIENCE) + "\n" for i in range(n)))
 
     def loadgen_cmd(self, spec: Server, port: int, workdir: Path) -> list[str]:
@@ -229,6 +230,7 @@ class Bench:
         server_log = workdir / "server.log"
         redis = server = lg = prod = None
         t0 = time.monotonic()
+        quota = contextlib.ExitStack()
         try:
             redis = Redis(workdir)
             await redis.ready()
@@ -241,6 +243,15 @@ class Bench:
                 raise RuntimeError(f"server exited ({server.returncode}): {_tail(server_log)}")
             await procs.wait_http_ok(port, spec.health_path, server, timeout=10)
             row["startup_s"] = round(time.monotonic() - t0, 2)
+            workers: list[int] = []
+            groups: list[Path] = []
+            if spec.worker_cores is not None:
+                workers = procs.worker_pids(server.pid, spec.workers)
+                if len(workers) != spec.workers:
+                    raise RuntimeError(f"found {len(workers)} workers, not {spec.workers}")
+                groups = quota.enter_context(
+                    cpuquota.capped(workers, spec.worker_cores, f"{spec.name}-{scen.name}")
+                )
 
             lg_log = workdir / "loadgen.log"
             lg_cmd = self.loadgen_cmd(spec, port, workdir)
@@ -249,9 +260,19 @@ class Bench:
             )
             if scen.rate is None:
                 await self._idle(row, spec, scen, server, lg)
+            elif scen.name == "scale":
+                prod = await self._ladder(row, spec, scen, server, lg, redis.url, workdir)
             else:
                 prod = await self._load(
                     row, spec, scen, server, lg, port, redis.url, redis.proc.pid, workdir
+                )
+            if workers:
+                row["worker_conns"] = procs.established_by_pid(workers, port)
+                row["throttled_s"] = [round(cpuquota.throttled_seconds(g), 1) for g in groups]
+                row["notes"].append(
+                    f"{spec.workers} worker(s) at {spec.worker_cores:g} core each; connections "
+                    f"per worker {row['worker_conns']}; held back by the quota "
+                    f"{row['throttled_s']} s (saturated workers)"
                 )
             if server.poll() is not None:
                 row["notes"].append(f"server exited ({server.returncode}): {_tail(server_log)}")
@@ -262,6 +283,7 @@ class Bench:
                 row["notes"].append(f"server log tail: {_tail(server_log)}")
         finally:
             t_down = time.monotonic()
+            quota.close()
             for ctl in (prod, lg):
                 if ctl is not None:
                     await ctl.quit()
@@ -468,6 +490,90 @@ class Bench:
             )
         return prod
 
+    async def _ladder(
+        self,
+        row: dict[str, Any],
+        spec: Server,
+        scen: Scenario,
+        server: subprocess.Popen[bytes],
+        lg: Ctl,
+        redis_url: str,
+        workdir: Path,
+    ) -> Ctl:
+        """The scale scenario: the asked rate climbs in steps (`--scale-from`, x`--scale-step`,
+        up to the scenario's rate) until a step is not carried in full; the row is the last
+        step that was. "In full": >= 97 % of the asked rate delivered, at most 1 % of it
+        skipped, no connection lost, p99 latency within `--scale-p99-ms` (S2's target). That
+        is capacity at the service level we promise, the same measure for one worker and for
+        two, whatever batching and conflation do past it."""
+        opts = self.opts
+        await self._connect(row, lg, scen.clients)
+        k = min(opts.symbols_per_client, len(self.symbols))
+        used = self.symbols[: min(len(self.symbols), scen.clients * k)]
+
+        def ticks_for(asked: float) -> float:
+            return asked / (scen.clients * k) * len(used)
+
+        asked = opts.scale_from
+        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=used, rate=ticks_for(asked))
+        plog = workdir / "producer.log"
+        prod = Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=plog, pipe=True), plog)
+        steps: list[str] = []
+        best: dict[str, Any] | None = None
+        while asked <= scen.rate:
+            await prod.cmd(f"rate {ticks_for(asked)}", 10)
+            await asyncio.sleep(opts.warmup)
+            await lg.cmd("mark", 30)
+            await prod.cmd("mark", 10)
+            cpu0, t0 = procs.tree_cpu_seconds(server.pid), time.monotonic()
+            await asyncio.sleep(scen.duration)
+            m = await lg.cmd("mark", 30)
+            pm = await prod.cmd("mark", 10)
+            cpu, span = procs.tree_cpu_seconds(server.pid) - cpu0, time.monotonic() - t0
+            delivered = m["ticks"] / m["elapsed"]
+            hist = {int(key): v for key, v in m["hist"].items()}
+            step = {
+                "asked_rate": asked,
+                "delivered_rate": delivered,
+                "srv_cpu_pct": 100 * cpu / span,
+                "cpu_us_per_msg": cpu * 1e6 / m["ticks"] if m["ticks"] else None,
+                "p50_ms": report.percentile(hist, 0.50),
+                "p99_ms": report.percentile(hist, 0.99),
+                "max_ms": m["lat_max"] if m["ticks"] else None,
+                "gaps": m["gaps"],
+                "missed": m["missed"],
+                "dups": m["dups"],
+                "drops": sum(m["closed"].values()),
+                "silent": m["silent"],
+                "producer_asked": ticks_for(asked),
+                "producer_done": pm["ticks"] / pm["elapsed"],
+                "loadgen_cpu_pct": 100 * m["cpu"] / m["elapsed"],
+            }
+            p99 = step["p99_ms"]
+            carried = (
+                delivered >= 0.97 * asked
+                and m["missed"] <= 0.01 * asked * m["elapsed"]
+                and not m["closed"]
+                and p99 is not None
+                and p99 <= opts.scale_p99_ms
+            )
+            steps.append(
+                f"{asked:,.0f} asked: {delivered:,.0f} delivered, {m['missed']:,} skipped, "
+                f"p99 {step['p99_ms']} ms{'' if carried else ' (not carried: stop)'}"
+            )
+            if not carried:
+                break
+            best = step
+            asked *= opts.scale_step
+        row["ladder"] = steps
+        row["notes"].append("ladder: " + "; ".join(steps))
+        if best is None:
+            row["notes"].append("not even the first step was carried in full")
+            best = {"asked_rate": opts.scale_from, "delivered_rate": 0.0}
+        row.update(best)
+        row["rss_mb"] = procs.tree_rss_bytes(server.pid) / 2**20
+        return prod
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
@@ -481,7 +587,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma list or 'all'; known: {', '.join(SERVERS)}; default "
         f"{','.join(DEFAULT_SERVERS)} ({','.join(QUICK_SERVERS)} with --quick)",
     )
-    ap.add_argument("--scenarios", default="s1,s2,idle", help="comma list of s1, s2, idle")
+    ap.add_argument(
+        "--scenarios",
+        default="s1,s2,idle,scale",
+        help="comma list of s1, s2, idle, scale (scale: only the pricefeed-1q/-w2q pair, "
+        "which run nothing else)",
+    )
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -493,6 +604,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--s1-rate", type=float, default=20_000, help="delivered msg/s asked")
     ap.add_argument("--s2-clients", type=int, default=5000)
     ap.add_argument("--s2-rate", type=float, default=100_000, help="delivered msg/s asked")
+    ap.add_argument("--scale-clients", type=int, default=2000)
+    ap.add_argument(
+        "--scale-from", type=float, default=10_000, help="scale: first step, msg/s asked"
+    )
+    ap.add_argument("--scale-step", type=float, default=1.1, help="scale: each step x this")
+    ap.add_argument(
+        "--scale-p99-ms", type=float, default=100.0, help="scale: a step's p99 must be within"
+    )
+    ap.add_argument("--scale-rate", type=float, default=200_000, help="scale: last step")
     ap.add_argument("--idle-conns", type=int, default=2000)
     ap.add_argument("--idle-settle", type=float, help="seconds after connecting before RSS")
     ap.add_argument("--symbols", type=int, default=10, help="how many of the 10 symbols to use")
@@ -540,6 +660,7 @@ async def amain(opts: argparse.Namespace) -> int:
         "s1": Scenario("S1", opts.s1_clients, opts.s1_rate, opts.s1_duration),
         "s2": Scenario("S2", opts.s2_clients, opts.s2_rate, opts.s2_duration),
         "idle": Scenario("idle", opts.idle_conns, None, 0),
+        "scale": Scenario("scale", opts.scale_clients, opts.scale_rate, opts.s2_duration),
     }
     scens = [scen_all[s.strip().lower()] for s in opts.scenarios.split(",") if s.strip()]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -583,6 +704,8 @@ async def amain(opts: argparse.Namespace) -> int:
     t0 = time.monotonic()
     for spec in specs:
         for scen in scens:
+            if (spec.worker_cores is None) == (scen.name == "scale"):
+                continue  # the scale scenario is the capped pair's, and only theirs
             print(
                 f"… {spec.name} {scen.name} ({scen.clients:,} clients"
                 + (f", {scen.rate:,.0f} msg/s" if scen.rate else ", idle")
@@ -612,6 +735,10 @@ async def amain(opts: argparse.Namespace) -> int:
     md = [f"# pricefeed benchmark {stamp}", "", "## Machine", ""]
     md += [f"- {k}: {v}" for k, v in info.items()] + [f"- pinning: {pin}", ""]
     md += ["## Results", "", settings, "", report.table(rows), ""]
+    scaling = report.worker_scaling(rows)
+    if scaling:
+        skipped.append(scaling)
+        print(scaling, flush=True)
     extra = report.notes(rows)
     if extra or skipped:
         md += ["## Notes", ""] + [f"- {s}" for s in skipped] + ([extra] if extra else []) + [""]

@@ -39,11 +39,20 @@ class Server:
     workers: int = 1
     about: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    # The worker-scaling pair: each worker capped at this many cores (bench/cpuquota.py).
+    # Such a server runs only the `scale` scenario, and only such servers run it.
+    worker_cores: float | None = None
 
     def unavailable(self) -> str | None:
         """Why this server cannot run here, or None."""
         if self.producer == "node" and not shutil.which("node"):
             return "node not found"
+        if self.worker_cores is not None:
+            from bench import cpuquota
+
+            why = cpuquota.available()
+            if why:
+                return why
         if self.client_kind == "pricefeed" and not (REPO / "app" / "__main__.py").exists():
             return "app/__main__.py does not exist yet"
         return None
@@ -219,6 +228,23 @@ SERVERS: dict[str, Server] = {
             about="python -m app, WORKERS=2 (both on the server core)",
         ),
         Server(
+            "pricefeed-1q",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            worker_cores=0.25,
+            about="python -m app, WORKERS=1, the worker capped at 0.25 of the server core",
+        ),
+        Server(
+            "pricefeed-w2q",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            workers=2,
+            worker_cores=0.25,
+            about="python -m app, WORKERS=2, each worker capped at 0.25 of the server core",
+        ),
+        Server(
             "pricefeed-sansio",
             "pricefeed",
             "publish",
@@ -272,8 +298,17 @@ DEFAULT_SERVERS = [
     "broadcaster-readme",
     "python-socketio",
     "node-socketio",
+    "pricefeed-1q",
+    "pricefeed-w2q",
 ]
-QUICK_SERVERS = ["pricefeed", "broadcaster-readme", "python-socketio", "node-socketio"]
+QUICK_SERVERS = [
+    "pricefeed",
+    "broadcaster-readme",
+    "python-socketio",
+    "node-socketio",
+    "pricefeed-1q",
+    "pricefeed-w2q",
+]
 
 
 def ensure_node_modules(log: Path) -> str | None:

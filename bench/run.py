@@ -526,7 +526,7 @@ class Bench:
             await lg.cmd("mark", 30)
             await prod.cmd("mark", 10)
             cpu0, t0 = procs.tree_cpu_seconds(server.pid), time.monotonic()
-            await asyncio.sleep(scen.duration)
+            await asyncio.sleep(opts.scale_window)
             m = await lg.cmd("mark", 30)
             pm = await prod.cmd("mark", 10)
             cpu, span = procs.tree_cpu_seconds(server.pid) - cpu0, time.monotonic() - t0
@@ -612,6 +612,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--scale-p99-ms", type=float, default=100.0, help="scale: a step's p99 must be within"
     )
+    ap.add_argument(
+        "--scale-window", type=float, default=4.0, help="scale: seconds measured per step"
+    )
     ap.add_argument("--scale-rate", type=float, default=200_000, help="scale: last step")
     ap.add_argument("--idle-conns", type=int, default=2000)
     ap.add_argument("--idle-settle", type=float, help="seconds after connecting before RSS")
@@ -660,7 +663,7 @@ async def amain(opts: argparse.Namespace) -> int:
         "s1": Scenario("S1", opts.s1_clients, opts.s1_rate, opts.s1_duration),
         "s2": Scenario("S2", opts.s2_clients, opts.s2_rate, opts.s2_duration),
         "idle": Scenario("idle", opts.idle_conns, None, 0),
-        "scale": Scenario("scale", opts.scale_clients, opts.scale_rate, opts.s2_duration),
+        "scale": Scenario("scale", opts.scale_clients, opts.scale_rate, opts.scale_window),
     }
     scens = [scen_all[s.strip().lower()] for s in opts.scenarios.split(",") if s.strip()]
     RESULTS.mkdir(parents=True, exist_ok=True)

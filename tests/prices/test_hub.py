@@ -387,6 +387,24 @@ async def running_hub(*symbols: str) -> AsyncIterator[tuple[FanoutHub, Callable[
         await broker.disconnect()
 
 
+async def direct_subscriber(
+    hub: FanoutHub,
+    publish: Callable[..., Any],
+    *symbols: str,
+    protocol: FakeProtocol | None = None,
+    **outbox_kw: Any,
+) -> tuple[FakeProtocol, Outbox]:
+    """A connection written to directly, subscribed to `symbols` after each has a first tick
+    (seq 1, its snapshot)."""
+    for symbol in symbols:
+        await publish(symbol, [1])
+    protocol = protocol or FakeProtocol()
+    outbox = direct_outbox(protocol, **outbox_kw)
+    for symbol in symbols:
+        await hub.attach(outbox, symbol, since=None)
+    return protocol, outbox
+
+
 class TestLanes:
     """One-symbol subscribers that keep up ride the hub's lane: written in a plain loop, with
     no per-connection bookkeeping. Whatever makes one leave must not cost it a tick or give
@@ -394,10 +412,7 @@ class TestLanes:
 
     async def test_an_up_to_date_subscriber_rides_the_lane_and_gets_every_tick_once(self) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 202))
             assert outbox.lane is not None and hub.lane_count == 1
             assert protocol.transport.seqs() == list(range(1, 202))  # snapshot 1, then live
@@ -406,11 +421,14 @@ class TestLanes:
 
     async def test_a_paused_transport_leaves_the_lane_and_queues_from_the_next_seq(self) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
             # The reader stalls: the transport buffers until its high-water mark, then pauses.
-            protocol = FakeProtocol(pause_at=HIGH_WATER_BYTES)
-            outbox = direct_outbox(protocol, limit=2000)  # large enough not to conflate here
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(
+                hub,
+                publish,
+                "AAPL",
+                protocol=FakeProtocol(pause_at=HIGH_WATER_BYTES),
+                limit=2000,  # large enough not to conflate here
+            )
             await publish("AAPL", range(2, 1500))
             assert outbox.lane is None and hub.lane_count == 0
             written = protocol.transport.seqs()
@@ -420,10 +438,7 @@ class TestLanes:
 
     async def test_a_closing_transport_is_not_written_to(self) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 20))
             assert outbox.lane is not None
             protocol.transport.closing = True  # uvicorn wrote a close frame of its own
@@ -433,10 +448,7 @@ class TestLanes:
 
     async def test_nothing_is_written_once_the_token_is_due(self) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 10))
             assert outbox.lane is not None
             outbox.deadline = due = time.time() + 0.1
@@ -452,10 +464,7 @@ class TestLanes:
         self,
     ) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 50))
             assert outbox.lane is not None
             outbox.push_control('{"type":"pong"}')
@@ -467,11 +476,8 @@ class TestLanes:
 
     async def test_a_second_symbol_takes_it_off_the_lane_with_nothing_lost(self) -> None:
         async with running_hub("AAPL", "MSFT") as (hub, publish):
-            await publish("AAPL", [1])
             await publish("MSFT", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 30))
             assert outbox.lane is not None
             await hub.attach(outbox, "MSFT", since=None)
@@ -492,10 +498,7 @@ class TestLanes:
 
     async def test_batch_lane_frames_carry_each_burst_in_seq_order(self) -> None:
         async with running_hub("AAPL") as (hub, publish):
-            await publish("AAPL", [1])
-            protocol = FakeProtocol()
-            outbox = direct_outbox(protocol, batch=True)
-            await hub.attach(outbox, "AAPL", since=None)
+            protocol, outbox = await direct_subscriber(hub, publish, "AAPL", batch=True)
             await publish("AAPL", range(2, 10))
             assert outbox.lane is not None and outbox.lane.batch
             await publish("AAPL", range(10, 110), burst=10)

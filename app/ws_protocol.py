@@ -21,6 +21,7 @@ from typing import Any
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+from websockets.protocol import Protocol, State
 
 EXTENSION = "pricefeed.frames"
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
@@ -196,3 +197,18 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None and not self.conn.extensions:
             scope["extensions"][EXTENSION] = {"writer": FrameWriter(self)}
+        self._forget_handshake_request()
+
+    def _forget_handshake_request(self) -> None:
+        """websockets' server-side parser is one generator for the whole connection: the
+        handshake part keeps the parsed request (headers, and the path with its `?token=`) in
+        a local for as long as the connection lives, ~1.8 KB each. Past the handshake it only
+        parses frames, so when it is waiting for the first one with nothing buffered, a fresh
+        frame parser is the same thing without the request."""
+        conn = self.conn
+        reader = conn.reader
+        if conn.state is not State.CONNECTING or reader.buffer or reader.eof:
+            return
+        parser = Protocol.parse(conn)
+        next(parser)  # to where the old one waits: for the first frame's bytes
+        conn.parser = parser

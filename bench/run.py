@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,25 @@ class Bench:
         if res["ok"]:
             row["kb_per_conn"] = (rss1 - rss0) / 1024 / res["ok"]
 
+    def _publishing(self, scen: Scenario) -> tuple[list[str], Callable[[float], float]]:
+        """The symbols the scenario's clients use, and the publisher's ticks/s (all symbols)
+        for a delivered msg/s asked: ticks/s per symbol × subscribers per symbol = asked."""
+        k = min(self.opts.symbols_per_client, len(self.symbols))
+        used = self.symbols[: min(len(self.symbols), scen.clients * k)]
+
+        def ticks_for(asked: float) -> float:
+            return asked / (scen.clients * k) * len(used)
+
+        return used, ticks_for
+
+    @staticmethod
+    def _publisher(
+        spec: Server, redis_url: str, symbols: list[str], rate: float, workdir: Path
+    ) -> Ctl:
+        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=symbols, rate=rate)
+        log = workdir / "producer.log"
+        return Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=log, pipe=True), log)
+
     async def _load(
         self,
         row: dict[str, Any],
@@ -384,18 +404,14 @@ class Bench:
     ) -> Ctl:
         opts = self.opts
         await self._connect(row, lg, scen.clients)
-        k = min(opts.symbols_per_client, len(self.symbols))
-        used = self.symbols[: min(len(self.symbols), scen.clients * k)]
-        per_symbol = scen.rate / (scen.clients * k)  # ticks/s a symbol needs
-        prod_rate = per_symbol * len(used)
+        used, ticks_for = self._publishing(scen)
+        prod_rate = ticks_for(scen.rate)
         row["asked_rate"] = scen.rate
-        row["ticks_per_symbol"] = per_symbol
-        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=used, rate=prod_rate)
-        plog = workdir / "producer.log"
+        row["ticks_per_symbol"] = prod_rate / len(used)
         # pricefeed's conflation counter, read before the first tick and after the last one
         # is through (a saturated server answers /metrics seconds late, so not at the marks)
         confl0 = await spec.conflations(port)
-        prod = Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=plog, pipe=True), plog)
+        prod = self._publisher(spec, redis_url, used, prod_rate, workdir)
         await asyncio.sleep(opts.warmup)
 
         load_pids = [lg.proc.pid, prod.proc.pid, redis_pid]
@@ -508,16 +524,9 @@ class Bench:
         two, whatever batching and conflation do past it."""
         opts = self.opts
         await self._connect(row, lg, scen.clients)
-        k = min(opts.symbols_per_client, len(self.symbols))
-        used = self.symbols[: min(len(self.symbols), scen.clients * k)]
-
-        def ticks_for(asked: float) -> float:
-            return asked / (scen.clients * k) * len(used)
-
+        used, ticks_for = self._publishing(scen)
         asked = opts.scale_from
-        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=used, rate=ticks_for(asked))
-        plog = workdir / "producer.log"
-        prod = Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=plog, pipe=True), plog)
+        prod = self._publisher(spec, redis_url, used, ticks_for(asked), workdir)
         steps: list[str] = []
         best: dict[str, Any] | None = None
         while asked <= scen.rate:

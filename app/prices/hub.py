@@ -208,8 +208,7 @@ class Outbox:
         return count
 
     def _push(self, frame: Frame) -> None:
-        if self.lane is not None:
-            self.leave_lane()
+        self.leave_lane()  # queued frames go out through the writer; ticks queue behind them
         self._floor[frame.symbol] = frame.seq
         if len(self._frames) >= self._limit + self._pinned:
             self._conflate()
@@ -219,8 +218,7 @@ class Outbox:
     def _pin(self, frame: Frame) -> None:
         """Queue a frame conflation must keep: a protocol reply, or a replayed tick (a `since`
         resume owes the client every retained tick; the replay is finite)."""
-        if self.lane is not None:
-            self.leave_lane()
+        self.leave_lane()
         if frame.symbol:
             self._floor[frame.symbol] = frame.seq
         self._frames.append(frame)
@@ -285,7 +283,6 @@ class Outbox:
 
     def push_control(self, text: str) -> None:
         """A protocol frame (subscribed, pong, error…): never conflated away."""
-        self.leave_lane()  # the writer sends it; ticks queue behind it meanwhile
         self._pin(Frame("", 0, text, "control"))
 
     def drain(self) -> list[Frame]:

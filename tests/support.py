@@ -143,6 +143,8 @@ class RedisServer:
     port: int
     directory: str
     process: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--requirepass", "s3cret")
+    password: str | None = None  # what PING must authenticate with to see it up
 
     @property
     def url(self) -> str:
@@ -162,6 +164,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -172,6 +175,9 @@ class RedisServer:
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
             ):
+                if self.password is not None:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    s.recv(16)
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
@@ -188,13 +194,28 @@ class RedisServer:
         self.kill()
         self.start()
 
+    def freeze(self) -> None:
+        """Stop the process without closing its sockets: a Redis that hangs, or a network
+        that drops packets silently."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(*, password: str | None = None) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (make test installs it)")
     directory = tempfile.mkdtemp(prefix="pricefeed-redis-")
-    server = RedisServer(port=free_port(), directory=directory)
+    server = RedisServer(
+        port=free_port(),
+        directory=directory,
+        args=("--requirepass", password) if password else (),
+        password=password,
+    )
     server.start()
     try:
         yield server

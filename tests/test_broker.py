@@ -12,18 +12,23 @@ import redis as redis_py
 from redis.asyncio import Redis
 
 from app.broker import Broker
+from tests.support import redis_server
 
 pytestmark = pytest.mark.redis
 
 
 @contextlib.asynccontextmanager
-async def connected(url: str) -> AsyncIterator[Broker]:
-    broker = Broker(url)
+async def connected_with(url: str, **options: int) -> AsyncIterator[Broker]:
+    broker = Broker(url, **options)
     await broker.connect()
     try:
         yield broker
     finally:
         await broker.disconnect()
+
+
+def connected(url: str) -> contextlib.AbstractAsyncContextManager[Broker]:
+    return connected_with(url)
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -105,3 +110,60 @@ async def test_broker_down_at_start_connects_when_redis_comes_up(redis) -> None:
         await wait_until(lambda: broker.connected, timeout=15)
         await broker.publish("prices:AAPL", "late")
         assert await asyncio.wait_for(receive(), 5) == "late"
+
+
+async def test_a_silent_redis_is_dropped_and_the_broker_reconnects(redis) -> None:
+    """A Redis that stops answering without closing the socket (hung, or a network that
+    drops packets): the broker pings, gives up, and resubscribes when Redis answers again."""
+    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+        backend = broker._backend
+        backend.ping_after, backend.dead_after = 0.2, 0.8  # type: ignore[union-attr]
+        await wait_until(lambda: broker.connected)
+        redis.freeze()
+        try:
+            await wait_until(lambda: not broker.connected, timeout=5)
+        finally:
+            redis.thaw()
+        await wait_until(lambda: broker.connected, timeout=10)
+        await broker.publish("prices:AAPL", "awake")
+        assert await asyncio.wait_for(receive(), 5) == "awake"
+
+
+async def test_a_password_in_the_url_authenticates_the_subscriber() -> None:
+    with redis_server(password="s3cret") as server:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        async with connected(url) as broker, broker.subscribe("prices:AAPL") as receive:
+            await wait_until(lambda: broker.connected)
+            await broker.publish("prices:AAPL", "signed in")
+            assert await asyncio.wait_for(receive(), 5) == "signed in"
+
+
+async def test_a_wrong_password_keeps_the_broker_down_and_says_why(caplog) -> None:
+    with redis_server(password="s3cret") as server:
+        url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        async with connected(url) as broker, broker.subscribe("prices:AAPL"):
+            await wait_until(lambda: "Redis refused AUTH" in caplog.text)
+            assert not broker.connected
+            assert "wrong" not in caplog.text  # the password itself is never logged
+
+
+async def test_a_reader_that_falls_behind_loses_nothing_and_memory_stays_bounded(redis) -> None:
+    """Nobody drains the broker while 200 messages arrive: its queues stop at their bound
+    (reading pauses, Redis holds the rest), then every message comes out, in order."""
+    async with (
+        connected_with(redis.url, queue_size=8) as broker,
+        broker.subscribe_many(["prices:AAPL"]) as receive,
+    ):
+        await wait_until(lambda: broker.connected)
+        raw = Redis.from_url(redis.url)
+        for i in range(200):
+            await raw.publish("prices:AAPL", str(i))
+        await raw.aclose()
+        await asyncio.sleep(0.3)
+        backend = broker._backend
+        assert backend._queue.qsize() <= 8  # type: ignore[union-attr]
+        assert len(backend._held) < 200  # type: ignore[union-attr]
+        got: list[str] = []
+        while len(got) < 200:
+            got += [message for _, message in await asyncio.wait_for(receive(), 5)]
+        assert got == [str(i) for i in range(200)]

@@ -121,6 +121,7 @@ COLUMNS = [
     ("ticks/s done/asked", "producer"),
     ("load CPU %", "load_cpu_pct"),
     ("other CPU %", "other_cpu_pct"),
+    ("steal %", "steal_pct"),
     ("srv RSS MB", "rss_mb"),
     ("KB/idle conn", "kb_per_conn"),
 ]
@@ -154,6 +155,7 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         else f"{r['producer_done']:,.0f}/{r['producer_asked']:,.0f}",
         "load_cpu_pct": _n(r.get("load_cpu_pct")),
         "other_cpu_pct": _n(r.get("other_cpu_pct")),
+        "steal_pct": _n(r.get("steal_pct")),
         "rss_mb": _n(r.get("rss_mb"), "{:,.1f}"),
         "kb_per_conn": _n(r.get("kb_per_conn"), "{:.1f}"),
     }

@@ -494,10 +494,16 @@ class Bench:
         other = tasks - cpu - (b["load_cpu"] - a["load_cpu"])
         row["other_cpu_pct"] = max(0.0, 100 * other / span)
         row["softirq_pct"] = 100 * (b["sys"][1] - a["sys"][1]) / span
+        row["steal_pct"] = 100 * (b["sys"][2] - a["sys"][2]) / span
         if row["other_cpu_pct"] > 20:
             row["notes"].append(
                 f"other processes on the machine used {row['other_cpu_pct']:.0f}% of a core "
                 "during the window: numbers are disturbed"
+            )
+        if row["steal_pct"] > 5:
+            row["notes"].append(
+                f"the host took {row['steal_pct']:.0f}% of a core from this VM during the "
+                "window (steal time): numbers are disturbed"
             )
         if lm["resubscribes"] or a["lg"]["resubscribes"]:
             row["notes"].append(

@@ -21,6 +21,7 @@ output-buffer limit bounds what waits there) and serialises subscribes per chann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -100,26 +101,27 @@ class _SubscriberProtocol(asyncio.Protocol):
             logger.warning("broker: %s; reconnecting", exc)
             self.close()
 
-    def send(self, *args: str) -> asyncio.Future[Any]:
-        """Write one command; the future gets its answer (ignore it for SUBSCRIBE/UNSUBSCRIBE,
-        whose confirmations are not counted: follow them with `PING` to wait for them)."""
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def write(self, *args: str) -> None:
+        """Write one command whose answer nobody awaits: SUBSCRIBE and UNSUBSCRIBE (their
+        confirmations are skipped; a PING behind them is answered once they are done)."""
         if self.transport is None or self.transport.is_closing():
-            waiter.set_exception(RedisConnectionError("not connected to Redis"))
-            return waiter
+            raise RedisConnectionError("not connected to Redis")
         parts = [f"*{len(args)}\r\n".encode()]
         for arg in args:
             raw = arg.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
         self.transport.write(b"".join(parts))
-        if args[0] not in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            self._replies.append(waiter)
-        else:
-            waiter.set_result(None)
+
+    def request(self, *args: str) -> asyncio.Future[Any]:
+        """Write one command; the future gets its answer, in order (a waiter given up on
+        still takes its answer's place)."""
+        self.write(*args)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies.append(waiter)
         return waiter
 
     async def call(self, *args: str, timeout: float = _COMMAND_TIMEOUT_SECONDS) -> Any:
-        reply = await asyncio.wait_for(self.send(*args), timeout)
+        reply = await asyncio.wait_for(self.request(*args), timeout)
         if isinstance(reply, hiredis.ReplyError):
             raise RedisConnectionError(f"Redis refused {args[0]}: {reply}")
         return reply
@@ -172,8 +174,8 @@ class ResilientRedisBackend(RedisBackend):
         proto = self._proto
         if proto is not None:
             # Return once Redis has it: a message published after this call is delivered.
-            proto.send("SUBSCRIBE", channel)
             try:
+                proto.write("SUBSCRIBE", channel)
                 await proto.call("PING")
             except (TimeoutError, RedisConnectionError):
                 pass  # the listener resubscribes every channel when it reconnects
@@ -182,7 +184,8 @@ class ResilientRedisBackend(RedisBackend):
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
         if self._proto is not None:
-            self._proto.send("UNSUBSCRIBE", channel)
+            with contextlib.suppress(RedisConnectionError):  # closed: nothing to leave
+                self._proto.write("UNSUBSCRIBE", channel)
 
     async def next_published(self) -> Event:
         event = await self._queue.get()
@@ -235,7 +238,7 @@ class ResilientRedisBackend(RedisBackend):
             username = options.get("username")
             await proto.call("AUTH", *((username,) if username else ()), password)
         if self._channels:
-            proto.send("SUBSCRIBE", *sorted(self._channels))
+            proto.write("SUBSCRIBE", *sorted(self._channels))
         await proto.call("PING")  # answered once the subscriptions are in place
         return proto
 
@@ -287,10 +290,18 @@ class ResilientRedisBackend(RedisBackend):
                 raise RedisTimeoutError(f"Redis silent for {quiet:.1f} s")
             if quiet > self.ping_after:
                 if not pinged:
-                    proto.send("PING")
+                    # The answer only refreshes `last_heard`; nobody awaits it.
+                    with contextlib.suppress(RedisConnectionError):
+                        proto.request("PING").add_done_callback(_consume)
                     pinged = True
             else:
                 pinged = False
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an unawaited future's outcome, so a lost connection logs no orphan error."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -323,3 +324,18 @@ class Redis:
 
     def stop(self) -> None:
         kill(self.proc)
+
+
+def run_main(main: Coroutine[Any, Any, int], name: str) -> int:
+    """Run a benchmark's `main()` coroutine from core 1 (the runner stays off the server core),
+    and kill every child process however it ends."""
+    install_cleanup()
+    if PIN:
+        os.sched_setaffinity(0, {LOAD_CORE})
+    try:
+        return asyncio.run(main)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        print(f"\n{name} interrupted ({exc!r}); every child process killed", file=sys.stderr)
+        return 130
+    finally:
+        kill_all()

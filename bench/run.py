@@ -780,17 +780,8 @@ async def amain(opts: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     procs.PIN = procs.PIN and not opts.no_pin
-    procs.install_cleanup()
     procs.raise_fd_limit()
-    if procs.PIN:
-        os.sched_setaffinity(0, {LOAD_CORE})  # keep the runner itself off the server core
-    try:
-        return asyncio.run(amain(opts))
-    except (KeyboardInterrupt, SystemExit) as exc:
-        print(f"\ninterrupted ({exc!r}); every child process killed", file=sys.stderr)
-        return 130
-    finally:
-        procs.kill_all()
+    return procs.run_main(amain(opts), "bench")
 
 
 if __name__ == "__main__":

@@ -206,14 +206,16 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(*, password: str | None = None) -> Iterator[RedisServer]:
+def redis_server(
+    *, password: str | None = None, args: tuple[str, ...] = ()
+) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (make test installs it)")
     directory = tempfile.mkdtemp(prefix="pricefeed-redis-")
     server = RedisServer(
         port=free_port(),
         directory=directory,
-        args=("--requirepass", password) if password else (),
+        args=(*args, "--requirepass", password) if password else args,
         password=password,
     )
     server.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +14,7 @@ import redis as redis_py
 from redis.asyncio import Redis
 
 from app.broker import Broker
-from tests.support import redis_server
+from tests.support import free_port, redis_server
 
 pytestmark = pytest.mark.redis
 
@@ -167,3 +169,31 @@ async def test_a_reader_that_falls_behind_loses_nothing_and_memory_stays_bounded
         while len(got) < 200:
             got += [message for _, message in await asyncio.wait_for(receive(), 5)]
         assert got == [str(i) for i in range(200)]
+
+
+async def test_a_rediss_url_subscribes_over_tls_and_checks_the_certificate(
+    tmp_path, caplog
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    tls_port = free_port()
+    tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    with redis_server(args=(*tls, "--tls-auth-clients", "no")):
+        trusted = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        async with connected(trusted) as broker, broker.subscribe("prices:AAPL") as receive:
+            await wait_until(lambda: broker.connected)
+            await broker.publish("prices:AAPL", "encrypted")
+            assert await asyncio.wait_for(receive(), 5) == "encrypted"
+
+        untrusted = f"rediss://127.0.0.1:{tls_port}/0"  # self-signed, and no CA given
+        async with connected(untrusted) as broker, broker.subscribe("prices:AAPL"):
+            await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text)
+            assert not broker.connected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -15,18 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 NODE_DIR = BENCH / "peers" / "node"
 JWT_SECRET = "bench-secret-bench-secret-bench-secret"
-PRICEFEED_SYMBOLS = [
-    "AAPL",
-    "MSFT",
-    "GOOGL",
-    "AMZN",
-    "TSLA",
-    "BTC-USD",
-    "ETH-USD",
-    "SOL-USD",
-    "EUR-USD",
-    "GBP-USD",
-]
+
+
+def _seeded_symbols() -> list[str]:
+    """The instruments pricefeed's first migration seeds, in its order."""
+    path = REPO / "alembic" / "versions" / "0001_initial.py"
+    spec = importlib.util.spec_from_file_location("pricefeed_migration_0001", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [row[0] for row in module.SEED_INSTRUMENTS]
+
+
+PRICEFEED_SYMBOLS = _seeded_symbols()
 
 
 @dataclass

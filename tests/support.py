@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -29,19 +30,19 @@ from app.config import Settings
 from app.security import TokenSigner
 
 ROOT = Path(__file__).resolve().parent.parent
-# The instruments the first migration seeds, in its order.
-SEED_SYMBOLS = [
-    "AAPL",
-    "MSFT",
-    "GOOGL",
-    "AMZN",
-    "TSLA",
-    "BTC-USD",
-    "ETH-USD",
-    "SOL-USD",
-    "EUR-USD",
-    "GBP-USD",
-]
+
+
+def _seeded_symbols() -> list[str]:
+    """The instruments the first migration seeds, in its order (read from the migration)."""
+    path = ROOT / "alembic" / "versions" / "0001_initial.py"
+    spec = importlib.util.spec_from_file_location("pricefeed_migration_0001", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [row[0] for row in module.SEED_INSTRUMENTS]
+
+
+SEED_SYMBOLS = _seeded_symbols()
 JWT_SECRET = "test-secret-test-secret-test-secret-0123"
 TEST_ENV = {
     "ENV": "dev",

@@ -6,6 +6,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("pricefeed_connections", "Open streaming connections", ["transport"])
 SUBSCRIPTIONS = Gauge("pricefeed_subscriptions", "Symbol subscriptions across open connections")
+LANE_MEMBERS = Gauge(
+    "pricefeed_fanout_lane_members",
+    "Subscriptions on the fan-out fast path (one-symbol streams that keep up)",
+)
 TICKS_PUBLISHED = Counter("pricefeed_ticks_published_total", "Ticks published by this producer")
 TICKS_RECEIVED = Counter(
     "pricefeed_ticks_received_total", "Ticks this instance got from the broker"

@@ -327,6 +327,7 @@ class _Lane:
         self._transports = None
         outbox.lane = self
         outbox._lane_mark = self.delivered
+        metrics.LANE_MEMBERS.inc()
         if outbox.deadline < self.deadline:
             self.deadline = outbox.deadline
 
@@ -335,6 +336,7 @@ class _Lane:
         self._transports = None
         outbox.lane = None
         outbox._sent += self.delivered - outbox._lane_mark
+        metrics.LANE_MEMBERS.dec()
 
 
 class FanoutHub:

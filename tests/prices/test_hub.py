@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from prometheus_client import REGISTRY
 
 from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub, Outbox
@@ -418,6 +419,23 @@ class TestLanes:
             assert protocol.transport.seqs() == list(range(1, 202))  # snapshot 1, then live
             assert protocol.transport.frames()[0]["type"] == "snapshot"
             assert outbox.sent >= 195  # the heartbeat's notion of "something went out"
+
+    async def test_metrics_count_lane_members_as_they_join_and_leave(self) -> None:
+        def members() -> float:
+            return REGISTRY.get_sample_value("pricefeed_fanout_lane_members") or 0.0
+
+        before = members()
+        async with running_hub("AAPL", "MSFT") as (hub, publish):
+            _, first = await direct_subscriber(hub, publish, "AAPL")
+            _, second = await direct_subscriber(hub, publish, "MSFT")
+            await publish("AAPL", [2])
+            await publish("MSFT", [2])
+            assert first.lane is not None and second.lane is not None
+            assert members() == before + 2
+            await hub.attach(second, "AAPL", since=None)  # a watchlist: off the fast path
+            assert members() == before + 1
+            hub.detach(first, ["AAPL"])
+            assert members() == before
 
     async def test_a_paused_transport_leaves_the_lane_and_queues_from_the_next_seq(self) -> None:
         async with running_hub("AAPL") as (hub, publish):

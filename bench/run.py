@@ -5,7 +5,8 @@ the load generator and the publisher (pinned to core 1), a warm-up, then a measu
 between two marks. Everything is killed after each scenario, and on any exit.
 
 The load generator is bench/loadgen.c (built into bench/.build/ on first use) when a C compiler
-is on PATH, else bench/loadgen.py; ``--loadgen`` picks one.
+is on PATH, else bench/loadgen.py; ``--loadgen`` picks one. The c-floor peer
+(bench/peers/floor.c) is built the same way, by its ``start``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +34,8 @@ from bench import cpuquota, procs, report
 from bench.loadgen import make_token
 from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
 from bench.servers import (
+    BUILD,
+    C_FLAGS,
     DEFAULT_SERVERS,
     JWT_SECRET,
     PRICEFEED_SYMBOLS,
@@ -41,35 +43,15 @@ from bench.servers import (
     REPO,
     SERVERS,
     Server,
+    build_c,
+    c_compiler,
     ensure_node_modules,
 )
 
 RESULTS = REPO / "bench" / "results"
 LOADGEN_C = REPO / "bench" / "loadgen.c"
-LOADGEN_BIN = REPO / "bench" / ".build" / "loadgen"  # ignored by git
+LOADGEN_BIN = BUILD / "loadgen"
 JWT_AUDIENCE = "pricefeed"  # loadgen.py's --audience default
-
-
-def c_compiler() -> str | None:
-    return shutil.which("gcc") or shutil.which("cc")
-
-
-def build_c_loadgen() -> Path:
-    """Compile bench/loadgen.c into LOADGEN_BIN unless that is newer than the source."""
-    if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_C.stat().st_mtime:
-        return LOADGEN_BIN
-    cc = c_compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
-    tmp = LOADGEN_BIN.with_name(f"loadgen.tmp{os.getpid()}")
-    cmd = [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-o", str(tmp), str(LOADGEN_C)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if res.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
-    tmp.replace(LOADGEN_BIN)
-    return LOADGEN_BIN
 
 
 def resolve_loadgen(opts: argparse.Namespace) -> str | None:
@@ -80,7 +62,7 @@ def resolve_loadgen(opts: argparse.Namespace) -> str | None:
         opts.loadgen = "py"
         return "no C compiler (gcc or cc) on PATH: using the Python load generator"
     try:
-        build_c_loadgen()
+        build_c(LOADGEN_C, LOADGEN_BIN)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         if opts.loadgen == "c":
             raise
@@ -90,11 +72,15 @@ def resolve_loadgen(opts: argparse.Namespace) -> str | None:
     return None
 
 
+def c_build_about() -> str:
+    """The compiler and flags C programs are built with here."""
+    cc = c_compiler() or "cc"
+    return f"{report._cmd_version([cc, '--version'])}, {' '.join(C_FLAGS)}"
+
+
 def loadgen_about(kind: str) -> str:
     if kind == "c":
-        cc = c_compiler() or "cc"
-        ver = report._cmd_version([cc, "--version"])
-        return f"C (bench/loadgen.c, {ver}, -O2), epoll, one process"
+        return f"C (bench/loadgen.c, {c_build_about()}), epoll, one process"
     return f"Python (bench/loadgen.py), uvloop {report._version('uvloop')}, one process"
 
 
@@ -693,6 +679,10 @@ async def amain(opts: argparse.Namespace) -> int:
         print(f"note: {lg_note}", flush=True)
     info = report.machine_info()
     info["load generator"] = loadgen_about(opts.loadgen)
+    for name in names:
+        source = SERVERS[name].c_source
+        if source is not None and c_compiler() is not None:
+            info[name] = f"bench/{source}, {c_build_about()}"
     print("## Machine\n")
     for key, val in info.items():
         print(f"- {key}: {val}")

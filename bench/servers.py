@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,33 @@ from bench.procs import SERVER_CORE, http_get, kill, spawn, wait_http_ok
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 NODE_DIR = BENCH / "peers" / "node"
+BUILD = BENCH / ".build"  # compiled C programs (the load generator, the C peer); ignored by git
 JWT_SECRET = "bench-secret-bench-secret-bench-secret"
+C_FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra"]
+
+
+def c_compiler() -> str | None:
+    return shutil.which("gcc") or shutil.which("cc")
+
+
+def build_c(source: Path, binary: Path) -> Path:
+    """Compile the single-file C program `source` into `binary` (C_FLAGS) unless `binary` is
+    newer than the source; written to a temporary name first, so a reader never sees half a
+    binary."""
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    cc = c_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_name(f"{binary.name}.tmp{os.getpid()}")
+    cmd = [cc, *C_FLAGS, "-o", str(tmp), str(source)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    tmp.replace(binary)
+    return binary
 
 
 def _seeded_symbols() -> list[str]:
@@ -44,11 +71,15 @@ class Server:
     # The worker-scaling pair: each worker capped at this many cores (bench/cpuquota.py).
     # Such a server runs only the `scale` scenario, and only such servers run it.
     worker_cores: float | None = None
+    # A C peer: its source under bench/, built into bench/.build/<stem> by `start`.
+    c_source: str | None = None
 
     def unavailable(self) -> str | None:
         """Why this server cannot run here, or None."""
         if self.producer == "node" and not shutil.which("node"):
             return "node not found"
+        if self.c_source is not None and c_compiler() is None:
+            return "no C compiler (gcc or cc) on PATH"
         if self.worker_cores is not None:
             from bench import cpuquota
 
@@ -122,6 +153,10 @@ class Server:
                 [sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=REPO, log=log
             )
         env = {"BROADCAST_URL": redis_url, "PORT": str(port), "HOST": "127.0.0.1", **self.env}
+        if self.c_source is not None:
+            source = BENCH / self.c_source
+            binary = build_c(source, BUILD / source.stem)  # a no-op once built
+            return spawn([str(binary)], core=SERVER_CORE, env=env, cwd=REPO, log=log)
         if self.producer == "node":
             return spawn(["node", "server.js"], core=SERVER_CORE, env=env, cwd=NODE_DIR, log=log)
         module = {
@@ -206,6 +241,15 @@ class Server:
 SERVERS: dict[str, Server] = {
     s.name: s
     for s in [
+        Server(
+            "c-floor",
+            "broadcaster",
+            "publish",
+            "/",
+            c_source="peers/floor.c",
+            about="C + epoll, one send() per message per client, nothing else: "
+            "this host's kernel floor",
+        ),
         Server(
             "pricefeed",
             "pricefeed",
@@ -295,6 +339,7 @@ SERVERS: dict[str, Server] = {
 }
 
 DEFAULT_SERVERS = [
+    "c-floor",
     "pricefeed",
     "pricefeed-batch",
     "broadcaster-readme",
@@ -304,6 +349,7 @@ DEFAULT_SERVERS = [
     "pricefeed-w2q",
 ]
 QUICK_SERVERS = [
+    "c-floor",
     "pricefeed",
     "broadcaster-readme",
     "python-socketio",

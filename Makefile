@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run migrate test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml app/prices/_fanout.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pricefeed needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -34,4 +34,4 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) pricefeed.db .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) pricefeed.db .pytest_cache .mypy_cache .ruff_cache build app/prices/_fanout.*.so

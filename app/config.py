@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     candles_kept: int = Field(default=500, ge=1, le=100_000)
 
     fanout_max_lag_ms: int = Field(default=50, ge=0)
+    fanout_direct_writes: bool = True
     ws_max_message_bytes: int = Field(default=16 * 1024, ge=512)
     ws_max_messages_per_second: float = Field(default=20.0, gt=0)
     ws_max_subscriptions: int = Field(default=100, ge=1, le=10_000)

@@ -86,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         store=store,
         retention=settings.retention_ticks,
         max_lag_ms=settings.fanout_max_lag_ms,
+        direct_writes=settings.fanout_direct_writes,
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))

@@ -13,9 +13,10 @@ Select it with `WS_IMPL=fast` (the default); `python -m app` passes it to uvicor
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from asyncio import BaseTransport
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -39,14 +40,38 @@ class FrameWriter:
 
     __slots__ = ("_protocol", "on_blocked")
 
-    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+    def __init__(self, protocol: PricefeedWebSocketProtocol) -> None:
         self._protocol = protocol
         self.on_blocked: Callable[[], None] | None = None
 
     @property
     def transport(self) -> Transport:
-        transport: Transport = self._protocol.transport
-        return transport
+        """The connection's own transport (uvicorn writes through a watched stand-in)."""
+        return self._protocol.raw_transport
+
+    def duplicate_fd(self) -> int | None:
+        """A descriptor of its own for the connection's socket, for the hub to send() to
+        directly while nothing else writes (see `WatchedTransport`); None when the connection
+        cannot be written that way (TLS, no socket, out of descriptors) or its transport holds
+        unsent bytes, which must go first. The caller closes it.
+
+        A descriptor of its own, not the transport's: a transport closed under us frees its
+        number for the next accepted connection, and a send() to that number would land in a
+        stranger's stream."""
+        transport = self.transport
+        if (
+            transport.is_closing()
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            return os.dup(sock.fileno())
+        except OSError:  # EMFILE: this connection stays on the transport's write path
+            return None
 
     def blocked(self) -> None:
         callback = self.on_blocked
@@ -57,7 +82,7 @@ class FrameWriter:
     def keeping_up(self) -> bool:
         """Open, and its unsent bytes below the high-water mark."""
         p = self._protocol
-        transport = p.transport
+        transport = p.raw_transport
         return not (p.close_sent or p.disconnected or transport.is_closing()) and (
             transport.get_write_buffer_size() <= HIGH_WATER_BYTES
         )
@@ -71,10 +96,82 @@ class FrameWriter:
         p = self._protocol
         # uvicorn sends some close frames (a peer's close, shutdown) without `close_sent`,
         # then closes the transport: nothing may follow them.
-        if p.close_sent or p.disconnected or p.transport.is_closing():
+        transport = p.raw_transport
+        if p.close_sent or p.disconnected or transport.is_closing():
             return False
-        p.transport.write(data)
+        transport.write(data)
         return True
+
+
+class WatchedTransport(asyncio.Transport):
+    """What uvicorn's protocol writes through: the connection's transport, plus a call to
+    `on_other_write` whenever a write may no longer be followed by the hub's direct ones.
+
+    The hub's fast path sends frames to the socket itself (`FrameWriter.duplicate_fd`), which
+    is only in order while the transport holds no unsent bytes and has sent no close frame. So
+    a write that leaves bytes buffered (a pong behind a full socket) and any close, abort or
+    EOF call it first; a write that went out whole (a keepalive ping) does not."""
+
+    __slots__ = ("_transport", "_on_other_write")
+
+    def __init__(self, transport: Transport, on_other_write: Callable[[], None]) -> None:
+        super().__init__()
+        self._transport = transport
+        self._on_other_write = on_other_write
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self._transport
+        transport.write(data)
+        if transport.get_write_buffer_size():
+            self._on_other_write()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        self._on_other_write()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def close(self) -> None:
+        self._on_other_write()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._on_other_write()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
 
 
 class _LeanQueue:
@@ -152,8 +249,10 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
+        self.raw_transport: Transport = self.transport
+        self.transport = WatchedTransport(self.raw_transport, self._other_write)
         # pause_writing() exactly where FrameWriter.keeping_up() turns false.
-        self.transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
+        self.raw_transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
         if self.send_buffer_bytes and sock is not None:
             # A bounded kernel buffer: a stuck reader is noticed (and conflated, then closed)
@@ -166,17 +265,26 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         entry = scope["extensions"].get(EXTENSION) if scope is not None else None
         return entry["writer"] if entry is not None else None
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
+    def _other_write(self) -> None:
         writer = self._frame_writer()
         if writer is not None:
             writer.blocked()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._other_write()
+
+    def eof_received(self) -> None:
+        self._other_write()  # the transport closes once this returns
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._other_write()
+        super().connection_lost(exc)
+
     async def send(self, message: ASGISendEvent) -> None:
-        if message["type"] == "websocket.close":
-            writer = self._frame_writer()
-            if writer is not None:
-                writer.blocked()  # no frame may follow the close frame
+        if message["type"] != "websocket.accept":
+            self._other_write()  # nothing may go ahead of it, and no frame after a close
         if message["type"] == "websocket.close" and self.handshake_complete:
             # A close must not wait for a stuck reader to drain the buffer (uvicorn's send
             # waits for writable first): queue the close frame behind what is buffered...

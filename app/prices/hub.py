@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,7 +36,16 @@ from app.prices.ticks import MalformedTick, Tick, as_snapshot, decode_tick
 from app.prices.wire import text_frame
 from app.ws_protocol import FrameWriter, Transport
 
+send_all: Callable[[array[int], bytes], list[tuple[int, int, int]]] | None
+try:  # the lanes' send loop in C; optional (a build without a compiler writes in Python)
+    from app.prices._fanout import send_all
+except ImportError:  # pragma: no cover - depends on the build
+    send_all = None
+
 logger = logging.getLogger(__name__)
+
+DIRECT_WRITES_AVAILABLE = send_all is not None
+_SWEEP_SECONDS = 1.0  # how often a lane looks for members whose transport closed under it
 
 _REPAIR_TIMEOUT_SECONDS = 2.0
 
@@ -305,25 +316,59 @@ class _Lane:
     passed-on seq, so they need no per-tick bookkeeping. `delivered` counts the ticks written
     to the lane, so a member's own count is what it grew by while the member was in it."""
 
-    __slots__ = ("hub", "symbol", "batch", "members", "_transports", "deadline", "delivered")
+    __slots__ = (
+        "hub",
+        "symbol",
+        "batch",
+        "members",
+        "_fds",
+        "_transports",
+        "_direct",
+        "deadline",
+        "sweep_at",
+        "delivered",
+    )
 
     def __init__(self, hub: FanoutHub, symbol: str, batch: bool) -> None:
         self.hub = hub
         self.symbol = symbol
         self.batch = batch
         self.members: dict[Outbox, Transport] = {}
+        # Members the hub send()s to itself, each by a descriptor of its own (closed when it
+        # leaves); the others are written through their transports.
+        self._fds: dict[Outbox, int] = {}
         self._transports: tuple[Transport, ...] | None = ()
+        self._direct: tuple[array[int], tuple[Outbox, ...]] | None = (array("i"), ())
         self.deadline = math.inf  # no member's token is due before this
+        self.sweep_at = 0.0
         self.delivered = 0
 
     def transports(self) -> tuple[Transport, ...]:
+        """The transports of the members written through them."""
         transports = self._transports
         if transports is None:
-            transports = self._transports = tuple(self.members.values())
+            fds = self._fds
+            transports = self._transports = tuple(
+                t for o, t in self.members.items() if o not in fds
+            )
         return transports
 
-    def add(self, outbox: Outbox, transport: Transport) -> None:
+    def direct(self) -> tuple[array[int], tuple[Outbox, ...]]:
+        """The descriptors of the members sent to directly, and those members, in one order."""
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = (array("i", self._fds.values()), tuple(self._fds))
+        return direct
+
+    def is_direct(self, outbox: Outbox) -> bool:
+        """Whether the hub send()s to this member itself."""
+        return outbox in self._fds
+
+    def add(self, outbox: Outbox, transport: Transport, fd: int | None) -> None:
         self.members[outbox] = transport
+        if fd is not None:
+            self._fds[outbox] = fd
+            self._direct = None
         self._transports = None
         outbox.lane = self
         outbox._lane_mark = self.delivered
@@ -333,6 +378,10 @@ class _Lane:
 
     def remove(self, outbox: Outbox) -> None:
         del self.members[outbox]
+        fd = self._fds.pop(outbox, None)
+        if fd is not None:
+            self._direct = None
+            os.close(fd)
         self._transports = None
         outbox.lane = None
         outbox._sent += self.delivered - outbox._lane_mark
@@ -341,9 +390,17 @@ class _Lane:
 
 class FanoutHub:
     def __init__(
-        self, *, broker: Broker, store: TickStore, retention: int, max_lag_ms: int = 50
+        self,
+        *,
+        broker: Broker,
+        store: TickStore,
+        retention: int,
+        max_lag_ms: int = 50,
+        direct_writes: bool = True,
     ) -> None:
         self._broker = broker
+        # Lane members sent to by the C loop (app/prices/_fanout.c), when it was built.
+        self._direct_writes = direct_writes and DIRECT_WRITES_AVAILABLE
         self._store = store
         self._retention = retention
         self._max_lag_ms = max_lag_ms
@@ -451,8 +508,23 @@ class FanoutHub:
         """`data` (frames for `count` ticks) to every member; how many ticks that sent."""
         if now >= lane.deadline:
             self._expire_lane(lane, now)
+        if now >= lane.sweep_at:
+            self._sweep_lane(lane, now)
         lane.delivered += count
         written = 0
+        fds, direct = lane.direct()
+        if direct:
+            assert send_all is not None
+            written = len(direct)
+            for index, sent, _errno in send_all(fds, data):
+                # A full socket (or a dead peer): the transport takes the rest, in order, and
+                # writes for this member from now on; it rejoins once it has drained. A dead
+                # peer's transport meets the same error there and closes.
+                outbox = direct[index]
+                transport = lane.members[outbox]
+                self.leave_lane(outbox)
+                if not transport.is_closing():
+                    transport.write(data[sent:])
         for transport in lane.transports():
             # A transport closing under us: uvicorn wrote its close frame (a peer's close,
             # shutdown, ping timeout); the stream leaves once the app hears of it.
@@ -462,6 +534,15 @@ class FanoutHub:
                 transport.write(data)
                 written += 1
         return written * count
+
+    def _sweep_lane(self, lane: _Lane, now: float) -> None:
+        """A safety net: the protocol takes a closing connection off its lane (every close
+        passes through `WatchedTransport`), so this should find none; were one missed, its
+        socket would stay open for as long as the lane holds its descriptor."""
+        lane.sweep_at = now + _SWEEP_SECONDS
+        for outbox in [o for o, t in lane.members.items() if t.is_closing()]:
+            logger.warning("hub: a closing connection was still on the %s lane", lane.symbol)
+            self.leave_lane(outbox)
 
     def _expire_lane(self, lane: _Lane, now: float) -> None:
         """Members whose token is due go back to `offer`, which sends them nothing more."""
@@ -488,7 +569,8 @@ class FanoutHub:
             lanes = self._lanes[symbol] = (_Lane(self, symbol, False), _Lane(self, symbol, True))
         streams.discard(outbox)
         direct.on_blocked = outbox.leave_lane
-        lanes[outbox.batch].add(outbox, direct.transport)
+        fd = direct.duplicate_fd() if self._direct_writes else None
+        lanes[outbox.batch].add(outbox, direct.transport, fd)
 
     def leave_lane(self, outbox: Outbox) -> None:
         lane = outbox.lane

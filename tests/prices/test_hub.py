@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client import REGISTRY
 
 from app.broker import Broker, price_channel
-from app.prices.hub import FanoutHub, Outbox
+from app.prices.hub import DIRECT_WRITES_AVAILABLE, FanoutHub, Outbox
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
-from app.ws_protocol import HIGH_WATER_BYTES, FrameWriter
+from app.ws_protocol import HIGH_WATER_BYTES, FrameWriter, WatchedTransport
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -303,27 +306,39 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # no socket: the hub writes through `write`
+
     def frames(self) -> list[Any]:
         """Every frame written, decoded (a batch frame stays a list)."""
-        out: list[Any] = []
-        for _, data in self.writes:
-            pos = 0
-            while pos < len(data):
-                assert data[pos] == 0x81, "one final text frame after another"
-                length, pos = data[pos + 1], pos + 2
-                if length == 126:
-                    length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
-                out.append(orjson.loads(data[pos : pos + length]))
-                pos += length
-        return out
+        return parse_frames(b"".join(data for _, data in self.writes))
 
     def seqs(self) -> list[int]:
-        seqs: list[int] = []
-        for frame in self.frames():
-            for item in frame if isinstance(frame, list) else [frame]:
-                if item.get("type") in (None, "tick", "snapshot"):
-                    seqs.append(item["seq"])
-        return seqs
+        return tick_seqs(self.frames())
+
+
+def parse_frames(data: bytes) -> list[Any]:
+    """Server frames back to back, decoded; fails on anything but whole text frames."""
+    out: list[Any] = []
+    pos = 0
+    while pos < len(data):
+        assert data[pos] == 0x81, "one final text frame after another"
+        length, pos = data[pos + 1], pos + 2
+        if length == 126:
+            length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        assert pos + length <= len(data), "a frame cut short"
+        out.append(orjson.loads(data[pos : pos + length]))
+        pos += length
+    return out
+
+
+def tick_seqs(frames: list[Any]) -> list[int]:
+    seqs: list[int] = []
+    for frame in frames:
+        for item in frame if isinstance(frame, list) else [frame]:
+            if item.get("type") in (None, "tick", "snapshot"):
+                seqs.append(item["seq"])
+    return seqs
 
 
 class FakeProtocol:
@@ -332,7 +347,7 @@ class FakeProtocol:
     def __init__(self, pause_at: int | None = None) -> None:
         self.close_sent = False
         self.disconnected = False
-        self.transport = FakeTransport(self, pause_at)
+        self.transport = self.raw_transport = FakeTransport(self, pause_at)
         self.writer = FrameWriter(self)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
@@ -359,13 +374,15 @@ def direct_outbox(protocol: FakeProtocol, *, limit: int = 64, batch: bool = Fals
 
 
 @contextlib.asynccontextmanager
-async def running_hub(*symbols: str) -> AsyncIterator[tuple[FanoutHub, Callable[..., Any]]]:
+async def running_hub(
+    *symbols: str, direct_writes: bool = True
+) -> AsyncIterator[tuple[FanoutHub, Callable[..., Any]]]:
     """A hub consuming `symbols`, and `publish(symbol, seqs, burst=1)`: ticks through the
     broker, the hub running after every `burst` of them."""
     broker = Broker("memory://")
     await broker.connect()
     store = MemoryTickStore(retention=1000, candles_kept=10)
-    hub = FanoutHub(broker=broker, store=store, retention=1000)
+    hub = FanoutHub(broker=broker, store=store, retention=1000, direct_writes=direct_writes)
     consumer = asyncio.create_task(hub.consume(list(symbols)))
     await asyncio.sleep(0.05)  # the consumer has subscribed
 
@@ -524,3 +541,204 @@ class TestLanes:
             assert arrays, "bursts of several ticks went out as arrays"
             assert all([t["seq"] for t in a] == sorted(t["seq"] for t in a) for a in arrays)
             assert protocol.transport.seqs() == list(range(1, 110))
+
+
+class SocketProtocol(asyncio.Protocol):
+    """The server end of a real loopback connection, as FrameWriter sees uvicorn's protocol:
+    its transport pauses at the high-water mark and calls `pause_writing`."""
+
+    def __init__(self, *, hooks: bool = True) -> None:
+        self.close_sent = False
+        self.disconnected = False
+        self.hooks = hooks  # False: closes reach the hub only through its lane sweep
+        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+        self.transport: asyncio.Transport
+        self.raw_transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = self.raw_transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
+
+    def pause_writing(self) -> None:
+        self.writer.blocked()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disconnected = True
+        if self.hooks:
+            self.writer.blocked()
+
+
+@contextlib.asynccontextmanager
+async def socket_pair(
+    *, hooks: bool = True, buffers: int | None = None
+) -> AsyncIterator[tuple[SocketProtocol, socket.socket]]:
+    """A SocketProtocol and the client socket at the other end (non-blocking). `buffers`:
+    small kernel buffers on both ends, so that a client that does not read fills them."""
+    loop = asyncio.get_running_loop()
+    protocol = SocketProtocol(hooks=hooks)
+    server = await loop.create_server(lambda: protocol, "127.0.0.1", 0)
+    client = socket.socket()
+    if buffers:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+    client.setblocking(False)
+    await loop.sock_connect(client, server.sockets[0].getsockname())
+    while not hasattr(protocol, "transport"):
+        await asyncio.sleep(0.001)
+    if buffers:
+        sock = protocol.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    try:
+        yield protocol, client
+    finally:
+        client.close()
+        protocol.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def read_available(client: socket.socket, quiet: float = 0.3) -> bytes:
+    """What the client can read until nothing more comes for `quiet` seconds."""
+    loop = asyncio.get_running_loop()
+    chunks = []
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(client, 65536), quiet)
+        except TimeoutError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not DIRECT_WRITES_AVAILABLE, reason="app/prices/_fanout.c was not built")
+class TestDirectLanes:
+    """Lane members the hub send()s to itself, over real sockets: the bytes a client reads
+    must be whole frames, every seq once and in order, whatever the socket does."""
+
+    async def test_an_up_to_date_subscriber_is_sent_every_tick_once_in_order(self) -> None:
+        async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
+            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 300))
+            assert outbox.lane is not None and outbox.lane.is_direct(outbox)
+            assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 300))
+
+    async def test_a_full_socket_hands_the_rest_to_the_transport_in_order(self) -> None:
+        async with (
+            running_hub("AAPL") as (hub, publish),
+            socket_pair(buffers=4096) as (protocol, client),
+        ):
+            outbox = direct_outbox(protocol, limit=5000)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", [2])
+            assert outbox.lane is not None and outbox.lane.is_direct(outbox)
+            # The client reads nothing: the socket fills, a send is cut short or refused, the
+            # transport buffers the rest and pauses at its high-water mark, ticks queue.
+            for start in range(3, 3000, 50):
+                await publish("AAPL", range(start, min(start + 50, 3000)), burst=50)
+                # Bytes the transport holds must go before any later send of the hub's.
+                if protocol.transport.get_write_buffer_size():
+                    assert outbox.lane is None or not outbox.lane.is_direct(outbox)
+            assert outbox.lane is None
+            assert protocol.transport.get_write_buffer_size() > 0
+            queued = [f.seq for f in outbox.drain()]
+            written = tick_seqs(parse_frames(await read_available(client)))
+            assert written + queued == list(range(1, 3000)), "no gap, no duplicate, in order"
+
+    async def test_a_connection_off_the_lane_holds_no_descriptor(self) -> None:
+        async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
+            before = open_fds()
+            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", [2, 3])
+            assert outbox.lane is not None and outbox.lane.is_direct(outbox)
+            assert open_fds() == before + 1
+            hub.detach(outbox, ["AAPL"])
+            assert outbox.lane is None and open_fds() == before
+
+    async def test_a_connection_closed_behind_the_hubs_back_is_swept_and_closes(self) -> None:
+        async with (
+            running_hub("AAPL") as (hub, publish),
+            socket_pair(hooks=False) as (protocol, client),
+        ):
+            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", [2, 3])
+            lane = outbox.lane
+            assert lane is not None and lane.is_direct(outbox)
+            await read_available(client)
+            protocol.raw_transport.close()  # no protocol hook tells the hub
+            lane.sweep_at = 0.0
+            await publish("AAPL", [4])
+            assert outbox.lane is None
+            assert await read_available(client) == b"", "the client sees the close: no tick 4"
+
+    async def test_with_direct_writes_off_members_are_written_through_their_transport(
+        self,
+    ) -> None:
+        async with (
+            running_hub("AAPL", direct_writes=False) as (hub, publish),
+            socket_pair() as (protocol, client),
+        ):
+            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 50))
+            assert outbox.lane is not None and not outbox.lane.is_direct(outbox)
+            assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 50))
+
+
+class TestWatchedTransport:
+    """What uvicorn writes must take a connection off the hub's direct sends first when it
+    could be overtaken (bytes left buffered) or followed (a close)."""
+
+    class Inner:
+        def __init__(self, buffered: int = 0) -> None:
+            self.buffered = buffered
+            self.calls: list[str] = []
+
+        def write(self, data: bytes) -> None:
+            self.calls.append("write")
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def close(self) -> None:
+            self.calls.append("close")
+
+        def abort(self) -> None:
+            self.calls.append("abort")
+
+        def write_eof(self) -> None:
+            self.calls.append("write_eof")
+
+    def watched(self, inner: Inner, log: list[str]) -> WatchedTransport:
+        return WatchedTransport(inner, lambda: log.append("left"))  # type: ignore[arg-type]
+
+    def test_a_write_that_went_out_whole_keeps_the_fast_path(self) -> None:
+        log: list[str] = []
+        self.watched(self.Inner(buffered=0), log).write(b"ping")
+        assert log == []
+
+    def test_a_write_that_left_bytes_buffered_leaves_it(self) -> None:
+        log: list[str] = []
+        self.watched(self.Inner(buffered=10), log).write(b"pong")
+        assert log == ["left"]
+
+    @pytest.mark.parametrize("method", ["close", "abort", "write_eof"])
+    def test_a_close_leaves_it_before_the_transport_closes(self, method: str) -> None:
+        log: list[str] = []
+        inner = self.Inner()
+        transport = self.watched(inner, log)
+        inner.calls = log  # one log: the order of the two
+        getattr(transport, method)()
+        assert log == ["left", method]

@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from app.prices.hub import DIRECT_WRITES_AVAILABLE
 from app.prices.streams import WebSocketStream
 from tests.support import SEED_SYMBOLS, LiveApp, Stream, open_stream, token
 
@@ -82,14 +83,24 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
             fast_frames: list[dict[str, Any]] = []
             largest_outbox = conflated = 0
             stuck_closed_at = None
-            fast_in_lane = stuck_in_lane = False
+            fast_in_lane = stuck_in_lane = fast_direct = stuck_direct = False
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
                 fast_frames.append(await fast.recv())
                 fast_stream = stream_of(server, "fast")
-                fast_in_lane |= fast_stream is not None and fast_stream.outbox.lane is not None
+                lane = fast_stream.outbox.lane if fast_stream is not None else None
+                fast_in_lane |= lane is not None
+                fast_direct |= (
+                    fast_stream is not None
+                    and lane is not None
+                    and lane.is_direct(fast_stream.outbox)
+                )
                 stream = stream_of(server, "stuck")
-                stuck_in_lane |= stream is not None and stream.outbox.lane is not None
+                lane = stream.outbox.lane if stream is not None else None
+                stuck_in_lane |= lane is not None
+                stuck_direct |= (
+                    stream is not None and lane is not None and lane.is_direct(stream.outbox)
+                )
                 if stream is not None:
                     largest_outbox = max(largest_outbox, len(stream.outbox))
                     conflated = stream.outbox.conflated
@@ -109,6 +120,11 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
 
         # The path under test: one symbol rides the lane until its reader stops keeping up.
         assert fast_in_lane == stuck_in_lane == (len(symbols) == 1)
+        # ...sent to by the hub's C loop (app/prices/_fanout.c) when it was built, the stuck
+        # reader until its socket filled: what it got is checked above (whole frames, in
+        # order, then 1013).
+        direct = len(symbols) == 1 and DIRECT_WRITES_AVAILABLE
+        assert fast_direct == stuck_direct == direct
         fast_seqs = seqs_by_symbol(fast_frames)
         assert set(fast_seqs) == set(symbols)
         for symbol, seqs in fast_seqs.items():

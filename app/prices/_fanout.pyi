@@ -1,0 +1,3 @@
+from array import array
+
+def send_all(fds: array[int], data: bytes, /) -> list[tuple[int, int, int]]: ...

@@ -1,10 +1,14 @@
 # pricefeed: slim, non-root; migrates, then serves.
 FROM python:3.11-slim AS build
 WORKDIR /src
+# A C compiler for the fan-out's send loop (app/prices/_fanout.c); the final image has none.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY app ./app
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
-    && /opt/venv/bin/pip install --no-cache-dir .
+    && /opt/venv/bin/pip install --no-cache-dir . \
+    && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

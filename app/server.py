@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import logging.config
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -68,9 +69,25 @@ def _separate_producer(settings: Settings) -> bool:
     return settings.uses_redis and settings.producer == "on"
 
 
+def _raise_fd_limit() -> None:
+    """Open-file soft limit up to the hard one: every connection is a descriptor, and one
+    on the fan-out's fast path holds a second (app/prices/hub.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("open-file limit stays %d (raising it to %d: %s)", soft, target, exc)
+            return
+        soft = target
+    logger.info("open-file limit: %d", soft)
+
+
 def main() -> None:
     settings = get_settings()
     logging.config.dictConfig(logging_config(settings.log_level))
+    _raise_fd_limit()
     producer: ProducerProcess | None = None
     if _separate_producer(settings):
         # One name for the workers and their producer: /readyz reports whether it leads.

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import time
 from array import array
 from collections.abc import Callable, Iterable
@@ -369,6 +370,7 @@ class _Lane:
         if fd is not None:
             self._fds[outbox] = fd
             self._direct = None
+            self.hub.direct_held += 1
         self._transports = None
         outbox.lane = self
         outbox._lane_mark = self.delivered
@@ -381,6 +383,7 @@ class _Lane:
         fd = self._fds.pop(outbox, None)
         if fd is not None:
             self._direct = None
+            self.hub.direct_held -= 1
             os.close(fd)
         self._transports = None
         outbox.lane = None
@@ -401,6 +404,10 @@ class FanoutHub:
         self._broker = broker
         # Lane members sent to by the C loop (app/prices/_fanout.c), when it was built.
         self._direct_writes = direct_writes and DIRECT_WRITES_AVAILABLE
+        # Each lane member sent to directly holds a second descriptor: at most half the
+        # process's open-file limit goes to them, the rest stays for connections themselves.
+        self.direct_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+        self.direct_held = 0
         self._store = store
         self._retention = retention
         self._max_lag_ms = max_lag_ms
@@ -569,7 +576,9 @@ class FanoutHub:
             lanes = self._lanes[symbol] = (_Lane(self, symbol, False), _Lane(self, symbol, True))
         streams.discard(outbox)
         direct.on_blocked = outbox.leave_lane
-        fd = direct.duplicate_fd() if self._direct_writes else None
+        fd = None
+        if self._direct_writes and self.direct_held < self.direct_limit:
+            fd = direct.duplicate_fd()
         lanes[outbox.batch].add(outbox, direct.transport, fd)
 
     def leave_lane(self, outbox: Outbox) -> None:

@@ -660,9 +660,21 @@ class TestDirectLanes:
             await hub.attach(outbox, "AAPL", since=None)
             await publish("AAPL", [2, 3])
             assert outbox.lane is not None and outbox.lane.is_direct(outbox)
-            assert open_fds() == before + 1
+            assert open_fds() == before + 1 and hub.direct_held == 1
             hub.detach(outbox, ["AAPL"])
-            assert outbox.lane is None and open_fds() == before
+            assert outbox.lane is None and open_fds() == before and hub.direct_held == 0
+
+    async def test_past_its_share_of_descriptors_a_member_is_written_through_its_transport(
+        self,
+    ) -> None:
+        async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
+            hub.direct_limit = 0  # as if half the open-file limit were held already
+            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
+            await publish("AAPL", [1])
+            await hub.attach(outbox, "AAPL", since=None)
+            await publish("AAPL", range(2, 50))
+            assert outbox.lane is not None and not outbox.lane.is_direct(outbox)
+            assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 50))
 
     async def test_a_connection_closed_behind_the_hubs_back_is_swept_and_closes(self) -> None:
         async with (

@@ -615,6 +615,16 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def socket_subscriber(
+    hub: FanoutHub, publish: Callable[..., Any], protocol: SocketProtocol, **outbox_kw: Any
+) -> Outbox:
+    """An outbox written to `protocol`'s connection, subscribed to AAPL after its first tick."""
+    outbox = direct_outbox(protocol, **outbox_kw)  # type: ignore[arg-type]
+    await publish("AAPL", [1])
+    await hub.attach(outbox, "AAPL", since=None)
+    return outbox
+
+
 @pytest.mark.skipif(not DIRECT_WRITES_AVAILABLE, reason="app/prices/_fanout.c was not built")
 class TestDirectLanes:
     """Lane members the hub send()s to itself, over real sockets: the bytes a client reads
@@ -622,9 +632,7 @@ class TestDirectLanes:
 
     async def test_an_up_to_date_subscriber_is_sent_every_tick_once_in_order(self) -> None:
         async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
-            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
+            outbox = await socket_subscriber(hub, publish, protocol)
             await publish("AAPL", range(2, 300))
             assert outbox.lane is not None and outbox.lane.is_direct(outbox)
             assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 300))
@@ -634,9 +642,7 @@ class TestDirectLanes:
             running_hub("AAPL") as (hub, publish),
             socket_pair(buffers=4096) as (protocol, client),
         ):
-            outbox = direct_outbox(protocol, limit=5000)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
+            outbox = await socket_subscriber(hub, publish, protocol, limit=5000)
             await publish("AAPL", [2])
             assert outbox.lane is not None and outbox.lane.is_direct(outbox)
             # The client reads nothing: the socket fills, a send is cut short or refused, the
@@ -655,35 +661,19 @@ class TestDirectLanes:
     async def test_a_connection_off_the_lane_holds_no_descriptor(self) -> None:
         async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
             before = open_fds()
-            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
+            outbox = await socket_subscriber(hub, publish, protocol)
             await publish("AAPL", [2, 3])
             assert outbox.lane is not None and outbox.lane.is_direct(outbox)
             assert open_fds() == before + 1 and hub.direct_held == 1
             hub.detach(outbox, ["AAPL"])
             assert outbox.lane is None and open_fds() == before and hub.direct_held == 0
 
-    async def test_past_its_share_of_descriptors_a_member_is_written_through_its_transport(
-        self,
-    ) -> None:
-        async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
-            hub.direct_limit = 0  # as if half the open-file limit were held already
-            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
-            await publish("AAPL", range(2, 50))
-            assert outbox.lane is not None and not outbox.lane.is_direct(outbox)
-            assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 50))
-
     async def test_a_connection_closed_behind_the_hubs_back_is_swept_and_closes(self) -> None:
         async with (
             running_hub("AAPL") as (hub, publish),
             socket_pair(hooks=False) as (protocol, client),
         ):
-            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
+            outbox = await socket_subscriber(hub, publish, protocol)
             await publish("AAPL", [2, 3])
             lane = outbox.lane
             assert lane is not None and lane.is_direct(outbox)
@@ -694,16 +684,18 @@ class TestDirectLanes:
             assert outbox.lane is None
             assert await read_available(client) == b"", "the client sees the close: no tick 4"
 
-    async def test_with_direct_writes_off_members_are_written_through_their_transport(
-        self,
+    @pytest.mark.parametrize("why", ["FANOUT_DIRECT_WRITES=false", "no descriptors to spare"])
+    async def test_a_member_not_sent_to_directly_is_written_through_its_transport(
+        self, why: str
     ) -> None:
+        direct_writes = why != "FANOUT_DIRECT_WRITES=false"
         async with (
-            running_hub("AAPL", direct_writes=False) as (hub, publish),
+            running_hub("AAPL", direct_writes=direct_writes) as (hub, publish),
             socket_pair() as (protocol, client),
         ):
-            outbox = direct_outbox(protocol)  # type: ignore[arg-type]
-            await publish("AAPL", [1])
-            await hub.attach(outbox, "AAPL", since=None)
+            if why == "no descriptors to spare":
+                hub.direct_limit = 0  # as if half the open-file limit were held already
+            outbox = await socket_subscriber(hub, publish, protocol)
             await publish("AAPL", range(2, 50))
             assert outbox.lane is not None and not outbox.lane.is_direct(outbox)
             assert tick_seqs(parse_frames(await read_available(client))) == list(range(1, 50))

@@ -291,6 +291,14 @@ SERVERS: dict[str, Server] = {
             about="python -m app, WORKERS=2, each worker capped at 0.25 of the server core",
         ),
         Server(
+            "pricefeed-pyloop",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            env={"FANOUT_DIRECT_WRITES": "false"},
+            about="python -m app, lanes written through their transports in Python (no C loop)",
+        ),
+        Server(
             "pricefeed-sansio",
             "pricefeed",
             "publish",

@@ -87,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         retention=settings.retention_ticks,
         max_lag_ms=settings.fanout_max_lag_ms,
         direct_writes=settings.fanout_direct_writes,
+        max_connections=settings.ws_max_connections,
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))

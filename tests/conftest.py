@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import resource
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -19,6 +20,16 @@ from tests.support import (
     redis_server,
     serve_in_process,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def open_file_limit() -> None:
+    """As `python -m app` does: the soft open-file limit up to the hard one, so that the fan-out
+    has descriptors to spare for its direct sends (app/prices/hub.py: direct_limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 @pytest.fixture(scope="session")

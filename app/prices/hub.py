@@ -37,7 +37,7 @@ from app.prices.ticks import MalformedTick, Tick, as_snapshot, decode_tick
 from app.prices.wire import text_frame
 from app.ws_protocol import FrameWriter, Transport
 
-send_all: Callable[[array[int], bytes], list[tuple[int, int, int]]] | None
+send_all: Callable[[array[int], bytes, array[int]], None] | None
 try:  # the lanes' send loop in C; optional (a build without a compiler writes in Python)
     from app.prices._fanout import send_all
 except ImportError:  # pragma: no cover - depends on the build
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 DIRECT_WRITES_AVAILABLE = send_all is not None
 _SWEEP_SECONDS = 1.0  # how often a lane looks for members whose transport closed under it
+_FD_RESERVE = 1024  # descriptors kept for what is not a stream (see FanoutHub.direct_limit)
 
 _REPAIR_TIMEOUT_SECONDS = 2.0
 
@@ -325,6 +326,7 @@ class _Lane:
         "_fds",
         "_transports",
         "_direct",
+        "_failed",
         "deadline",
         "sweep_at",
         "delivered",
@@ -340,6 +342,7 @@ class _Lane:
         self._fds: dict[Outbox, int] = {}
         self._transports: tuple[Transport, ...] | None = ()
         self._direct: tuple[array[int], tuple[Outbox, ...]] | None = (array("i"), ())
+        self._failed = array("q", [0])  # send_all's report: count, then (index, sent, errno)s
         self.deadline = math.inf  # no member's token is due before this
         self.sweep_at = 0.0
         self.delivered = 0
@@ -354,12 +357,15 @@ class _Lane:
             )
         return transports
 
-    def direct(self) -> tuple[array[int], tuple[Outbox, ...]]:
-        """The descriptors of the members sent to directly, and those members, in one order."""
+    def direct(self) -> tuple[array[int], tuple[Outbox, ...], array[int]]:
+        """The descriptors of the members sent to directly, those members in the same order,
+        and room for `send_all` to report on every one of them."""
         direct = self._direct
         if direct is None:
             direct = self._direct = (array("i", self._fds.values()), tuple(self._fds))
-        return direct
+            if len(self._failed) < 1 + 3 * len(self._fds):
+                self._failed = array("q", bytes(8 * (1 + 3 * len(self._fds))))
+        return direct[0], direct[1], self._failed
 
     def is_direct(self, outbox: Outbox) -> bool:
         """Whether the hub send()s to this member itself."""
@@ -368,15 +374,20 @@ class _Lane:
     def add(self, outbox: Outbox, transport: Transport, fd: int | None) -> None:
         self.members[outbox] = transport
         if fd is not None:
-            self._fds[outbox] = fd
-            self._direct = None
-            self.hub.direct_held += 1
+            self.send_directly(outbox, fd)
         self._transports = None
         outbox.lane = self
         outbox._lane_mark = self.delivered
         metrics.LANE_MEMBERS.inc()
         if outbox.deadline < self.deadline:
             self.deadline = outbox.deadline
+
+    def send_directly(self, outbox: Outbox, fd: int) -> None:
+        """From now on `outbox` is sent to through `fd`, which the lane closes when it leaves."""
+        self._fds[outbox] = fd
+        self._direct = None
+        self._transports = None
+        self.hub.direct_held += 1
 
     def remove(self, outbox: Outbox) -> None:
         del self.members[outbox]
@@ -391,6 +402,13 @@ class _Lane:
         metrics.LANE_MEMBERS.dec()
 
 
+def direct_limit(max_connections: int) -> int:
+    """How many lane members may hold a descriptor of their own: what the process's open-file
+    limit leaves beyond `max_connections` streams and a reserve for everything else."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(0, soft_limit - max_connections - _FD_RESERVE)
+
+
 class FanoutHub:
     def __init__(
         self,
@@ -400,14 +418,29 @@ class FanoutHub:
         retention: int,
         max_lag_ms: int = 50,
         direct_writes: bool = True,
+        max_connections: int = 10_000,
     ) -> None:
         self._broker = broker
         # Lane members sent to by the C loop (app/prices/_fanout.c), when it was built.
         self._direct_writes = direct_writes and DIRECT_WRITES_AVAILABLE
-        # Each lane member sent to directly holds a second descriptor: at most half the
-        # process's open-file limit goes to them, the rest stays for connections themselves.
-        self.direct_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+        # Each lane member sent to directly holds a second descriptor. Those come only out of
+        # what the open-file limit leaves beyond every connection this process may accept and
+        # a reserve (requests, the database, Redis, logs): a direct send never costs a client
+        # its connection. Short of that, members are written through their transports.
+        self.direct_limit = direct_limit(max_connections)
         self.direct_held = 0
+        if direct_writes and not DIRECT_WRITES_AVAILABLE:
+            logger.warning(
+                "hub: app/prices/_fanout.c was not built: lanes are written in Python "
+                "(reinstall with a C compiler for the faster path)"
+            )
+        elif self._direct_writes and not self.direct_limit:
+            logger.warning(
+                "hub: the open-file limit (%d) leaves no descriptors beyond %d connections: "
+                "lanes are written in Python (raise `ulimit -n`)",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                max_connections,
+            )
         self._store = store
         self._retention = retention
         self._max_lag_ms = max_lag_ms
@@ -519,18 +552,21 @@ class FanoutHub:
             self._sweep_lane(lane, now)
         lane.delivered += count
         written = 0
-        fds, direct = lane.direct()
+        fds, direct, failed = lane.direct()
         if direct:
             assert send_all is not None
+            send_all(fds, data, failed)  # allocates nothing: it cannot fail halfway
             written = len(direct)
-            for index, sent, _errno in send_all(fds, data):
+            for i in range(1, 1 + 3 * failed[0], 3):
                 # A full socket (or a dead peer): the transport takes the rest, in order, and
-                # writes for this member from now on; it rejoins once it has drained. A dead
-                # peer's transport meets the same error there and closes.
-                outbox = direct[index]
+                # the member leaves; it rejoins, sent to directly again, once its transport
+                # has drained. A dead peer's transport meets the same error and closes.
+                outbox, sent = direct[failed[i]], failed[i + 1]
                 transport = lane.members[outbox]
                 self.leave_lane(outbox)
-                if not transport.is_closing():
+                if transport.is_closing():
+                    written -= 1
+                else:
                     transport.write(data[sent:])
         for transport in lane.transports():
             # A transport closing under us: uvicorn wrote its close frame (a peer's close,
@@ -543,13 +579,25 @@ class FanoutHub:
         return written * count
 
     def _sweep_lane(self, lane: _Lane, now: float) -> None:
-        """A safety net: the protocol takes a closing connection off its lane (every close
-        passes through `WatchedTransport`), so this should find none; were one missed, its
-        socket would stay open for as long as the lane holds its descriptor."""
+        """Once a second: members written through their transports that could be sent to
+        directly now (they joined with bytes still buffered) are; and, a safety net, members
+        whose transport is closing leave. The protocol takes a closing connection off its lane
+        (every close passes through `WatchedTransport`), but were one missed, its socket would
+        stay open for as long as the lane holds its descriptor."""
         lane.sweep_at = now + _SWEEP_SECONDS
-        for outbox in [o for o, t in lane.members.items() if t.is_closing()]:
-            logger.warning("hub: a closing connection was still on the %s lane", lane.symbol)
-            self.leave_lane(outbox)
+        for outbox, transport in list(lane.members.items()):
+            if transport.is_closing():
+                logger.info("hub: a closing connection was still on the %s lane", lane.symbol)
+                self.leave_lane(outbox)
+            elif (
+                self._direct_writes
+                and not lane.is_direct(outbox)
+                and self.direct_held < self.direct_limit
+                and outbox.direct is not None
+            ):
+                fd = outbox.direct.duplicate_fd()
+                if fd is not None:
+                    lane.send_directly(outbox, fd)
 
     def _expire_lane(self, lane: _Lane, now: float) -> None:
         """Members whose token is due go back to `offer`, which sends them nothing more."""
@@ -578,7 +626,7 @@ class FanoutHub:
         direct.on_blocked = outbox.leave_lane
         fd = None
         if self._direct_writes and self.direct_held < self.direct_limit:
-            fd = direct.duplicate_fd()
+            fd = direct.duplicate_fd()  # None while its transport holds bytes: see the sweep
         lanes[outbox.batch].add(outbox, direct.transport, fd)
 
     def leave_lane(self, outbox: Outbox) -> None:

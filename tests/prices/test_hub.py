@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.broker import Broker, price_channel
-from app.prices.hub import DIRECT_WRITES_AVAILABLE, FanoutHub, Outbox
+from app.prices.hub import DIRECT_WRITES_AVAILABLE, FanoutHub, Outbox, direct_limit
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
@@ -383,6 +384,7 @@ async def running_hub(
     await broker.connect()
     store = MemoryTickStore(retention=1000, candles_kept=10)
     hub = FanoutHub(broker=broker, store=store, retention=1000, direct_writes=direct_writes)
+    hub.direct_limit = 1000  # whatever this process's open-file limit: descriptors to spare
     consumer = asyncio.create_task(hub.consume(list(symbols)))
     await asyncio.sleep(0.05)  # the consumer has subscribed
 
@@ -658,6 +660,33 @@ class TestDirectLanes:
             written = tick_seqs(parse_frames(await read_available(client)))
             assert written + queued == list(range(1, 3000)), "no gap, no duplicate, in order"
 
+    async def test_a_member_that_fell_back_is_sent_to_directly_again_once_drained(self) -> None:
+        async with (
+            running_hub("AAPL") as (hub, publish),
+            socket_pair(buffers=4096) as (protocol, client),
+        ):
+            outbox = await socket_subscriber(hub, publish, protocol, limit=5000)
+            seq = 1
+            # The client reads nothing: a send is cut short, the transport takes the rest,
+            # and the member rejoins its lane while the transport still holds bytes, so it is
+            # written through the transport.
+            while outbox.lane is None or outbox.lane.is_direct(outbox):
+                seq += 1
+                await publish("AAPL", [seq])
+                assert seq < 2000, "the socket never filled"
+            assert protocol.transport.get_write_buffer_size() > 0
+            # The client catches up, with room enough from now on.
+            protocol.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20
+            )
+            received = await read_available(client)
+            assert protocol.transport.get_write_buffer_size() == 0
+            outbox.lane.sweep_at = 0.0  # the once-a-second sweep, now
+            await publish("AAPL", range(seq + 1, seq + 20))
+            assert outbox.lane is not None and outbox.lane.is_direct(outbox)
+            received += await read_available(client)
+            assert tick_seqs(parse_frames(received)) == list(range(1, seq + 20))
+
     async def test_a_connection_off_the_lane_holds_no_descriptor(self) -> None:
         async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):
             before = open_fds()
@@ -683,6 +712,12 @@ class TestDirectLanes:
             await publish("AAPL", [4])
             assert outbox.lane is None
             assert await read_available(client) == b"", "the client sees the close: no tick 4"
+
+    def test_direct_sends_take_only_descriptors_no_connection_may_need(self) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert direct_limit(max_connections=soft) == 0
+        assert direct_limit(max_connections=0) == max(0, soft - 1024)  # the reserve
+        assert direct_limit(max_connections=100) == max(0, soft - 1124)
 
     @pytest.mark.parametrize("why", ["FANOUT_DIRECT_WRITES=false", "no descriptors to spare"])
     async def test_a_member_not_sent_to_directly_is_written_through_its_transport(

@@ -14,7 +14,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.prices.hub import DIRECT_WRITES_AVAILABLE
+from app.prices import hub as hub_module
+from app.prices.hub import DIRECT_WRITES_AVAILABLE, direct_limit
 from app.prices.streams import WebSocketStream
 from tests.support import SEED_SYMBOLS, LiveApp, Stream, open_stream, token
 
@@ -73,6 +74,7 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
         ws_outbox_frames=64,
         ws_send_timeout_seconds=1.5,
         ws_send_buffer_bytes=8192,
+        ws_max_connections=100,
     ) as server:
         async with (
             reluctant_reader(server, "stuck") as stuck,
@@ -123,7 +125,7 @@ async def test_stuck_reader_is_bounded_then_closed_1013_while_fast_reader_keeps_
         # ...sent to by the hub's C loop (app/prices/_fanout.c) when it was built, the stuck
         # reader until its socket filled: what it got is checked above (whole frames, in
         # order, then 1013).
-        direct = len(symbols) == 1 and DIRECT_WRITES_AVAILABLE
+        direct = len(symbols) == 1 and DIRECT_WRITES_AVAILABLE and direct_limit(100) > 1
         assert fast_direct == stuck_direct == direct
         fast_seqs = seqs_by_symbol(fast_frames)
         assert set(fast_seqs) == set(symbols)
@@ -151,3 +153,36 @@ async def test_slow_reader_is_conflated_not_closed(live) -> None:
         assert jumps(seqs_by_symbol(frames)) > 0
         await slow.send({"op": "ping"})
         assert (await slow.recv_type("pong", timeout=5))["type"] == "pong"
+
+
+@pytest.mark.skipif(
+    not DIRECT_WRITES_AVAILABLE or direct_limit(100) < 2, reason="no direct sends here"
+)
+@pytest.mark.parametrize("how", ["close handshake", "bare EOF"])
+async def test_a_client_leaving_a_direct_lane_sees_its_connection_closed_at_once(
+    live, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The lane's own descriptor must not keep a socket open once the client has gone: the
+    protocol takes the connection off the lane as it closes, not the once-a-second sweep
+    (turned off here)."""
+    monkeypatch.setattr(hub_module, "_SWEEP_SECONDS", 3600.0)
+    async with live(feed_ticks_per_second=100, ws_max_connections=100) as server:
+        async with open_stream(f"{server.ws}/v1/ws?token={token('leaver')}") as client:
+            await client.send({"op": "subscribe", "symbols": SYMBOLS[:1]})
+            lane = None
+            for _ in range(200):
+                await client.recv()
+                stream = stream_of(server, "leaver")
+                lane = stream.outbox.lane if stream is not None else None
+                if stream is not None and lane is not None and lane.is_direct(stream.outbox):
+                    break
+            assert lane is not None, "the stream was sent to directly"
+            hub = lane.hub
+            assert hub.direct_held == 1
+            if how == "close handshake":
+                await asyncio.wait_for(client.conn.close(), 5)
+            else:  # the client's end goes away without a close frame
+                client.conn.transport.write_eof()
+            # The server's end closes (EOF reaches the client) without waiting for anything.
+            await asyncio.wait_for(client.conn.wait_closed(), 5)
+            assert hub.direct_held == 0

@@ -4,8 +4,10 @@ stream, and the per-stream outbox that keeps a slow reader from growing memory.
 Where a tick goes: broker → `FanoutHub.consume` (one task, a burst of messages at a time),
 then one of three ways, fastest first:
 - a *lane*: connections subscribed to one symbol that are up to date, keeping up and have
-  nothing queued. At the end of the burst the hub writes the symbol's frames (encoded once) to
-  each lane member's transport in a plain loop: no per-connection Python call, no state update.
+  nothing queued. At the end of the burst the hub sends the symbol's frames (encoded once) to
+  every lane member from one C loop over descriptors the lane holds (`_fanout.c`; members it
+  cannot send to that way are written through their transports in a plain Python loop): no
+  per-connection Python call, no state update.
   A member leaves its lane the moment that stops being true (its transport pauses writing, a
   protocol frame queues, it subscribes to more, its token is due, it closes).
 - `Outbox.offer` of every other stream subscribed to that symbol, then one direct write per

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import resource
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -9,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from fastapi import FastAPI
 
 from app.main import create_app
@@ -20,6 +22,16 @@ from tests.support import (
     redis_server,
     serve_in_process,
 )
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked `both_loops` run on asyncio's loop and on uvloop (what `python -m app`
+    runs): the code they test writes around the loop's transports. The rest: asyncio's."""
+    if item.get_closest_marker("both_loops"):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -558,8 +558,8 @@ class SocketProtocol(asyncio.Protocol):
         self.raw_transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = self.raw_transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = self.raw_transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
 
     def pause_writing(self) -> None:
@@ -628,9 +628,11 @@ async def socket_subscriber(
 
 
 @pytest.mark.skipif(not DIRECT_WRITES_AVAILABLE, reason="app/prices/_fanout.c was not built")
+@pytest.mark.both_loops
 class TestDirectLanes:
     """Lane members the hub send()s to itself, over real sockets: the bytes a client reads
-    must be whole frames, every seq once and in order, whatever the socket does."""
+    must be whole frames, every seq once and in order, whatever the socket does. On both
+    loops: production runs uvloop, whose transports buffer differently from asyncio's."""
 
     async def test_an_up_to_date_subscriber_is_sent_every_tick_once_in_order(self) -> None:
         async with running_hub("AAPL") as (hub, publish), socket_pair() as (protocol, client):

@@ -59,6 +59,7 @@ def stream_of(server: LiveApp, subject: str) -> WebSocketStream | None:
     return None
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize(
     "symbols",
     [SYMBOLS, SYMBOLS[:1]],
@@ -155,6 +156,7 @@ async def test_slow_reader_is_conflated_not_closed(live) -> None:
         assert (await slow.recv_type("pong", timeout=5))["type"] == "pong"
 
 
+@pytest.mark.both_loops
 @pytest.mark.skipif(
     not DIRECT_WRITES_AVAILABLE or direct_limit(100) < 2, reason="no direct sends here"
 )

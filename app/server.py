@@ -69,7 +69,7 @@ def _separate_producer(settings: Settings) -> bool:
     return settings.uses_redis and settings.producer == "on"
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Open-file soft limit up to the hard one: every connection is a descriptor, and one
     on the fan-out's fast path holds a second (app/prices/hub.py)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -87,7 +87,7 @@ def _raise_fd_limit() -> None:
 def main() -> None:
     settings = get_settings()
     logging.config.dictConfig(logging_config(settings.log_level))
-    _raise_fd_limit()
+    raise_fd_limit()
     producer: ProducerProcess | None = None
     if _separate_producer(settings):
         # One name for the workers and their producer: /readyz reports whether it leads.

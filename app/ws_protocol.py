@@ -250,7 +250,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
         self.raw_transport: Transport = self.transport
-        self.transport = WatchedTransport(self.raw_transport, self._other_write)
+        self.transport = WatchedTransport(self.raw_transport, self._leave_fast_path)
         # pause_writing() exactly where FrameWriter.keeping_up() turns false.
         self.raw_transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
@@ -265,26 +265,27 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         entry = scope["extensions"].get(EXTENSION) if scope is not None else None
         return entry["writer"] if entry is not None else None
 
-    def _other_write(self) -> None:
+    def _leave_fast_path(self) -> None:
+        """Stop the hub's direct writes to this connection (it rejoins when it qualifies)."""
         writer = self._frame_writer()
         if writer is not None:
             writer.blocked()
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._other_write()
+        self._leave_fast_path()
 
     def eof_received(self) -> None:
-        self._other_write()  # the transport closes once this returns
+        self._leave_fast_path()  # the transport closes once this returns
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._other_write()
+        self._leave_fast_path()
         super().connection_lost(exc)
 
     async def send(self, message: ASGISendEvent) -> None:
         if message["type"] != "websocket.accept":
-            self._other_write()  # nothing may go ahead of it, and no frame after a close
+            self._leave_fast_path()  # nothing may go ahead of it, and no frame after a close
         if message["type"] == "websocket.close" and self.handshake_complete:
             # A close must not wait for a stuck reader to drain the buffer (uvicorn's send
             # waits for writable first): queue the close frame behind what is buffered...

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import resource
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -14,6 +13,7 @@ import uvloop
 from fastapi import FastAPI
 
 from app.main import create_app
+from app.server import raise_fd_limit
 from tests.support import (
     LiveApp,
     RedisServer,
@@ -38,10 +38,7 @@ def pytest_asyncio_loop_factories(
 def open_file_limit() -> None:
     """As `python -m app` does: the soft open-file limit up to the hard one, so that the fan-out
     has descriptors to spare for its direct sends (app/prices/hub.py: direct_limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    raise_fd_limit()
 
 
 @pytest.fixture(scope="session")

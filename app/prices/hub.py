@@ -591,13 +591,8 @@ class FanoutHub:
             if transport.is_closing():
                 logger.info("hub: a closing connection was still on the %s lane", lane.symbol)
                 self.leave_lane(outbox)
-            elif (
-                self._direct_writes
-                and not lane.is_direct(outbox)
-                and self.direct_held < self.direct_limit
-                and outbox.direct is not None
-            ):
-                fd = outbox.direct.duplicate_fd()
+            elif not lane.is_direct(outbox) and outbox.direct is not None:
+                fd = self._direct_fd(outbox.direct)
                 if fd is not None:
                     lane.send_directly(outbox, fd)
 
@@ -626,10 +621,14 @@ class FanoutHub:
             lanes = self._lanes[symbol] = (_Lane(self, symbol, False), _Lane(self, symbol, True))
         streams.discard(outbox)
         direct.on_blocked = outbox.leave_lane
-        fd = None
+        # No descriptor while its transport holds bytes: the sweep sends to it directly later.
+        lanes[outbox.batch].add(outbox, direct.transport, self._direct_fd(direct))
+
+    def _direct_fd(self, writer: FrameWriter) -> int | None:
+        """A descriptor for the C send loop to reach this connection by, when allowed."""
         if self._direct_writes and self.direct_held < self.direct_limit:
-            fd = direct.duplicate_fd()  # None while its transport holds bytes: see the sweep
-        lanes[outbox.batch].add(outbox, direct.transport, fd)
+            return writer.duplicate_fd()
+        return None
 
     def leave_lane(self, outbox: Outbox) -> None:
         lane = outbox.lane

@@ -677,6 +677,19 @@ async def amain(opts: argparse.Namespace) -> int:
         return 2
     if lg_note:
         print(f"note: {lg_note}", flush=True)
+    # Before the machine's versions are read: a first run installs the Node peer's packages.
+    specs: list[Server] = []
+    skipped: list[str] = [lg_note] if lg_note else []
+    for name in names:
+        spec = SERVERS[name]
+        why = spec.unavailable()
+        if why is None and spec.producer == "node":
+            why = ensure_node_modules(RESULTS / f"npm-install-{stamp}.log")
+        if why:
+            skipped.append(f"{name}: skipped ({why})")
+            print(f"skip {name}: {why}", flush=True)
+        else:
+            specs.append(spec)
     info = report.machine_info()
     info["load generator"] = loadgen_about(opts.loadgen)
     for name in names:
@@ -693,19 +706,6 @@ async def amain(opts: argparse.Namespace) -> int:
     )
     print(f"- pinning: {pin}")
     print(f"- fd limit: {procs.raise_fd_limit()}\n", flush=True)
-
-    specs: list[Server] = []
-    skipped: list[str] = [lg_note] if lg_note else []
-    for name in names:
-        spec = SERVERS[name]
-        why = spec.unavailable()
-        if why is None and spec.producer == "node":
-            why = ensure_node_modules(RESULTS / f"npm-install-{stamp}.log")
-        if why:
-            skipped.append(f"{name}: skipped ({why})")
-            print(f"skip {name}: {why}", flush=True)
-        else:
-            specs.append(spec)
 
     bench = Bench(opts)
     rows: list[dict[str, Any]] = []

@@ -197,3 +197,99 @@ async def test_a_rediss_url_subscribes_over_tls_and_checks_the_certificate(
         async with connected(untrusted) as broker, broker.subscribe("prices:AAPL"):
             await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text)
             assert not broker.connected
+
+
+class Bursts:
+    """A burst sink that records what it got, and can be told to fail once."""
+
+    def __init__(self) -> None:
+        self.bursts: list[list[tuple[str, str]]] = []
+        self.fail_next = False
+
+    def __call__(self, messages: list[tuple[str, str]]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("sink bug")
+        self.bursts.append(messages)
+
+    @property
+    def messages(self) -> list[tuple[str, str]]:
+        return [m for burst in self.bursts for m in burst]
+
+
+async def test_a_burst_subscriber_gets_every_message_in_order_a_read_at_a_time(redis) -> None:
+    sink = Bursts()
+    async with (
+        connected(redis.url) as broker,
+        broker.subscribe_bursts(["prices:AAPL", "prices:MSFT"], sink),
+    ):
+        await wait_until(lambda: broker.connected)
+        raw = Redis.from_url(redis.url)
+        async with raw.pipeline(transaction=False) as pipe:  # one write: arrives in few reads
+            for i in range(300):
+                pipe.publish("prices:AAPL" if i % 2 else "prices:MSFT", str(i))
+            await pipe.execute()
+        await raw.publish("prices:OTHER", "not subscribed")
+        await raw.aclose()
+        await wait_until(lambda: len(sink.messages) == 300)
+        expected = [("prices:AAPL" if i % 2 else "prices:MSFT", str(i)) for i in range(300)]
+        assert sink.messages == expected
+        assert len(sink.bursts) < 300  # messages read together are handed over together
+
+
+async def test_a_burst_subscriber_and_a_queue_subscriber_share_a_channel(redis) -> None:
+    sink = Bursts()
+    async with connected(redis.url) as broker:
+        async with broker.subscribe_bursts(["prices:AAPL"], sink):
+            async with broker.subscribe("prices:AAPL") as receive:
+                await wait_until(lambda: broker.connected)
+                await broker.publish("prices:AAPL", "both")
+                assert await asyncio.wait_for(receive(), 5) == "both"
+                await wait_until(lambda: sink.messages == [("prices:AAPL", "both")])
+            # the queue subscriber left; the channel stays subscribed for the sink
+            await broker.publish("prices:AAPL", "sink only")
+            await wait_until(lambda: sink.messages[-1] == ("prices:AAPL", "sink only"))
+        async with broker.subscribe("prices:AAPL") as receive:  # and the other way round
+            await broker.publish("prices:AAPL", "queue only")
+            assert await asyncio.wait_for(receive(), 5) == "queue only"
+        assert sink.messages[-1] == ("prices:AAPL", "sink only")
+
+
+async def test_a_burst_subscriber_survives_bad_payloads_its_own_failure_and_a_restart(
+    redis, caplog
+) -> None:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
+        await wait_until(lambda: broker.connected)
+        raw = Redis.from_url(redis.url)
+        await raw.publish("prices:AAPL", b"\xff\xfe not UTF-8")
+        sink.fail_next = True
+        await raw.publish("prices:AAPL", "lost to the sink's bug")
+        await wait_until(lambda: "a burst subscriber failed" in caplog.text)
+        await raw.publish("prices:AAPL", "next")
+        await wait_until(lambda: sink.messages == [("prices:AAPL", "next")])
+        await raw.aclose()
+
+        redis.kill()
+        await wait_until(lambda: not broker.connected)
+        redis.start()
+        await wait_until(lambda: broker.connected, timeout=15)
+        await broker.publish("prices:AAPL", "after a restart")
+        await wait_until(lambda: sink.messages[-1] == ("prices:AAPL", "after a restart"))
+    assert "dropped a non-UTF-8 message" in caplog.text
+
+
+async def test_burst_subscribers_on_the_memory_backend(caplog) -> None:
+    sink = Bursts()
+    async with connected("memory://") as broker, broker.subscribe_bursts(["prices:A"], sink):
+        for i in range(50):
+            await broker.publish("prices:A", str(i))
+        await broker.publish("prices:B", "not subscribed")
+        await wait_until(lambda: len(sink.messages) == 50)
+        assert sink.messages == [("prices:A", str(i)) for i in range(50)]
+        sink.fail_next = True
+        await broker.publish("prices:A", "lost to the sink's bug")
+        await wait_until(lambda: "a burst subscriber failed" in caplog.text)
+        await broker.publish("prices:A", "next")
+        await wait_until(lambda: sink.messages[-1] == ("prices:A", "next"))
+        assert len(sink.messages) == 51

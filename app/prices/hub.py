@@ -1,8 +1,9 @@
 """The fan-out hub: one broker subscription per symbol per process, shared by every local
 stream, and the per-stream outbox that keeps a slow reader from growing memory.
 
-Where a tick goes: broker → `FanoutHub.consume` (one task, a burst of messages at a time),
-then one of three ways, fastest first:
+Where a tick goes: broker → `FanoutHub._on_burst`, called by the broker with every message of
+one read from Redis, in that read (no queue, no task switch: `Broker.subscribe_bursts`), then
+one of three ways, fastest first:
 - a *lane*: connections subscribed to one symbol that are up to date, keeping up and have
   nothing queued. At the end of the burst the hub sends the symbol's frames (encoded once) to
   every lane member from one C loop over descriptors the lane holds (`_fanout.c`; members it
@@ -17,7 +18,8 @@ then one of three ways, fastest first:
 
 Ordering and exactly-once per stream come from `seq`: the hub drops a tick it has already
 passed on, and refetches from the store what a broker gap skipped; each outbox keeps a
-per-symbol floor and never enqueues a seq at or below it.
+per-symbol floor and never enqueues a seq at or below it. While a refetch awaits the store,
+later bursts wait in a bounded backlog behind it (what overflows it is refetched in turn).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import resource
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,6 +55,7 @@ _SWEEP_SECONDS = 1.0  # how often a lane looks for members whose transport close
 _FD_RESERVE = 1024  # descriptors kept for what is not a stream (see FanoutHub.direct_limit)
 
 _REPAIR_TIMEOUT_SECONDS = 2.0
+_BACKLOG_TICKS = 10_000  # ticks held while a gap is refetched; the oldest go first (refetched)
 
 
 @dataclass(slots=True)
@@ -450,6 +454,11 @@ class FanoutHub:
         self._lanes: dict[str, tuple[_Lane, _Lane]] = {}  # per symbol: plain and batch frames
         self._last_seq: dict[str, int] = {}
         self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
+        self._channels: dict[str, str] = {}  # broker channel -> symbol, of what `consume` takes
+        # While a gap is refetched: the ticks that came after it, in order (None otherwise).
+        self._backlog: deque[Tick] | None = None
+        self._repair_task: asyncio.Task[None] | None = None
+        self._failed: asyncio.Future[None] | None = None
 
     @property
     def subscription_count(self) -> int:
@@ -461,30 +470,94 @@ class FanoutHub:
         return sum(len(lane.members) for lanes in self._lanes.values() for lane in lanes)
 
     async def consume(self, symbols: list[str]) -> None:
-        """Pass every tick of `symbols` from the broker to the local streams, forever.
+        """Pass every tick of `symbols` from the broker to the local streams, until cancelled.
 
-        One task for all symbols: it takes every message the broker has ready at once, and
-        writes what each connection got from that burst in one write."""
-        channels = {price_channel(s): s for s in symbols}
-        async with self._broker.subscribe_many(list(channels)) as receive:
-            while True:
-                ticks = self._decode(await receive(), channels)
-                if len(ticks) > 1:
-                    ticks = self._skip_stale(ticks)
-                if ticks:
-                    metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
+        The broker calls `_on_burst` with each read's messages; what goes wrong in there ends
+        this coroutine with its exception, so its supervisor logs it and subscribes afresh."""
+        self._channels = {price_channel(s): s for s in symbols}
+        self._backlog = None
+        failed = self._failed = asyncio.get_running_loop().create_future()
+        try:
+            async with self._broker.subscribe_bursts(list(self._channels), self._on_burst):
+                await failed
+        finally:
+            self._failed = None
+            if self._repair_task is not None:
+                self._repair_task.cancel()
+                self._repair_task = None
+
+    def _on_burst(self, messages: list[tuple[str, str]]) -> None:
+        failed = self._failed
+        if failed is None or failed.done():
+            return
+        try:
+            ticks = self._decode(messages, self._channels)
+            if self._backlog is not None:  # a refetch is running: these go after it
+                self._hold(ticks)
+            elif ticks:
+                self._pass_on(ticks)
+        except Exception as exc:  # noqa: BLE001 - handed to `consume`, which raises it
+            failed.set_exception(exc)
+
+    def _pass_on(self, ticks: list[Tick]) -> None:
+        """Deliver one burst, in order; at a broker gap, hold the rest and refetch the gap."""
+        if len(ticks) > 1:
+            ticks = self._skip_stale(ticks)
+            if not ticks:
+                return
+        metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
+        dirty: list[Outbox] = []
+        lanes: dict[str, list[tuple[Tick, bytes]]] = {}
+        last_seq = self._last_seq
+        for i, tick in enumerate(ticks):
+            last = last_seq.get(tick.symbol)
+            if last is not None and tick.seq > last + 1:
+                # Keep order: what came before the gap goes now, the rest after the refetch.
+                self._flush(dirty, lanes)
+                self._backlog = deque(maxlen=_BACKLOG_TICKS)
+                self._hold(ticks[i:])
+                self._repair_task = asyncio.get_running_loop().create_task(
+                    self._refetch_then_resume(), name="hub-repair"
+                )
+                return
+            self._deliver(tick, dirty, lanes)
+        self._flush(dirty, lanes)
+
+    def _hold(self, ticks: list[Tick]) -> None:
+        backlog = self._backlog
+        assert backlog is not None
+        overflow = len(backlog) + len(ticks) - _BACKLOG_TICKS
+        if overflow > 0:  # the oldest leave; the seq jump they leave behind is refetched too
+            metrics.HUB_BACKLOG_DROPPED.inc(overflow)
+        backlog.extend(ticks)
+
+    async def _refetch_then_resume(self) -> None:
+        """Refetch each gap in the backlog from the store and pass the backlog on, until it is
+        empty; then bursts are passed on as they come again."""
+        backlog = self._backlog
+        assert backlog is not None
+        try:
+            while backlog:
                 dirty: list[Outbox] = []
                 lanes: dict[str, list[tuple[Tick, bytes]]] = {}
-                for tick in ticks:
-                    last = self._last_seq.get(tick.symbol)
-                    if last is not None and tick.seq > last + 1:
-                        # Keep order: what came before the gap goes first, and nothing is
-                        # pending while the repair awaits the store.
-                        self._flush(dirty, lanes)
-                        dirty, lanes = [], {}
-                        await self._repair_gap(tick.symbol, last, tick.seq, dirty, lanes)
-                    self._deliver(tick, dirty, lanes)
+                tick = backlog.popleft()
+                last = self._last_seq.get(tick.symbol)
+                if last is not None and tick.seq > last + 1:
+                    await self._repair_gap(tick.symbol, last, tick.seq, dirty, lanes)
+                self._deliver(tick, dirty, lanes)
+                while backlog:
+                    last = self._last_seq.get(backlog[0].symbol)
+                    if last is not None and backlog[0].seq > last + 1:
+                        break
+                    self._deliver(backlog.popleft(), dirty, lanes)
                 self._flush(dirty, lanes)
+        except Exception as exc:  # noqa: BLE001 - handed to `consume`, which raises it
+            if self._failed is not None and not self._failed.done():
+                self._failed.set_exception(exc)
+        finally:
+            if self._backlog is backlog:
+                self._backlog = None
+                self._repair_task = None
 
     @staticmethod
     def _decode(messages: list[tuple[str, str]], channels: dict[str, str]) -> list[Tick]:

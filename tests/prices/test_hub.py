@@ -221,10 +221,100 @@ class TestFanoutHub:
             await broker.disconnect()
 
 
+class TestRefetch:
+    """While a broker gap is refetched from the store, later ticks wait behind it."""
+
+    @staticmethod
+    async def published(broker: Broker, store: MemoryTickStore, seqs: Iterable[int]) -> None:
+        for seq in seqs:
+            t = tick("MSFT", seq)
+            await store.append(t, {}, fence=None)
+            await broker.publish(price_channel("MSFT"), t.frame)
+
+    @staticmethod
+    async def received(outbox: Outbox, last: int) -> list[int]:
+        seqs: list[int] = []
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            seqs += [f.seq for f in outbox.drain()]
+            if seqs and seqs[-1] == last:
+                break
+        return seqs
+
+    @contextlib.asynccontextmanager
+    async def hub(self) -> AsyncIterator[tuple[FanoutHub, Broker, SlowStore]]:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
+        try:
+            await asyncio.sleep(0.05)
+            yield hub, broker, store
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+    async def test_ticks_that_arrive_during_a_refetch_follow_it_in_order(self) -> None:
+        async with self.hub() as (hub, broker, store):
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await self.published(broker, store, [1, 2, 3])
+            for seq in (4, 5):  # the broker lost these
+                await store.append(tick("MSFT", seq), {}, fence=None)
+            for seq in range(6, 31):  # and these come while the refetch waits on the store
+                await self.published(broker, store, [seq])
+                await asyncio.sleep(0.005)
+            assert await self.received(outbox, 30) == list(range(1, 31))
+            assert store.history_reads == 1  # one refetch for the one gap, not one per tick
+
+    async def test_a_backlog_past_its_bound_is_refetched_too(self, monkeypatch) -> None:
+        monkeypatch.setattr("app.prices.hub._BACKLOG_TICKS", 5)
+        dropped = REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0.0
+        async with self.hub() as (hub, broker, store):
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await self.published(broker, store, [1])
+            await store.append(tick("MSFT", 2), {}, fence=None)  # lost by the broker
+            await self.published(broker, store, range(3, 41))  # 38 more during the refetch
+            assert await self.received(outbox, 40) == list(range(1, 41))
+        assert (REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0) > dropped
+
+    async def test_a_failure_in_the_hub_ends_consume_for_its_supervisor(
+        self, monkeypatch
+    ) -> None:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        try:
+            consumer = asyncio.create_task(hub.consume(["MSFT"]))
+            await asyncio.sleep(0.05)
+            with monkeypatch.context() as patch:
+                patch.setattr(hub, "_deliver", lambda *a: 1 / 0)
+                await self.published(broker, store, [1])
+                with pytest.raises(ZeroDivisionError):
+                    await asyncio.wait_for(consumer, 5)
+            consumer = asyncio.create_task(hub.consume(["MSFT"]))  # what the supervisor does
+            await asyncio.sleep(0.05)
+            outbox = Outbox(limit=64, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await self.published(broker, store, [2, 3])
+            assert await self.received(outbox, 3) == [1, 2, 3]  # 1: the snapshot
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+        finally:
+            await broker.disconnect()
+
+
 class SlowStore(MemoryTickStore):
     """A store whose reads take a while, like Redis under load."""
 
+    history_reads = 0
+
     async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        self.history_reads += 1
         await asyncio.sleep(0.1)
         return await super().read_history(symbol, since=since, limit=limit)
 

@@ -1,7 +1,8 @@
 """The message broker: the only module that imports `broadcaster`.
 
 Ticks go out with `Broker.publish` on `prices:{SYMBOL}` and come back through
-`Broker.subscribe`. Around broadcaster 0.3.1 this module fixes what would reach users:
+`Broker.subscribe_bursts` (the fan-out hub) or `Broker.subscribe` / `subscribe_many`.
+Around broadcaster 0.3.1 this module fixes what would reach users:
 
 * its Redis backend marks itself ready before SUBSCRIBE is sent, so with redis-py 8 the
   listener sees "not subscribed" and stops at once: nothing is ever delivered;
@@ -19,10 +20,10 @@ output-buffer limit bounds what waits there) and serialises subscribes per chann
 
 The fan-out hub subscribes with `Broker.subscribe_bursts`: a callback the Redis backend calls
 with every message of one read, from the read itself, with no queue and no task switch in
-between. Each hop through an asyncio queue and a task costs a tick tens of µs of a cold CPU
-(measured: 250 → 145 µs of server CPU per tick together with the hub's cheaper metrics; README,
-Performance). Queue subscribers (`subscribe`, `subscribe_many`) still go through broadcaster's
-listener; on the memory backend a burst subscriber is fed from a queue by a task of its own.
+between. The two queue-and-task hops cost a tick ~45 µs of server CPU (cold caches: a tick
+comes every few ms), measured with `python -m bench.tickcost` (README, Performance). Queue
+subscribers (`subscribe`, `subscribe_many`) still go through broadcaster's listener; on the
+memory backend a burst subscriber is fed from a queue by a task of its own.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ _SUBSCRIBE_REPLIES = (b"subscribe", b"unsubscribe")
 
 
 BurstSink = Callable[[list[tuple[str, str]]], None]
-"""Takes the (channel, message) pairs of one read, in order; must not block or raise."""
+"""Takes the (channel, message) pairs of one read, in order. It must not block; what it raises
+is logged and counted (`pricefeed_broker_dropped_total{reason="sink_failed"}`) and the
+subscription goes on."""
 
 
 def price_channel(symbol: str) -> str:
@@ -100,6 +103,12 @@ class _SubscriberProtocol(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         try:
+            self._read_replies(reader)
+        finally:
+            self._on_read_end()  # what was read is handed over even if a reply broke the read
+
+    def _read_replies(self, reader: hiredis.Reader) -> None:
+        try:
             while (reply := reader.gets()) is not False:
                 if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                     self._on_message(reply[1], reply[2])
@@ -114,7 +123,6 @@ class _SubscriberProtocol(asyncio.Protocol):
         except (hiredis.ProtocolError, RedisConnectionError) as exc:
             logger.warning("broker: %s; reconnecting", exc)
             self.close()
-        self._on_read_end()
 
     def write(self, *args: str) -> None:
         """Write one command whose answer nobody awaits: SUBSCRIBE and UNSUBSCRIBE (their
@@ -396,27 +404,36 @@ class BoundedBroadcast(Broadcast):
         (ResilientRedisBackend only)."""
         backend = self._backend
         assert isinstance(backend, ResilientRedisBackend)
-        subscribed: list[str] = []
+        taken: list[str] = []
         try:
             for channel in channels:
                 async with self._locks.setdefault(channel, asyncio.Lock()):
-                    if not self._subscribers.get(channel) and not self._sinks.get(channel):
-                        await backend.subscribe(channel)
-                    self._sinks[channel] = (*self._sinks.get(channel, ()), sink)
+                    sinks = self._sinks.get(channel, ())
+                    if sink in sinks:
+                        raise ValueError(f"this sink already takes {channel}")
+                    first = not sinks and not self._subscribers.get(channel)
+                    # Registered before SUBSCRIBE: nothing Redis sends after it is missed.
+                    self._sinks[channel] = (*sinks, sink)
                     backend.set_sinks(channel, self._sinks[channel])
-                subscribed.append(channel)
+                    taken.append(channel)
+                    if first:
+                        await backend.subscribe(channel)
             yield
         finally:
-            for channel in subscribed:
+            # Unregistered at once, before any await (a second cancellation cannot leave it).
+            idle: list[str] = []
+            for channel in taken:
+                rest = tuple(s for s in self._sinks.get(channel, ()) if s != sink)
+                backend.set_sinks(channel, rest)
+                if rest:
+                    self._sinks[channel] = rest
+                else:
+                    self._sinks.pop(channel, None)
+                    idle.append(channel)
+            for channel in idle:
                 async with self._locks[channel]:
-                    rest = tuple(s for s in self._sinks.get(channel, ()) if s is not sink)
-                    backend.set_sinks(channel, rest)
-                    if rest:
-                        self._sinks[channel] = rest
-                    else:
-                        self._sinks.pop(channel, None)
-                        if not self._subscribers.get(channel):
-                            await backend.unsubscribe(channel)
+                    if not self._sinks.get(channel) and not self._subscribers.get(channel):
+                        await backend.unsubscribe(channel)
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Subscriber]:

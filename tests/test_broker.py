@@ -237,6 +237,19 @@ async def test_a_burst_subscriber_gets_every_message_in_order_a_read_at_a_time(r
         assert len(sink.bursts) < 300  # messages read together are handed over together
 
 
+async def test_a_sink_cannot_take_a_channel_twice(redis) -> None:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:A"], sink):
+        with pytest.raises(ValueError, match="already takes prices:A"):
+            async with broker.subscribe_bursts(["prices:A"], sink):
+                pass
+        await wait_until(lambda: broker.connected)
+        await broker.publish("prices:A", "once")
+        await wait_until(lambda: sink.messages == [("prices:A", "once")])  # still subscribed
+        await asyncio.sleep(0.1)
+        assert sink.messages == [("prices:A", "once")]  # and not twice
+
+
 async def test_a_burst_subscriber_and_a_queue_subscriber_share_a_channel(redis) -> None:
     sink = Bursts()
     async with connected(redis.url) as broker:

@@ -494,34 +494,35 @@ class FanoutHub:
             ticks = self._decode(messages, self._channels)
             if self._backlog is not None:  # a refetch is running: these go after it
                 self._hold(ticks)
-            elif ticks:
-                self._pass_on(ticks)
+            elif ticks and (rest := self._pass_on(ticks)):
+                self._backlog = deque(maxlen=_BACKLOG_TICKS)
+                self._hold(rest)
+                self._repair_task = asyncio.get_running_loop().create_task(
+                    self._refetch_then_resume(), name="hub-repair"
+                )
         except Exception as exc:  # noqa: BLE001 - handed to `consume`, which raises it
             failed.set_exception(exc)
 
-    def _pass_on(self, ticks: list[Tick]) -> None:
-        """Deliver one burst, in order; at a broker gap, hold the rest and refetch the gap."""
+    def _pass_on(self, ticks: list[Tick]) -> list[Tick]:
+        """Deliver a burst, in order, up to its first broker gap; return the ticks from that
+        gap on (empty: no gap), which must wait for the gap's refetch."""
         if len(ticks) > 1:
             ticks = self._skip_stale(ticks)
             if not ticks:
-                return
+                return ticks
         metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
         dirty: list[Outbox] = []
         lanes: dict[str, list[tuple[Tick, bytes]]] = {}
         last_seq = self._last_seq
-        for i, tick in enumerate(ticks):
-            last = last_seq.get(tick.symbol)
-            if last is not None and tick.seq > last + 1:
-                # Keep order: what came before the gap goes now, the rest after the refetch.
-                self._flush(dirty, lanes)
-                self._backlog = deque(maxlen=_BACKLOG_TICKS)
-                self._hold(ticks[i:])
-                self._repair_task = asyncio.get_running_loop().create_task(
-                    self._refetch_then_resume(), name="hub-repair"
-                )
-                return
-            self._deliver(tick, dirty, lanes)
-        self._flush(dirty, lanes)
+        try:
+            for i, tick in enumerate(ticks):
+                last = last_seq.get(tick.symbol)
+                if last is not None and tick.seq > last + 1:
+                    return ticks[i:]  # what came before the gap goes now (finally)
+                self._deliver(tick, dirty, lanes)
+            return []
+        finally:
+            self._flush(dirty, lanes)
 
     def _hold(self, ticks: list[Tick]) -> None:
         backlog = self._backlog
@@ -532,8 +533,10 @@ class FanoutHub:
         backlog.extend(ticks)
 
     async def _refetch_then_resume(self) -> None:
-        """Refetch each gap in the backlog from the store and pass the backlog on, until it is
-        empty; then bursts are passed on as they come again."""
+        """Refetch the gap at the head of the backlog from the store (a failed refetch leaves
+        a visible `seq` jump), then pass what waited behind it on as one burst (stale ticks
+        skipped, as when the hub is behind) up to its next gap; until the backlog is empty.
+        Then bursts are passed on as they come again."""
         backlog = self._backlog
         assert backlog is not None
         try:
@@ -541,16 +544,17 @@ class FanoutHub:
                 dirty: list[Outbox] = []
                 lanes: dict[str, list[tuple[Tick, bytes]]] = {}
                 tick = backlog.popleft()
-                last = self._last_seq.get(tick.symbol)
-                if last is not None and tick.seq > last + 1:
-                    await self._repair_gap(tick.symbol, last, tick.seq, dirty, lanes)
-                self._deliver(tick, dirty, lanes)
-                while backlog:
-                    last = self._last_seq.get(backlog[0].symbol)
-                    if last is not None and backlog[0].seq > last + 1:
-                        break
-                    self._deliver(backlog.popleft(), dirty, lanes)
-                self._flush(dirty, lanes)
+                try:
+                    last = self._last_seq.get(tick.symbol)
+                    if last is not None and tick.seq > last + 1:
+                        await self._repair_gap(tick.symbol, last, tick.seq, dirty, lanes)
+                    self._deliver(tick, dirty, lanes)  # refetched or not: no retry loop
+                finally:
+                    self._flush(dirty, lanes)
+                if backlog:
+                    waiting = list(backlog)
+                    backlog.clear()
+                    backlog.extend(self._pass_on(waiting))
         except Exception as exc:  # noqa: BLE001 - handed to `consume`, which raises it
             if self._failed is not None and not self._failed.done():
                 self._failed.set_exception(exc)
@@ -596,6 +600,8 @@ class FanoutHub:
     def _flush(self, dirty: list[Outbox], lanes: dict[str, list[tuple[Tick, bytes]]]) -> None:
         """Write what the burst gave each connection: lanes first, then the corked outboxes,
         which join their lane if they now qualify."""
+        if not lanes and not dirty:
+            return
         now = time.time()
         sent = 0
         for symbol, pending in lanes.items():
@@ -611,13 +617,19 @@ class FanoutHub:
                     text = "[" + ",".join(tick.frame for tick, _ in pending) + "]"
                     data = text_frame(text.encode())
                 sent += self._write_lane(batch, data, count, now)
+        error: Exception | None = None
         for outbox in dirty:
-            written = outbox.flush(now)
-            if written:
-                sent += written
-                self._join_lane(outbox, now)
+            try:
+                written = outbox.flush(now)
+                if written:
+                    sent += written
+                    self._join_lane(outbox, now)
+            except Exception as exc:  # noqa: BLE001 - raised below, once every cork is written
+                error = error or exc
         if sent:
             metrics.MESSAGES_SENT.inc(sent)
+        if error is not None:
+            raise error
 
     def _write_lane(self, lane: _Lane, data: bytes, count: int, now: float) -> int:
         """`data` (frames for `count` ticks) to every member; how many ticks that sent."""

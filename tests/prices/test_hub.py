@@ -281,6 +281,77 @@ class TestRefetch:
             assert await self.received(outbox, 40) == list(range(1, 41))
         assert (REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0) > dropped
 
+    async def test_ticks_gone_stale_during_a_refetch_are_skipped(self) -> None:
+        """Behind by a refetch: what waited behind the gap goes out as one burst, so ticks
+        more than max_lag_ms older than their symbol's newest are skipped (a seq jump)."""
+        broker = Broker("memory://")
+        await broker.connect()
+        store = SlowStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
+        try:
+            await asyncio.sleep(0.05)
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+
+            def at(seq: int, ts: int) -> Tick:
+                return encode_tick(
+                    symbol="MSFT",
+                    price=Decimal("1.0000"),
+                    ts=ts,
+                    seq=seq,
+                    bid=Decimal(1),
+                    ask=Decimal(1),
+                    volume=Decimal(1),
+                )
+
+            start = int(time.time() * 1000)
+            for seq, ts in ((1, start), (2, start + 1)):
+                await store.append(at(seq, ts), {}, fence=None)
+            await broker.publish(price_channel("MSFT"), at(1, start).frame)  # 2 is lost
+            await asyncio.sleep(0.02)
+            for seq in range(3, 23):  # 10 ms apart by their ts, during the 0.1 s refetch
+                t = at(seq, start + 10 * seq)
+                await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("MSFT"), t.frame)
+                await asyncio.sleep(0.001)  # each its own burst
+            seqs = await self.received(outbox, 22)
+            assert seqs[:3] == [1, 2, 3]  # the refetched tick, and the one at the gap
+            assert seqs[-6:] == [17, 18, 19, 20, 21, 22]  # within 50 ms of the newest
+            assert len(seqs) == 9  # 4..16 skipped
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+    async def test_every_stream_goes_on_after_a_failure_mid_flush(self) -> None:
+        async with running_hub("MSFT", "AAPL") as (hub, publish):
+            await publish("MSFT", [1])
+            await publish("AAPL", [1])
+            protocols = [FakeProtocol(), FakeProtocol()]
+            for protocol in protocols:  # watchlists: the corked path, one write per burst
+                outbox = direct_outbox(protocol)
+                await hub.attach(outbox, "MSFT", since=None)
+                await hub.attach(outbox, "AAPL", since=None)
+            await publish("MSFT", [2])
+            join_lane, calls = hub._join_lane, []
+
+            def fails_once(outbox: Outbox, now: float) -> None:
+                calls.append(outbox)
+                if len(calls) == 1:
+                    raise RuntimeError("a bug")
+                join_lane(outbox, now)
+
+            hub._join_lane = fails_once  # type: ignore[method-assign]
+            await publish("MSFT", [3])
+            consumer = asyncio.create_task(hub.consume(["MSFT", "AAPL"]))  # the supervisor
+            await asyncio.sleep(0.05)
+            await publish("MSFT", range(4, 10))
+            for protocol in protocols:
+                assert [s for s in protocol.transport.seqs() if s > 1] == list(range(2, 10))
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+
     async def test_a_failure_in_the_hub_ends_consume_for_its_supervisor(
         self, monkeypatch
     ) -> None:

@@ -1,11 +1,21 @@
-"""The WebSocket protocol pricefeed runs under uvicorn (app/ws_protocol.py), against a real
-server: what it changes must not change what a client sees."""
+"""The WebSocket protocol pricefeed runs under uvicorn (app/ws_protocol.py): against a real
+server, what it changes must not change what a client sees; in process, its hooks take a
+connection off the hub's direct sends before uvicorn acts on its end."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
-from app.ws_protocol import PricefeedWebSocketProtocol
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from app.ws_protocol import EXTENSION, PricefeedWebSocketProtocol
 from tests.support import open_stream, token
 
 
@@ -33,3 +43,75 @@ async def test_the_handshake_request_is_not_kept_for_the_life_of_the_connection(
         assert (await stream.recv_type("pong"))["type"] == "pong"
         await stream.send({"op": "unsubscribe", "symbols": ["AAPL"]})
         assert (await stream.recv_type("unsubscribed"))["symbols"] == ["AAPL"]
+
+
+@pytest.mark.both_loops
+class TestLeavingTheFastPath:
+    """The protocol takes a connection off the hub's direct sends as soon as the connection
+    starts to end or to back up, before uvicorn or the app acts on it (in process, over a
+    real socket pair; the app is never called)."""
+
+    class Writer:
+        def __init__(self, protocol: PricefeedWebSocketProtocol) -> None:
+            self.protocol = protocol
+            self.blocked_calls = 0
+            self.first_while_connected: bool | None = None  # uvicorn not yet told of the end
+            self.first_while_open: bool | None = None  # the socket not yet closing
+
+        def blocked(self) -> None:
+            if self.first_while_connected is None:
+                self.first_while_connected = not self.protocol.disconnected
+                self.first_while_open = not self.protocol.raw_transport.is_closing()
+            self.blocked_calls += 1
+
+    @contextlib.asynccontextmanager
+    async def served(self) -> AsyncIterator[tuple[PricefeedWebSocketProtocol, socket.socket]]:
+        config = Config(app=self.never_called, ws="websockets-sansio", lifespan="off")
+        config.load()
+        protocol = PricefeedWebSocketProtocol(
+            config=config, server_state=ServerState(), app_state={}
+        )
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
+        writer = self.Writer(protocol)
+        protocol.scope = {"extensions": {EXTENSION: {"writer": writer}}}  # type: ignore[typeddict-item]
+        protocol.test_writer = writer  # type: ignore[attr-defined]
+        try:
+            yield protocol, peer
+        finally:
+            peer.close()
+            protocol.transport.close()
+            await asyncio.sleep(0)
+
+    @staticmethod
+    async def never_called(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app is not part of this test")
+
+    @staticmethod
+    async def until(predicate: Any) -> None:
+        for _ in range(100):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not met")
+
+    async def test_a_half_close_from_the_peer(self) -> None:
+        async with self.served() as (protocol, peer):
+            peer.shutdown(socket.SHUT_WR)  # EOF: the transport closes once the protocol hears it
+            await self.until(lambda: protocol.disconnected)
+            # at EOF, not when the transport closes for it (the hub could send in between)
+            assert protocol.test_writer.first_while_open  # type: ignore[attr-defined]
+
+    async def test_a_connection_lost(self) -> None:
+        async with self.served() as (protocol, peer):
+            protocol.raw_transport.abort()  # underneath uvicorn's watched transport
+            await self.until(lambda: protocol.disconnected)
+            assert protocol.test_writer.first_while_connected  # type: ignore[attr-defined]
+
+    async def test_a_transport_that_pauses_writing(self) -> None:
+        async with self.served() as (protocol, peer):
+            calls = protocol.test_writer.blocked_calls  # type: ignore[attr-defined]
+            protocol.raw_transport.write(b"x" * (4 << 20))  # unwatched; the peer reads nothing
+            await self.until(lambda: protocol.test_writer.blocked_calls > calls)  # type: ignore[attr-defined]
+            assert not protocol.writable.is_set()  # uvicorn's own handling still ran

@@ -173,10 +173,11 @@ class ResilientRedisBackend(RedisBackend):
         self._listener: asyncio.Task[None] | None = None
         self._channels: set[str] = set()
         self._proto: _SubscriberProtocol | None = None  # the live subscribed connection
-        self._sinks: dict[bytes, tuple[BurstSink, ...]] = {}  # per channel, called per read
         self._bursts: dict[BurstSink, list[tuple[str, str]]] = {}  # this read's, per sink
-        # Channels with queue subscribers (BoundedBroadcast's own registry); messages of the
-        # others skip broadcaster's queue and listener. None: every message is queued.
+        # BoundedBroadcast's own registries, per channel: the burst sinks called per read, and
+        # the queue subscribers (messages of channels with none skip broadcaster's queue and
+        # listener; None: every message is queued).
+        self.sinks: dict[str, tuple[BurstSink, ...]] = {}
         self.queued: dict[str, Any] | None = None
         self.connected = False
         self.on_reconnect: Callable[[], None] | None = None
@@ -224,14 +225,6 @@ class ResilientRedisBackend(RedisBackend):
                 self._proto.resume()
         return event
 
-    def set_sinks(self, channel: str, sinks: tuple[BurstSink, ...]) -> None:
-        """Who gets `channel`'s messages from the read itself (BoundedBroadcast's registry)."""
-        key = channel.encode()
-        if sinks:
-            self._sinks[key] = sinks
-        else:
-            self._sinks.pop(key, None)
-
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
             name, message = channel.decode(), data.decode()
@@ -239,7 +232,7 @@ class ResilientRedisBackend(RedisBackend):
             metrics.BROKER_DROPPED.labels(reason="not_utf8").inc()
             logger.warning("broker: dropped a non-UTF-8 message")
             return
-        sinks = self._sinks.get(channel)
+        sinks = self.sinks.get(name)
         if sinks is not None:
             for sink in sinks:
                 burst = self._bursts.get(sink)
@@ -266,11 +259,7 @@ class ResilientRedisBackend(RedisBackend):
             return
         bursts, self._bursts = self._bursts, {}
         for sink, messages in bursts.items():
-            try:
-                sink(messages)
-            except Exception:  # a sink's bug must not take the subscription down
-                metrics.BROKER_DROPPED.labels(reason="sink_failed").inc(len(messages))
-                logger.exception("broker: a burst subscriber failed")
+            _hand_over(sink, messages)
 
     async def _open(self) -> _SubscriberProtocol:
         """Connect, authenticate and subscribe every channel; live from the first write on, so
@@ -357,6 +346,15 @@ class ResilientRedisBackend(RedisBackend):
                 pinged = False
 
 
+def _hand_over(sink: BurstSink, messages: list[tuple[str, str]]) -> None:
+    """Call a burst sink; its bug must not take the subscription down."""
+    try:
+        sink(messages)
+    except Exception:
+        metrics.BROKER_DROPPED.labels(reason="sink_failed").inc(len(messages))
+        logger.exception("broker: a burst subscriber failed")
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve an unawaited future's outcome, so a lost connection logs no orphan error."""
     if not future.cancelled():
@@ -397,6 +395,7 @@ class BoundedBroadcast(Broadcast):
         self._sinks: dict[str, tuple[BurstSink, ...]] = {}
         if isinstance(backend, ResilientRedisBackend):
             backend.queued = self._subscribers
+            backend.sinks = self._sinks
 
     @asynccontextmanager
     async def subscribe_sink(self, channels: list[str], sink: BurstSink) -> AsyncIterator[None]:
@@ -414,7 +413,6 @@ class BoundedBroadcast(Broadcast):
                     first = not sinks and not self._subscribers.get(channel)
                     # Registered before SUBSCRIBE: nothing Redis sends after it is missed.
                     self._sinks[channel] = (*sinks, sink)
-                    backend.set_sinks(channel, self._sinks[channel])
                     taken.append(channel)
                     if first:
                         await backend.subscribe(channel)
@@ -424,7 +422,6 @@ class BoundedBroadcast(Broadcast):
             idle: list[str] = []
             for channel in taken:
                 rest = tuple(s for s in self._sinks.get(channel, ()) if s != sink)
-                backend.set_sinks(channel, rest)
                 if rest:
                     self._sinks[channel] = rest
                 else:
@@ -548,12 +545,7 @@ class Broker:
 
             async def drain() -> None:
                 while True:
-                    messages = await receive()
-                    try:
-                        sink(messages)
-                    except Exception:
-                        metrics.BROKER_DROPPED.labels(reason="sink_failed").inc(len(messages))
-                        logger.exception("broker: a burst subscriber failed")
+                    _hand_over(sink, await receive())
 
             task = asyncio.create_task(drain(), name="broker-bursts")
             try:

@@ -25,6 +25,7 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
 EXTENSION = "pricefeed.frames"
+CLOSE_GOING_AWAY = 1001  # the contract's code for a server shutting down: reconnect
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 
 Transport = asyncio.Transport
@@ -282,6 +283,22 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_fast_path()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown, closing with 1001 (going away, reconnect) instead of 1012.
+
+        uvicorn calls this on every connection once it stops serving. The app's own signal
+        hook (app/shutdown.py) normally closes streams with 1001 first; this makes that code
+        certain when uvicorn gets there first, or shuts down without a signal."""
+        self._leave_fast_path()
+        self.stop_keepalive()
+        if self.close_sent or not self.handshake_complete:
+            super().shutdown()  # an ongoing close, or a handshake still in progress (500)
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_GOING_AWAY})
+        self.conn.send_close(CLOSE_GOING_AWAY, "server going away")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     async def send(self, message: ASGISendEvent) -> None:
         if message["type"] != "websocket.accept":

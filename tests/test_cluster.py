@@ -166,10 +166,12 @@ async def _status_is(server: ServerProcess, status: int) -> bool:
 
 
 class TestShutdownAndLogs:
+    @pytest.mark.parametrize("ws_impl", ["fast", "websockets-sansio"])
     async def test_sigterm_closes_streams_with_1001(
-        self, database_url: str, tmp_path: Path
+        self, database_url: str, tmp_path: Path, ws_impl: str
     ) -> None:
-        server = server_process(tmp_path, "solo", database_url)
+        """pricefeed's own protocol and uvicorn's (which would say 1012 by itself) alike."""
+        server = server_process(tmp_path, "solo", database_url, WS_IMPL=ws_impl)
         with running(server):
             await server.wait_ready()
             async with (

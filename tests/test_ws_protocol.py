@@ -115,3 +115,22 @@ class TestLeavingTheFastPath:
             protocol.raw_transport.write(b"x" * (4 << 20))  # unwatched; the peer reads nothing
             await self.until(lambda: protocol.test_writer.blocked_calls > calls)  # type: ignore[attr-defined]
             assert not protocol.writable.is_set()  # uvicorn's own handling still ran
+
+
+async def test_uvicorns_shutdown_closes_streams_with_1001(live) -> None:
+    """uvicorn closes every connection when it stops serving; without a signal the app's own
+    hook never runs, and uvicorn's protocol would say 1012. Clients must see 1001."""
+    async with (
+        live() as server,
+        open_stream(f"{server.ws}/v1/ws?token={token('leaver')}") as stream,
+    ):
+        await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
+        await stream.recv_type("subscribed")
+        protocols = [p for p in server_protocols() if not p.disconnected]
+        assert protocols, "the connection is served by pricefeed's protocol"
+        for protocol in protocols:
+            protocol.shutdown()
+        code, _ = await stream.closed_with(5)
+        assert code == 1001
+        assert stream.conn.close_reason == "server going away"
+        await TestLeavingTheFastPath.until(lambda: not len(server.app.state.streams))

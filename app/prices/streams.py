@@ -23,11 +23,11 @@ from app.errors import RateLimited, Unavailable
 from app.prices.hub import FanoutHub, Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
+from app.ws_protocol import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY  # uvicorn's side uses it too
 from app.ws_protocol import EXTENSION, FrameWriter
 
 logger = logging.getLogger(__name__)
 
-CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013

@@ -16,7 +16,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from app.ws_protocol import EXTENSION, PricefeedWebSocketProtocol
-from tests.support import open_stream, token
+from tests.support import Stream, open_stream, token
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:
@@ -24,17 +24,26 @@ def server_protocols() -> list[PricefeedWebSocketProtocol]:
     return [o for o in gc.get_objects() if isinstance(o, PricefeedWebSocketProtocol)]
 
 
-async def test_the_handshake_request_is_not_kept_for_the_life_of_the_connection(live) -> None:
-    """The request (headers, and the path with `?token=`) is dropped once the handshake is
-    done, and frames from the client still parse: subscribe, ping, unsubscribe."""
+@contextlib.asynccontextmanager
+async def subscribed(
+    live: Any, subject: str
+) -> AsyncIterator[tuple[Any, Stream, list[PricefeedWebSocketProtocol]]]:
+    """A real server, a client subscribed to AAPL, and the server's open protocols."""
     async with (
         live() as server,
-        open_stream(f"{server.ws}/v1/ws?token={token('keeper')}") as stream,
+        open_stream(f"{server.ws}/v1/ws?token={token(subject)}") as stream,
     ):
         await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
         await stream.recv_type("subscribed")
         protocols = [p for p in server_protocols() if not p.disconnected]
         assert protocols, "the connection is served by pricefeed's protocol"
+        yield server, stream, protocols
+
+
+async def test_the_handshake_request_is_not_kept_for_the_life_of_the_connection(live) -> None:
+    """The request (headers, and the path with `?token=`) is dropped once the handshake is
+    done, and frames from the client still parse: subscribe, ping, unsubscribe."""
+    async with subscribed(live, "keeper") as (_, stream, protocols):
         for protocol in protocols:
             assert protocol.request is None
             frame = protocol.conn.parser.gi_frame
@@ -120,14 +129,7 @@ class TestLeavingTheFastPath:
 async def test_uvicorns_shutdown_closes_streams_with_1001(live) -> None:
     """uvicorn closes every connection when it stops serving; without a signal the app's own
     hook never runs, and uvicorn's protocol would say 1012. Clients must see 1001."""
-    async with (
-        live() as server,
-        open_stream(f"{server.ws}/v1/ws?token={token('leaver')}") as stream,
-    ):
-        await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
-        await stream.recv_type("subscribed")
-        protocols = [p for p in server_protocols() if not p.disconnected]
-        assert protocols, "the connection is served by pricefeed's protocol"
+    async with subscribed(live, "leaver") as (server, stream, protocols):
         for protocol in protocols:
             protocol.shutdown()
         code, _ = await stream.closed_with(5)

@@ -48,6 +48,8 @@ from bench.servers import (
     ensure_node_modules,
 )
 
+DISTURBED_STEAL_PCT = 5.0  # % of a core the host took from this VM during a window
+DISTURBED_OTHER_PCT = 20.0  # % of a core used by processes outside the benchmark
 RESULTS = REPO / "bench" / "results"
 LOADGEN_C = REPO / "bench" / "loadgen.c"
 LOADGEN_BIN = BUILD / "loadgen"
@@ -481,12 +483,12 @@ class Bench:
         row["other_cpu_pct"] = max(0.0, 100 * other / span)
         row["softirq_pct"] = 100 * (b["sys"][1] - a["sys"][1]) / span
         row["steal_pct"] = 100 * (b["sys"][2] - a["sys"][2]) / span
-        if row["other_cpu_pct"] > 20:
+        if row["other_cpu_pct"] > DISTURBED_OTHER_PCT:
             row["notes"].append(
                 f"other processes on the machine used {row['other_cpu_pct']:.0f}% of a core "
                 "during the window: numbers are disturbed"
             )
-        if row["steal_pct"] > 5:
+        if row["steal_pct"] > DISTURBED_STEAL_PCT:
             row["notes"].append(
                 f"the host took {row['steal_pct']:.0f}% of a core from this VM during the "
                 "window (steal time): numbers are disturbed"
@@ -629,6 +631,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each scenario, wait up to this many seconds for other processes "
         "to go quiet (default 20, quick 1)",
     )
+    ap.add_argument(
+        "--retakes",
+        type=int,
+        default=1,
+        help="measure a scenario again, up to this many times, when the host stole more than "
+        f"{DISTURBED_STEAL_PCT:g}%% of a core or other processes used more than "
+        f"{DISTURBED_OTHER_PCT:g}%% during its window; the least disturbed take is kept and "
+        "the others are named in the notes (default 1)",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep each scenario's temp dir")
     ap.add_argument(
         "--loadgen",
@@ -652,6 +663,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if quick and opts.idle_conns == 2000:
         opts.idle_conns = 1000
     return opts
+
+
+async def _take(
+    bench: Bench, spec: Server, scen: Scenario, opts: argparse.Namespace
+) -> dict[str, Any]:
+    busy = await procs.wait_quiet(opts.quiet_wait)
+    t_row = time.monotonic()
+    row = await bench.run_scenario(spec, scen)
+    row["wall_s"] = round(time.monotonic() - t_row, 1)
+    if busy >= 0.15:
+        row["notes"].append(
+            f"started while other processes used {100 * busy:.0f}% of a core "
+            f"(waited {opts.quiet_wait:g} s for quiet)"
+        )
+    return row
+
+
+def disturbance(row: dict[str, Any]) -> str | None:
+    """Why a take's window is not the server's alone (None: it is)."""
+    steal, other = row.get("steal_pct") or 0.0, row.get("other_cpu_pct") or 0.0
+    why = []
+    if steal > DISTURBED_STEAL_PCT:
+        why.append(f"steal {steal:.0f}%")
+    if other > DISTURBED_OTHER_PCT:
+        why.append(f"other processes {other:.0f}%")
+    return ", ".join(why) or None
+
+
+def _least_disturbed(kept: dict[str, Any], new: dict[str, Any], take: int) -> dict[str, Any]:
+    """Keep the take whose window lost less of the machine; the other is named in its notes."""
+
+    def lost(row: dict[str, Any]) -> float:
+        return (row.get("steal_pct") or 0.0) + (row.get("other_cpu_pct") or 0.0)
+
+    better, worse = (new, kept) if lost(new) < lost(kept) else (kept, new)
+    takes = better.setdefault("takes", [])
+    takes += worse.get("takes", [])  # with more than one retake: every take set aside so far
+    takes.append(
+        {k: worse.get(k) for k in ("cpu_us_per_msg", "delivered_rate", "p99_ms", "steal_pct")}
+    )
+    better["notes"] += [n for n in worse["notes"] if n.startswith("measured ")]
+    summary = ", ".join(
+        f"{k} {worse[k]:,.1f}"
+        for k in ("cpu_us_per_msg", "delivered_rate", "p99_ms")
+        if worse.get(k) is not None
+    )
+    better["notes"].append(
+        f"measured {take} times: a take that lost {lost(worse):.0f}% of a core "
+        f"(steal {worse.get('steal_pct') or 0:.0f}%, "
+        f"other processes {worse.get('other_cpu_pct') or 0:.0f}%) was set aside ({summary}); "
+        f"this row's take lost {lost(better):.0f}%"
+    )
+    return better
 
 
 async def amain(opts: argparse.Namespace) -> int:
@@ -720,15 +784,12 @@ async def amain(opts: argparse.Namespace) -> int:
                 + ")",
                 flush=True,
             )
-            busy = await procs.wait_quiet(opts.quiet_wait)
-            t_row = time.monotonic()
-            row = await bench.run_scenario(spec, scen)
-            row["wall_s"] = round(time.monotonic() - t_row, 1)
-            if busy >= 0.15:
-                row["notes"].append(
-                    f"started while other processes used {100 * busy:.0f}% of a core "
-                    f"(waited {opts.quiet_wait:g} s for quiet)"
-                )
+            row = await _take(bench, spec, scen, opts)
+            for retake in range(opts.retakes):
+                if disturbance(row) is None:
+                    break
+                print(f"  disturbed ({disturbance(row)}): measuring again", flush=True)
+                row = _least_disturbed(row, await _take(bench, spec, scen, opts), retake + 2)
             rows.append(row)
             print("  " + " | ".join(report.row_cells(row)), flush=True)
     elapsed = time.monotonic() - t0

@@ -290,15 +290,14 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         uvicorn calls this on every connection once it stops serving. The app's own signal
         hook (app/shutdown.py) normally closes streams with 1001 first; this makes that code
         certain when uvicorn gets there first, or shuts down without a signal."""
-        self._leave_fast_path()
-        self.stop_keepalive()
         if self.close_sent or not self.handshake_complete:
             super().shutdown()  # an ongoing close, or a handshake still in progress (500)
             return
+        self.stop_keepalive()
         self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_GOING_AWAY})
         self.conn.send_close(CLOSE_GOING_AWAY, "server going away")
         self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
+        self.transport.close()  # the watched transport takes it off the hub's direct path
 
     async def send(self, message: ASGISendEvent) -> None:
         if message["type"] != "websocket.accept":

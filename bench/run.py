@@ -482,15 +482,10 @@ class Bench:
         row["other_cpu_pct"] = max(0.0, 100 * other / span)
         row["softirq_pct"] = 100 * (b["sys"][1] - a["sys"][1]) / span
         row["steal_pct"] = 100 * (b["sys"][2] - a["sys"][2]) / span
-        if row["other_cpu_pct"] > DISTURBED_OTHER_PCT:
+        if why := disturbance(row):
             row["notes"].append(
-                f"other processes on the machine used {row['other_cpu_pct']:.0f}% of a core "
-                "during the window: numbers are disturbed"
-            )
-        if row["steal_pct"] > DISTURBED_STEAL_PCT:
-            row["notes"].append(
-                f"the host took {row['steal_pct']:.0f}% of a core from this VM during the "
-                "window (steal time): numbers are disturbed"
+                f"numbers are disturbed: {why} of a core during the window (steal: what the "
+                "host took from this VM)"
             )
         if lm["resubscribes"] or a["lg"]["resubscribes"]:
             row["notes"].append(

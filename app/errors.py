@@ -8,18 +8,55 @@ with (close code); one handler turns them into responses.
     ├── InvalidRequest        422 / 1008
     ├── RateLimited           429 / 1008   too many streams for one token subject
     └── Unavailable           503 / 1013   a dependency (store, broker) is down
+
+`CloseCode` is the one list of WebSocket close codes: the server closes with its members, the
+client reads them, and the protocol page in /docs renders its table from them.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 
+class CloseCode(IntEnum):
+    """Every code a pricefeed stream closes with; `meaning` says when, for clients and docs."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> CloseCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    GOING_AWAY = 1001, "server going away (deploy, shutdown): reconnect"
+    POLICY = 1008, (
+        "too many messages per second, too many connections for one token subject, a bad `since`"
+    )
+    TOO_BIG = 1009, "client frame too large (16 KiB by default)"
+    INTERNAL = 1011, "unexpected server error: reconnect"
+    TRY_LATER = 1013, (
+        "overloaded, or this client read too slowly (a send stuck 10 s): reconnect later"
+    )
+    BAD_TOKEN = 4401, "no token, bad token (also a bad token in an `auth` request)"
+    NOT_ENTITLED = 4403, "symbol not entitled"
+    UNKNOWN_SYMBOL = 4404, "unknown symbol (per-symbol route)"
+    TOKEN_EXPIRED = 4408, "token expired while connected"
+
+
+def close_code_table() -> str:
+    """The close codes as a Markdown table (the protocol page in /docs)."""
+    rows = [f"| {code.value} | {code.meaning} |" for code in CloseCode]
+    return "\n".join(["| code | when |", "| --- | --- |", *rows])
+
+
 class PricefeedError(Exception):
     status_code = 500
-    close_code = 1011
+    close_code = CloseCode.INTERNAL
     code = "internal"
 
     def __init__(self, message: str) -> None:
@@ -32,7 +69,7 @@ class PricefeedError(Exception):
 
 
 class Unauthenticated(PricefeedError):
-    status_code, close_code, code = 401, 4401, "unauthenticated"
+    status_code, close_code, code = 401, CloseCode.BAD_TOKEN, "unauthenticated"
 
     @property
     def headers(self) -> dict[str, str] | None:
@@ -40,23 +77,23 @@ class Unauthenticated(PricefeedError):
 
 
 class Forbidden(PricefeedError):
-    status_code, close_code, code = 403, 4403, "forbidden"
+    status_code, close_code, code = 403, CloseCode.NOT_ENTITLED, "forbidden"
 
 
 class UnknownSymbol(PricefeedError):
-    status_code, close_code, code = 404, 4404, "unknown_symbol"
+    status_code, close_code, code = 404, CloseCode.UNKNOWN_SYMBOL, "unknown_symbol"
 
 
 class InvalidRequest(PricefeedError):
-    status_code, close_code, code = 422, 1008, "invalid_request"
+    status_code, close_code, code = 422, CloseCode.POLICY, "invalid_request"
 
 
 class RateLimited(PricefeedError):
-    status_code, close_code, code = 429, 1008, "rate_limited"
+    status_code, close_code, code = 429, CloseCode.POLICY, "rate_limited"
 
 
 class Unavailable(PricefeedError):
-    status_code, close_code, code = 503, 1013, "unavailable"
+    status_code, close_code, code = 503, CloseCode.TRY_LATER, "unavailable"
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

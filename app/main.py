@@ -24,7 +24,7 @@ from app.broker import Broker
 from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
-from app.errors import install_error_handlers
+from app.errors import close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
@@ -47,7 +47,11 @@ from app.ws_protocol import PricefeedWebSocketProtocol
 
 logger = logging.getLogger("app")
 
-PROTOCOL_DOC = (Path(__file__).parent / "prices" / "protocol.md").read_text(encoding="utf-8")
+PROTOCOL_DOC = (
+    (Path(__file__).parent / "prices" / "protocol.md")
+    .read_text(encoding="utf-8")
+    .replace("{close_codes}", close_code_table())
+)
 
 
 @asynccontextmanager

@@ -1,0 +1,53 @@
+"""`FrameWriter`: what the fan-out may do with a WebSocket connection besides ASGI sends.
+
+A server that can write already-encoded frames straight to a connection offers a writer in the
+ASGI scope, under `scope["extensions"]["pricefeed.frames"]["writer"]`; pricefeed's own server
+protocol (app/server/) does. The hub and the streams see only this protocol type, never the
+server's internals: with any other server, or with the stock protocol, there is no writer and
+every frame goes out as a plain ASGI send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+EXTENSION = "pricefeed.frames"
+
+Transport = asyncio.Transport
+
+
+class FrameWriter(Protocol):
+    """Writes whole frames to one connection, in order with everything else it sends.
+
+    The hub may also write to `transport` itself, in a loop over many connections, while
+    `on_blocked` is set: the server calls it (once, then clears it) the moment such writes
+    must stop (the transport paused writing, or a close is under way). Anything that closes
+    the transport shows in `transport.is_closing()`, which those writers check."""
+
+    on_blocked: Callable[[], None] | None
+
+    @property
+    def transport(self) -> Transport:
+        """The connection's own transport."""
+
+    def duplicate_fd(self) -> int | None:
+        """A descriptor of its own for the connection's socket, to send() to directly while
+        nothing else writes; None when the connection cannot be written that way or holds
+        unsent bytes. The caller closes it."""
+
+    def keeping_up(self) -> bool:
+        """Open, and its unsent bytes below the high-water mark."""
+
+    async def wait_writable(self) -> None:
+        """Until the transport's buffer drained below its low-water mark."""
+
+    def write(self, data: bytes) -> bool:
+        """Write regardless of the buffer; False once the connection is closing."""
+
+
+def frame_writer(scope: Mapping[str, Any]) -> FrameWriter | None:
+    """The connection's frame writer, if its server offers one."""
+    entry = scope.get("extensions", {}).get(EXTENSION)
+    return entry["writer"] if entry else None

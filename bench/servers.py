@@ -73,6 +73,8 @@ class Server:
     worker_cores: float | None = None
     # A C peer: its source under bench/, built into bench/.build/<stem> by `start`.
     c_source: str | None = None
+    # pricefeed: the checkout it runs from (`pricefeed-base`: BENCH_BASE_TREE, another commit).
+    tree: Path | None = REPO
 
     def unavailable(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -86,8 +88,14 @@ class Server:
             why = cpuquota.available()
             if why:
                 return why
-        if self.client_kind == "pricefeed" and not (REPO / "app" / "__main__.py").exists():
-            return "app/__main__.py does not exist yet"
+        if self.client_kind == "pricefeed":
+            if self.tree is None:
+                return (
+                    "BENCH_BASE_TREE is not set (a checkout of the commit to compare: "
+                    "git worktree add /tmp/base HEAD~1, then make -C /tmp/base install)"
+                )
+            if not (self.tree / "app" / "__main__.py").exists():
+                return f"{self.tree}/app/__main__.py does not exist"
         return None
 
     async def prepare(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> None:
@@ -100,7 +108,7 @@ class Server:
             with open(log, "ab") as out:
                 return subprocess.run(
                     [sys.executable, "-m", "alembic", "upgrade", "head"],
-                    cwd=REPO,
+                    cwd=self.tree,
                     env=env,
                     stdout=out,
                     stderr=out,
@@ -119,7 +127,7 @@ class Server:
                 [sys.executable, "-m", "app"],
                 core=SERVER_CORE,
                 env={**env, "WORKERS": "1"},
-                cwd=REPO,
+                cwd=self.tree,
                 log=log,
             )
             try:
@@ -149,8 +157,10 @@ class Server:
     ) -> subprocess.Popen[bytes]:
         if self.client_kind == "pricefeed":
             env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+            # Run from its tree: `python -m` puts the working directory first on sys.path, so
+            # that tree's `app` package is the one imported.
             return spawn(
-                [sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=REPO, log=log
+                [sys.executable, "-m", "app"], core=SERVER_CORE, env=env, cwd=self.tree, log=log
             )
         env = {"BROADCAST_URL": redis_url, "PORT": str(port), "HOST": "127.0.0.1", **self.env}
         if self.c_source is not None:
@@ -256,6 +266,14 @@ SERVERS: dict[str, Server] = {
             "publish",
             "/readyz",
             about="python -m app, WORKERS=1, object frames",
+        ),
+        Server(
+            "pricefeed-base",
+            "pricefeed",
+            "publish",
+            "/readyz",
+            tree=Path(os.environ["BENCH_BASE_TREE"]) if os.environ.get("BENCH_BASE_TREE") else None,
+            about="python -m app from BENCH_BASE_TREE (another commit), side by side with this one",
         ),
         Server(
             "pricefeed-batch",

@@ -57,9 +57,11 @@ class BoundedMemoryBackend(BroadcastBackend):
     async def connect(self) -> None:
         self._task = asyncio.create_task(self._deliver(), name="broker-memory")
         self.connected = True
+        _set_connected(True)
 
     async def disconnect(self) -> None:
         self.connected = False
+        _set_connected(False)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

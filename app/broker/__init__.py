@@ -24,11 +24,12 @@ What is ours, and why: the public surface cannot carry it.
   quiet connection and drops a silent one, and drops undecodable payloads. Its memory
   backend's queue is unbounded; ours (a screenful) is bounded.
 * The delivery (fanout.py, and the per-channel locks in broker.py). `Broadcast.subscribe`
-  gives every subscriber an unbounded queue, filled by one listener task that awaits each
-  `put`, and two concurrent subscribes to a new channel lose one of them (it awaits the
-  backend before registering the queue). Bounding or serialising that needs `Broadcast`'s
-  private `_subscribers` and `_listener`. And the hub wants each read's messages handed over
-  from the read itself: broadcaster's two queue-and-task hops cost a tick ~45 µs of server CPU
+  gives every subscriber an unbounded queue, all filled by one listener task (were they
+  bounded, one full queue would stall every subscriber), and two concurrent subscribes to a
+  new channel lose one of them (it awaits the backend before registering the queue). Changing
+  either means overriding `Broadcast`'s private `_subscribers` and `_listener`, as the old
+  app/broker.py did. And the hub wants each read's messages handed over from the read itself:
+  broadcaster's two queue-and-task hops cost a tick ~45 µs of server CPU
   (`python -m bench.tickcost`, README Performance). So the backends hand messages to our
   fan-out; `Broadcast.subscribe` is not used, and `Broadcast`'s listener task waits on
   `next_published`, which our backends never complete, until disconnect cancels it.

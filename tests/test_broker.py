@@ -1,5 +1,6 @@
-"""The broker on a real redis-server of the test's own: delivery through broadcaster with the
-pinned redis-py, recovery from a Redis restart, bad payloads, concurrent subscribers."""
+"""The broker on a real redis-server of the test's own: delivery with the pinned redis-py,
+recovery from a Redis restart, bad payloads, concurrent subscribers, a reader that stalls;
+and the memory:// broker's bound."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_py
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from app.broker import Broker
@@ -20,8 +22,8 @@ pytestmark = pytest.mark.redis
 
 
 @contextlib.asynccontextmanager
-async def connected_with(url: str, **options: int) -> AsyncIterator[Broker]:
-    broker = Broker(url, **options)
+async def connected_with(url: str, **options: float) -> AsyncIterator[Broker]:
+    broker = Broker(url, **options)  # type: ignore[arg-type]
     await broker.connect()
     try:
         yield broker
@@ -41,85 +43,115 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[
         await asyncio.sleep(0.02)
 
 
+class Bursts:
+    """A burst sink that records what it got, and can be told to fail once."""
+
+    def __init__(self) -> None:
+        self.bursts: list[list[tuple[str, str]]] = []
+        self.fail_next = False
+
+    def __call__(self, messages: list[tuple[str, str]]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("sink bug")
+        self.bursts.append(messages)
+
+    @property
+    def messages(self) -> list[tuple[str, str]]:
+        return [m for burst in self.bursts for m in burst]
+
+    @property
+    def texts(self) -> list[str]:
+        return [message for _, message in self.messages]
+
+
+def reconnects() -> float:
+    return REGISTRY.get_sample_value("pricefeed_broker_reconnects_total") or 0.0
+
+
 async def test_a_published_message_arrives(redis) -> None:
     assert int(redis_py.__version__.split(".")[0]) >= 5
-    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
         await wait_until(lambda: broker.connected)
         await broker.publish("prices:AAPL", '{"hello": 1}')
-        assert await asyncio.wait_for(receive(), 5) == '{"hello": 1}'
+        await wait_until(lambda: sink.messages == [("prices:AAPL", '{"hello": 1}')])
 
 
 async def test_messages_from_another_process_arrive(redis) -> None:
-    async with connected(redis.url) as broker, broker.subscribe("prices:MSFT") as receive:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:MSFT"], sink):
         await wait_until(lambda: broker.connected)
         other = Redis.from_url(redis.url)
         await other.publish("prices:MSFT", "from elsewhere")
         await other.aclose()
-        assert await asyncio.wait_for(receive(), 5) == "from elsewhere"
+        await wait_until(lambda: sink.texts == ["from elsewhere"])
 
 
-async def test_two_concurrent_subscribers_to_a_new_channel_both_receive(redis) -> None:
+async def test_two_concurrent_subscribers_to_a_new_channel_both_receive_once(redis) -> None:
+    first, second = Bursts(), Bursts()
     async with connected(redis.url) as broker:
         async with contextlib.AsyncExitStack() as stack:
-            first, second = await asyncio.gather(
-                stack.enter_async_context(broker.subscribe("prices:NEW")),
-                stack.enter_async_context(broker.subscribe("prices:NEW")),
+            await asyncio.gather(
+                stack.enter_async_context(broker.subscribe_bursts(["prices:NEW"], first)),
+                stack.enter_async_context(broker.subscribe_bursts(["prices:NEW"], second)),
             )
             await wait_until(lambda: broker.connected)
             await broker.publish("prices:NEW", "both")
-            assert await asyncio.wait_for(first(), 5) == "both"
-            assert await asyncio.wait_for(second(), 5) == "both"
+            await broker.publish("prices:NEW", "then")
+            await wait_until(lambda: first.texts[-1:] == second.texts[-1:] == ["then"])
+            assert first.texts == second.texts == ["both", "then"]
 
 
-async def test_a_non_utf8_payload_is_dropped_and_delivery_goes_on(redis) -> None:
-    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+async def test_a_non_utf8_payload_is_dropped_and_delivery_goes_on(redis, caplog) -> None:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
         await wait_until(lambda: broker.connected)
         raw = Redis.from_url(redis.url)
         await raw.publish("prices:AAPL", b"\xff\xfe not utf-8")
         await raw.publish("prices:AAPL", "still here")
         await raw.aclose()
-        assert await asyncio.wait_for(receive(), 5) == "still here"
+        await wait_until(lambda: sink.texts == ["still here"])
+    assert "dropped a non-UTF-8 message" in caplog.text
 
 
 async def test_delivery_resumes_after_redis_restarts(redis) -> None:
-    reconnects = 0
-
-    def count() -> None:
-        nonlocal reconnects
-        reconnects += 1
-
-    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
-        broker.on_reconnect(count)
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
         await wait_until(lambda: broker.connected)
+        before = reconnects()
         await broker.publish("prices:AAPL", "before")
-        assert await asyncio.wait_for(receive(), 5) == "before"
+        await wait_until(lambda: sink.texts == ["before"])
 
         redis.kill()
         await wait_until(lambda: not broker.connected)
         redis.start()
-        await wait_until(lambda: broker.connected and reconnects == 1, timeout=15)
+        await wait_until(lambda: broker.connected and reconnects() == before + 1, timeout=15)
 
         await broker.publish("prices:AAPL", "after")
-        assert await asyncio.wait_for(receive(), 5) == "after"
+        await wait_until(lambda: sink.texts == ["before", "after"])
 
 
 async def test_broker_down_at_start_connects_when_redis_comes_up(redis) -> None:
     redis.kill()
-    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
         await asyncio.sleep(0.3)
         assert not broker.connected
         redis.start()
         await wait_until(lambda: broker.connected, timeout=15)
         await broker.publish("prices:AAPL", "late")
-        assert await asyncio.wait_for(receive(), 5) == "late"
+        await wait_until(lambda: sink.texts == ["late"])
 
 
 async def test_a_silent_redis_is_dropped_and_the_broker_reconnects(redis) -> None:
     """A Redis that stops answering without closing the socket (hung, or a network that
     drops packets): the broker pings, gives up, and resubscribes when Redis answers again."""
-    async with connected(redis.url) as broker, broker.subscribe("prices:AAPL") as receive:
-        backend = broker._backend
-        backend.ping_after, backend.dead_after = 0.2, 0.8  # type: ignore[union-attr]
+    sink = Bursts()
+    async with (
+        connected_with(redis.url, ping_after=0.2, dead_after=0.8) as broker,
+        broker.subscribe_bursts(["prices:AAPL"], sink),
+    ):
         await wait_until(lambda: broker.connected)
         redis.freeze()
         try:
@@ -128,47 +160,60 @@ async def test_a_silent_redis_is_dropped_and_the_broker_reconnects(redis) -> Non
             redis.thaw()
         await wait_until(lambda: broker.connected, timeout=10)
         await broker.publish("prices:AAPL", "awake")
-        assert await asyncio.wait_for(receive(), 5) == "awake"
+        await wait_until(lambda: sink.texts == ["awake"])
 
 
 async def test_a_password_in_the_url_authenticates_the_subscriber() -> None:
+    sink = Bursts()
     with redis_server(password="s3cret") as server:
         url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
-        async with connected(url) as broker, broker.subscribe("prices:AAPL") as receive:
+        async with connected(url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
             await wait_until(lambda: broker.connected)
             await broker.publish("prices:AAPL", "signed in")
-            assert await asyncio.wait_for(receive(), 5) == "signed in"
+            await wait_until(lambda: sink.texts == ["signed in"])
 
 
 async def test_a_wrong_password_keeps_the_broker_down_and_says_why(caplog) -> None:
     with redis_server(password="s3cret") as server:
         url = f"redis://:wrong@127.0.0.1:{server.port}/0"
-        async with connected(url) as broker, broker.subscribe("prices:AAPL"):
+        async with connected(url) as broker, broker.subscribe_bursts(["prices:AAPL"], Bursts()):
             await wait_until(lambda: "Redis refused AUTH" in caplog.text)
             assert not broker.connected
             assert "wrong" not in caplog.text  # the password itself is never logged
 
 
-async def test_a_reader_that_falls_behind_loses_nothing_and_memory_stays_bounded(redis) -> None:
-    """Nobody drains the broker while 200 messages arrive: its queues stop at their bound
-    (reading pauses, Redis holds the rest), then every message comes out, in order."""
-    async with (
-        connected_with(redis.url, queue_size=8) as broker,
-        broker.subscribe_many(["prices:AAPL"]) as receive,
-    ):
+async def test_a_reader_that_stalls_loses_nothing_and_redis_holds_the_rest(redis) -> None:
+    """The process stops reading (its loop is busy) while 200 messages arrive: none is lost,
+    they come out in order, and a read at a time: they waited in Redis and the socket, not in
+    a queue of ours (nothing sits between the read and the sink)."""
+    sink = Bursts()
+    async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
         await wait_until(lambda: broker.connected)
-        raw = Redis.from_url(redis.url)
+        blocking = redis_py.Redis.from_url(redis.url)
+        try:
+            for i in range(200):  # blocking calls: the loop cannot read meanwhile
+                blocking.publish("prices:AAPL", str(i))
+        finally:
+            blocking.close()
+        await wait_until(lambda: len(sink.messages) == 200)
+        assert sink.texts == [str(i) for i in range(200)]
+        assert len(sink.bursts) < 10  # read together, handed over together
+
+
+async def test_a_memory_broker_holds_at_most_its_queue_size_and_loses_nothing() -> None:
+    """A publisher faster than delivery: it waits once 8 messages wait (so no burst is
+    larger), and every message comes out once, in order."""
+    sink = Bursts()
+    async with (
+        connected_with("memory://", queue_size=8) as broker,
+        broker.subscribe_bursts(["prices:AAPL"], sink),
+    ):
         for i in range(200):
-            await raw.publish("prices:AAPL", str(i))
-        await raw.aclose()
-        await asyncio.sleep(0.3)
-        backend = broker._backend
-        assert backend._queue.qsize() <= 8  # type: ignore[union-attr]
-        assert len(backend._held) < 200  # type: ignore[union-attr]
-        got: list[str] = []
-        while len(got) < 200:
-            got += [message for _, message in await asyncio.wait_for(receive(), 5)]
-        assert got == [str(i) for i in range(200)]
+            await broker.publish("prices:AAPL", str(i))
+        await wait_until(lambda: len(sink.messages) == 200)
+        assert sink.texts == [str(i) for i in range(200)]
+        assert max(len(burst) for burst in sink.bursts) <= 8
+        assert len(sink.bursts) >= 200 // 8
 
 
 async def test_a_rediss_url_subscribes_over_tls_and_checks_the_certificate(
@@ -188,33 +233,16 @@ async def test_a_rediss_url_subscribes_over_tls_and_checks_the_certificate(
     tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
     with redis_server(args=(*tls, "--tls-auth-clients", "no")):
         trusted = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
-        async with connected(trusted) as broker, broker.subscribe("prices:AAPL") as receive:
+        sink = Bursts()
+        async with connected(trusted) as broker, broker.subscribe_bursts(["prices:AAPL"], sink):
             await wait_until(lambda: broker.connected)
             await broker.publish("prices:AAPL", "encrypted")
-            assert await asyncio.wait_for(receive(), 5) == "encrypted"
+            await wait_until(lambda: sink.texts == ["encrypted"])
 
         untrusted = f"rediss://127.0.0.1:{tls_port}/0"  # self-signed, and no CA given
-        async with connected(untrusted) as broker, broker.subscribe("prices:AAPL"):
+        async with connected(untrusted) as broker, broker.subscribe_bursts(["prices:A"], Bursts()):
             await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text)
             assert not broker.connected
-
-
-class Bursts:
-    """A burst sink that records what it got, and can be told to fail once."""
-
-    def __init__(self) -> None:
-        self.bursts: list[list[tuple[str, str]]] = []
-        self.fail_next = False
-
-    def __call__(self, messages: list[tuple[str, str]]) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise RuntimeError("sink bug")
-        self.bursts.append(messages)
-
-    @property
-    def messages(self) -> list[tuple[str, str]]:
-        return [m for burst in self.bursts for m in burst]
 
 
 async def test_a_burst_subscriber_gets_every_message_in_order_a_read_at_a_time(redis) -> None:
@@ -245,27 +273,40 @@ async def test_a_sink_cannot_take_a_channel_twice(redis) -> None:
                 pass
         await wait_until(lambda: broker.connected)
         await broker.publish("prices:A", "once")
-        await wait_until(lambda: sink.messages == [("prices:A", "once")])  # still subscribed
-        await asyncio.sleep(0.1)
-        assert sink.messages == [("prices:A", "once")]  # and not twice
+        await broker.publish("prices:A", "then")
+        await wait_until(lambda: sink.texts[-1:] == ["then"])  # still subscribed
+        assert sink.texts == ["once", "then"]  # and not twice
 
 
-async def test_a_burst_subscriber_and_a_queue_subscriber_share_a_channel(redis) -> None:
-    sink = Bursts()
+async def test_burst_subscribers_share_a_channel_until_the_last_one_leaves(redis) -> None:
+    first, second, third = Bursts(), Bursts(), Bursts()
+    raw = Redis.from_url(redis.url)
+
+    async def redis_subscribers() -> int:
+        return int((await raw.pubsub_numsub("prices:AAPL"))[0][1])
+
     async with connected(redis.url) as broker:
-        async with broker.subscribe_bursts(["prices:AAPL"], sink):
-            async with broker.subscribe("prices:AAPL") as receive:
+        async with broker.subscribe_bursts(["prices:AAPL"], first):
+            async with broker.subscribe_bursts(["prices:AAPL"], second):
                 await wait_until(lambda: broker.connected)
+                assert await redis_subscribers() == 1  # one subscription for both
                 await broker.publish("prices:AAPL", "both")
-                assert await asyncio.wait_for(receive(), 5) == "both"
-                await wait_until(lambda: sink.messages == [("prices:AAPL", "both")])
-            # the queue subscriber left; the channel stays subscribed for the sink
-            await broker.publish("prices:AAPL", "sink only")
-            await wait_until(lambda: sink.messages[-1] == ("prices:AAPL", "sink only"))
-        async with broker.subscribe("prices:AAPL") as receive:  # and the other way round
-            await broker.publish("prices:AAPL", "queue only")
-            assert await asyncio.wait_for(receive(), 5) == "queue only"
-        assert sink.messages[-1] == ("prices:AAPL", "sink only")
+                await wait_until(lambda: first.texts == second.texts == ["both"])
+            # the second left; the channel stays subscribed for the first
+            await broker.publish("prices:AAPL", "first only")
+            await wait_until(lambda: first.texts == ["both", "first only"])
+            assert second.texts == ["both"]  # same read: it would have it by now
+        # the last one left: Redis sends this process nothing more on the channel
+        for _ in range(250):
+            if await redis_subscribers() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await redis_subscribers() == 0
+        async with broker.subscribe_bursts(["prices:AAPL"], third):  # and back again
+            await broker.publish("prices:AAPL", "third")
+            await wait_until(lambda: third.texts == ["third"])
+        assert first.texts == ["both", "first only"]
+    await raw.aclose()
 
 
 async def test_a_burst_subscriber_survives_bad_payloads_its_own_failure_and_a_restart(

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.deps import AppState
@@ -156,6 +157,23 @@ class TestMetrics:
             after = await poll(client, "/metrics", lambda r: published(r) >= before + 10)
 
         assert published(after) >= before + 10
+
+    async def test_the_broker_gauge_agrees_with_readiness_on_a_memory_broker(
+        self, api: ApiFactory
+    ) -> None:
+        def broker_connected(response: httpx.Response) -> float:
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    if sample.name == "pricefeed_broker_connected":
+                        return float(sample.value)
+            raise AssertionError("pricefeed_broker_connected missing")
+
+        async with api() as client:  # BROADCAST_URL=memory://
+            assert (await client.get("/readyz")).json()["checks"]["broker"] == "ok"
+            assert broker_connected(await client.get("/metrics")) == 1.0
+
+        # and it was the broker that said so: shut down, it says 0
+        assert REGISTRY.get_sample_value("pricefeed_broker_connected") == 0.0
 
     async def test_needs_no_token_and_leaks_none(self, api: ApiFactory) -> None:
         secret = token()

@@ -1,0 +1,94 @@
+"""`Broker`: publish on named channels through broadcaster, subscribe through our fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from broadcaster import Broadcast
+
+from app.broker.backends import (
+    DEAD_AFTER_SECONDS,
+    IDLE_PING_SECONDS,
+    QUEUE_SIZE,
+    BoundedMemoryBackend,
+    ResilientRedisBackend,
+)
+from app.broker.fanout import BurstSink, Fanout
+
+
+def price_channel(symbol: str) -> str:
+    return f"prices:{symbol}"
+
+
+class Broker:
+    """Publish and subscribe on named channels. `url`: `redis://`, `rediss://` or `memory://`.
+
+    `queue_size` bounds memory://'s queue; `ping_after` and `dead_after` (seconds) are how
+    quiet a Redis subscription may be before it is pinged, and before it is dropped and
+    reopened."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        queue_size: int = QUEUE_SIZE,
+        ping_after: float = IDLE_PING_SECONDS,
+        dead_after: float = DEAD_AFTER_SECONDS,
+    ) -> None:
+        self.url = url
+        self._fanout = Fanout()
+        self._locks: dict[str, asyncio.Lock] = {}  # subscribes and unsubscribes, per channel
+        self._backend: ResilientRedisBackend | BoundedMemoryBackend
+        if url.startswith(("redis://", "rediss://")):
+            self._backend = ResilientRedisBackend(
+                url, self._fanout, ping_after=ping_after, dead_after=dead_after
+            )
+        elif url.startswith("memory://"):
+            self._backend = BoundedMemoryBackend(self._fanout, queue_size=queue_size)
+        else:
+            raise ValueError(f"unsupported BROADCAST_URL scheme: {url.split(':', 1)[0]}")
+        self._broadcast = Broadcast(backend=self._backend)
+
+    @property
+    def connected(self) -> bool:
+        """memory://: between connect and disconnect. Redis: while the subscription is live
+        (it opens once something subscribes)."""
+        return self._backend.connected
+
+    async def connect(self) -> None:
+        await self._broadcast.connect()
+
+    async def disconnect(self) -> None:
+        await self._broadcast.disconnect()
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._broadcast.publish(channel, message)
+
+    @asynccontextmanager
+    async def subscribe_bursts(self, channels: list[str], sink: BurstSink) -> AsyncIterator[None]:
+        """Call `sink` with every message on `channels`, as (channel, message) pairs in order,
+        a burst at a time: on Redis from the read that brought them (one read's worth), on
+        memory:// what waited in its queue. Entered, the subscription is in place: what is
+        published after it is delivered. `sink` must not block; what it raises is logged and
+        counted, and the subscription goes on. One sink takes a channel once (ValueError)."""
+        taken: list[str] = []
+        try:
+            for channel in channels:
+                # Serialised per channel: a second subscriber to a channel being subscribed
+                # returns only once the first's SUBSCRIBE is in place.
+                async with self._locks.setdefault(channel, asyncio.Lock()):
+                    # Registered before SUBSCRIBE: nothing Redis sends after it is missed.
+                    first = self._fanout.add(channel, sink)
+                    taken.append(channel)
+                    if first:
+                        await self._backend.subscribe(channel)
+            yield
+        finally:
+            # Unregistered at once, before any await (a second cancellation cannot leave it).
+            idle = [channel for channel in taken if self._fanout.remove(channel, sink)]
+            for channel in idle:
+                async with self._locks[channel]:
+                    if not self._fanout.takes(channel):
+                        await self._backend.unsubscribe(channel)

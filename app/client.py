@@ -9,6 +9,9 @@ reconnect, is logged on the `app.client` logger.
     PricefeedError
     ├── ApiError        a REST answer other than 2xx (`status`, `detail`)
     └── StreamRefused   a stream close that reconnecting cannot fix (`code`: 4403, 4404, 1008)
+
+Reconnects wait 0.5 s doubling to 15 s, jittered (app/backoff.py), and start over once a
+connection delivered a tick.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import asyncio
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +30,8 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from app.backoff import Backoff
 
 Tick = dict[str, Any]
 
@@ -62,12 +66,6 @@ class StreamRefused(PricefeedError):
 
 class _Retry(Exception):
     """The stream should be reopened (after a backoff)."""
-
-
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with jitter: 0.5 s doubling up to 15 s, each drawn from [½, 1]×."""
-    base = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0**attempt)
-    return base * (0.5 + random.random() / 2)
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -172,7 +170,7 @@ class PricefeedClient:
         wanted = list(dict.fromkeys(s.strip().upper() for s in symbols))
         ws_url = "ws" + self.base_url.removeprefix("http") + "/v1/ws"
         last: dict[str, int] = {}  # symbol → highest seq yielded
-        attempt = 0
+        backoff = Backoff(base=BACKOFF_FIRST_SECONDS, cap=BACKOFF_MAX_SECONDS)
         while True:
             try:
                 token = await self._current_token()
@@ -196,7 +194,7 @@ class PricefeedClient:
                                 for old in await self._refill(frame, last):
                                     yield old
                             if _admit(frame, last):
-                                attempt = 0
+                                backoff.reset()  # this connection worked
                                 yield frame
             except ConnectionClosed as exc:
                 code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
@@ -211,8 +209,7 @@ class PricefeedClient:
                 reason = str(exc)
             except (OSError, InvalidHandshake, httpx.TransportError, _Retry) as exc:
                 reason = str(exc) or type(exc).__name__
-            delay = backoff_delay(attempt)
-            attempt += 1
+            delay = backoff.next_delay()
             logger.warning("reconnecting in %.1fs: %s", delay, reason)
             await asyncio.sleep(delay)
 

@@ -1,5 +1,6 @@
 """app/client.py against a real uvicorn: `watch` reconnects with a backoff that starts over
-once a connection delivered ticks, and resumes without a gap."""
+once a connection delivered ticks, resumes without a gap, and raises StreamRefused carrying a
+CloseCode for what reconnecting cannot fix."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 
 from app import client as client_module
-from app.client import PricefeedClient
+from app.client import PricefeedClient, StreamRefused
 from app.errors import CloseCode
 from tests.support import LiveApp
 
@@ -50,3 +51,11 @@ async def test_each_reconnect_after_a_working_connection_waits_the_first_step(
     assert all(first / 2 <= d <= first for d in delays), delays
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "resumed without gap or repeat"
 
+
+async def test_an_unknown_symbol_is_refused_with_its_close_code(live: LiveFactory) -> None:
+    async with live() as server, PricefeedClient(server.http) as client:
+        with pytest.raises(StreamRefused) as refused:
+            async for _ in client.watch(["NOPE"]):
+                pass
+    assert refused.value.code is CloseCode.UNKNOWN_SYMBOL
+    assert "4404" in str(refused.value)

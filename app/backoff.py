@@ -8,6 +8,7 @@ while a delay never collapses to zero."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ class Backoff:
     `healthy_after` seconds before failing counts as a success first (`sleep(ran_for=…)`),
     so a task that fails once a day does not wait the cap."""
 
-    __slots__ = ("base", "cap", "factor", "healthy_after", "_attempt", "_random")
+    __slots__ = ("base", "cap", "factor", "healthy_after", "_attempt", "_step", "_random")
 
     def __init__(
         self,
@@ -30,13 +31,20 @@ class Backoff:
         healthy_after: float = 60.0,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        if not 0 < base <= cap or factor < 1:
-            raise ValueError("Backoff needs 0 < base <= cap and factor >= 1")
+        # Written so that NaN fails too; an infinite cap would one day sleep forever, and
+        # healthy_after <= 0 would reset before every delay (never growing).
+        if not (0 < base <= cap < math.inf and factor >= 1 and healthy_after > 0):
+            raise ValueError(
+                "Backoff needs 0 < base <= cap < inf, factor >= 1 and healthy_after > 0"
+            )
         self.base = base
         self.cap = cap
         self.factor = factor
         self.healthy_after = healthy_after
         self._attempt = 0
+        # The step itself, not base * factor**attempt: that power overflows (OverflowError)
+        # after ~1000 failures in a row, a few hours of a dependency being down.
+        self._step = base
         self._random = rng
 
     @property
@@ -46,12 +54,14 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempt = 0
+        self._step = self.base
 
     def next_delay(self, *, ran_for: float = 0.0) -> float:
         """The delay before the next attempt; counts this failure."""
         if ran_for >= self.healthy_after:
-            self._attempt = 0
-        step = min(self.cap, self.base * self.factor**self._attempt)
+            self.reset()
+        step = self._step
+        self._step = min(self.cap, step * self.factor)
         self._attempt += 1
         return step / 2 + self._random() * step / 2
 

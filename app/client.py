@@ -8,7 +8,11 @@ reconnect, is logged on the `app.client` logger.
 
     PricefeedError
     ├── ApiError        a REST answer other than 2xx (`status`, `detail`)
-    └── StreamRefused   a stream close that reconnecting cannot fix (`code`: 4403, 4404, 1008)
+    └── StreamRefused   a stream close that reconnecting cannot fix (`code`, a CloseCode:
+                        NOT_ENTITLED, UNKNOWN_SYMBOL, POLICY)
+
+Reconnects wait 0.5 s doubling to 15 s, jittered (app/backoff.py), and start over once a
+connection delivered a tick.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +32,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from app.backoff import Backoff
+from app.errors import CloseCode
+
 Tick = dict[str, Any]
 
 logger = logging.getLogger(__name__)
@@ -39,9 +45,14 @@ BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS = 0.5, 15.0
 REFRESH_AT = 0.8  # renew the token at this fraction of its lifetime
 RENEW_RETRY_SECONDS = 5.0
 HISTORY_LIMIT = 1000  # the most the history route returns at once
-_FINAL_CLOSE_CODES = frozenset({4403, 4404})  # reconnecting cannot change the answer
-_NEW_TOKEN_CLOSE_CODES = frozenset({4401, 4408})
-_REFUSED_ERRORS = {"unknown_symbol": 4404, "too_many_subscriptions": 1008}
+# Reconnecting cannot change the answer (keyed by the int a close carries).
+_FINAL_CLOSE_CODES = {c.value: c for c in (CloseCode.NOT_ENTITLED, CloseCode.UNKNOWN_SYMBOL)}
+_NEW_TOKEN_CLOSE_CODES = frozenset({CloseCode.BAD_TOKEN, CloseCode.TOKEN_EXPIRED})
+_REFUSED_ERRORS = {
+    "unknown_symbol": CloseCode.UNKNOWN_SYMBOL,
+    "too_many_subscriptions": CloseCode.POLICY,
+}
+_NO_CLOSE_FRAME = 1006  # RFC 6455: the connection dropped without a close; never sent
 
 
 class PricefeedError(Exception):
@@ -55,19 +66,13 @@ class ApiError(PricefeedError):
 
 
 class StreamRefused(PricefeedError):
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: CloseCode, reason: str) -> None:
         self.code, self.reason = code, reason
         super().__init__(f"stream closed with {code}: {reason or 'no reason given'}")
 
 
 class _Retry(Exception):
     """The stream should be reopened (after a backoff)."""
-
-
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with jitter: 0.5 s doubling up to 15 s, each drawn from [½, 1]×."""
-    base = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0**attempt)
-    return base * (0.5 + random.random() / 2)
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -172,7 +177,7 @@ class PricefeedClient:
         wanted = list(dict.fromkeys(s.strip().upper() for s in symbols))
         ws_url = "ws" + self.base_url.removeprefix("http") + "/v1/ws"
         last: dict[str, int] = {}  # symbol → highest seq yielded
-        attempt = 0
+        backoff = Backoff(base=BACKOFF_FIRST_SECONDS, cap=BACKOFF_MAX_SECONDS)
         while True:
             try:
                 token = await self._current_token()
@@ -196,12 +201,12 @@ class PricefeedClient:
                                 for old in await self._refill(frame, last):
                                     yield old
                             if _admit(frame, last):
-                                attempt = 0
+                                backoff.reset()  # this connection worked
                                 yield frame
             except ConnectionClosed as exc:
-                code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (_NO_CLOSE_FRAME, "")
                 if code in _FINAL_CLOSE_CODES:
-                    raise StreamRefused(code, why) from None
+                    raise StreamRefused(_FINAL_CLOSE_CODES[code], why) from None
                 if code in _NEW_TOKEN_CLOSE_CODES:
                     self._token = None
                 reason = f"closed {code}" + (f" ({why})" if why else "")
@@ -211,8 +216,7 @@ class PricefeedClient:
                 reason = str(exc)
             except (OSError, InvalidHandshake, httpx.TransportError, _Retry) as exc:
                 reason = str(exc) or type(exc).__name__
-            delay = backoff_delay(attempt)
-            attempt += 1
+            delay = backoff.next_delay()
             logger.warning("reconnecting in %.1fs: %s", delay, reason)
             await asyncio.sleep(delay)
 
@@ -241,7 +245,8 @@ class PricefeedClient:
         try:
             token = await self.fetch_token()
         except (httpx.HTTPError, PricefeedError) as exc:
-            # Keep streaming: the server closes with 4408 at expiry, and we reconnect then.
+            # Keep streaming: at expiry the server closes with CloseCode.TOKEN_EXPIRED, and we
+            # reconnect then.
             logger.warning(
                 "could not renew the token (%s); retrying in %.0fs", exc, RENEW_RETRY_SECONDS
             )

@@ -1,5 +1,9 @@
 """Background tasks that must not die silently: each is restarted with backoff, every
-failure is logged and counted, and a task that failed recently makes /readyz answer 503."""
+failure is logged and counted, and a task that failed recently makes /readyz answer 503.
+
+A task's restarts wait 0.5 s doubling to 10 s, jittered (app/backoff.py); one that ran for a
+minute before failing starts over from 0.5 s, so a task that fails once a day does not wait
+the cap."""
 
 from __future__ import annotations
 
@@ -9,22 +13,30 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app import metrics
+from app.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 _UNHEALTHY_FOR_SECONDS = 30.0
 
 
+def restart_backoff() -> Backoff:
+    """The default: 0.5 s doubling to 10 s, jittered; a run of a minute starts over."""
+    return Backoff(base=0.5, cap=10.0, healthy_after=60.0)
+
+
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, *, backoff: Callable[[], Backoff] = restart_backoff) -> None:
+        """`backoff` makes each task's restart delays (tests shorten them)."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, tuple[float, str]] = {}
+        self._new_backoff = backoff
 
     def spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         self._tasks[name] = asyncio.create_task(self._keep_running(name, factory), name=name)
 
     async def _keep_running(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        backoff = 0.5
+        backoff = self._new_backoff()
         while True:
             started = time.monotonic()
             try:
@@ -38,10 +50,7 @@ class Supervisor:
                 logger.exception("task %s failed; restarting it", name)
             metrics.TASK_FAILURES.labels(task=name).inc()
             self._failed_at[name] = (time.monotonic(), reason)
-            if time.monotonic() - started > 60:
-                backoff = 0.5
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            await backoff.sleep(ran_for=time.monotonic() - started)
 
     def unhealthy(self) -> dict[str, str]:
         """Tasks that failed within the last 30 seconds, with why."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.errors import CloseCode
 from tests.support import RedisServer, ServerProcess, Stream, open_stream, server_process, token
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -183,7 +184,7 @@ class TestShutdownAndLogs:
                 await many.recv_type("snapshot")
                 server.send_signal(signal.SIGTERM)
                 codes = await asyncio.gather(one.closed_with(10), many.closed_with(10))
-        assert [code for code, _ in codes] == [1001, 1001]
+        assert [code for code, _ in codes] == [CloseCode.GOING_AWAY, CloseCode.GOING_AWAY]
 
     async def test_no_token_reaches_the_logs(self, database_url: str, tmp_path: Path) -> None:
         server = server_process(

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.backoff import Backoff
 from app.broker import Broker, price_channel
 from app.config import Settings
 from app.feed.checkpoints import SeqCheckpoints
@@ -42,6 +43,7 @@ class Lease(Protocol):
 
 
 CHECKPOINT_SECONDS = 2.0
+RETRY_CAP_SECONDS = 5.0
 
 
 class LostLease(Exception):
@@ -76,24 +78,36 @@ class Producer:
         self.is_leader = False
 
     async def run(self) -> None:
-        backoff = 0.2
+        # Waiting for another instance's lease to lapse is polling, every renew_interval: a
+        # standby must take over within one lease, so that wait never grows. Failures back
+        # off (jittered, so a cluster that lost Redis together does not return together):
+        # Redis unreachable, and a leadership that ended early (a store that keeps failing
+        # would otherwise be retried every renew_interval for as long as it fails).
+        interval = self._lease.renew_interval
+        unreachable = Backoff(base=0.2, cap=RETRY_CAP_SECONDS)
+        lead_again = Backoff(base=interval, cap=max(interval, RETRY_CAP_SECONDS))
         while True:
             try:
                 acquired = await self._lease.acquire()
             except RedisError as exc:
-                logger.warning("producer: cannot reach Redis for the lease (%s)", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = unreachable.next_delay()
+                logger.warning(
+                    "producer: cannot reach Redis for the lease (%s); retrying in %.1fs",
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
                 continue
-            backoff = 0.2
+            unreachable.reset()
             if not acquired:
-                await asyncio.sleep(self._lease.renew_interval)
+                await asyncio.sleep(interval)
                 continue
             self.is_leader = True
             metrics.PRODUCER_LEADER.set(1)
             logger.info(
                 "producer: this instance leads; publishing %d symbols", len(self._instruments)
             )
+            led_from = time.monotonic()
             try:
                 await self._lead()
             except* (LostLease, NotLeader):
@@ -104,7 +118,7 @@ class Producer:
                 self.is_leader = False
                 metrics.PRODUCER_LEADER.set(0)
             await self._lease.release()
-            await asyncio.sleep(self._lease.renew_interval)
+            await lead_again.sleep(ran_for=time.monotonic() - led_from)
 
     async def _lead(self) -> None:
         await self._resume_from_store()

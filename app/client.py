@@ -45,8 +45,7 @@ BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS = 0.5, 15.0
 REFRESH_AT = 0.8  # renew the token at this fraction of its lifetime
 RENEW_RETRY_SECONDS = 5.0
 HISTORY_LIMIT = 1000  # the most the history route returns at once
-# Reconnecting cannot change the answer (keyed by the int a close carries).
-_FINAL_CLOSE_CODES = {c.value: c for c in (CloseCode.NOT_ENTITLED, CloseCode.UNKNOWN_SYMBOL)}
+_FINAL_CLOSE_CODES = frozenset({CloseCode.NOT_ENTITLED, CloseCode.UNKNOWN_SYMBOL})  # no retry helps
 _NEW_TOKEN_CLOSE_CODES = frozenset({CloseCode.BAD_TOKEN, CloseCode.TOKEN_EXPIRED})
 _REFUSED_ERRORS = {
     "unknown_symbol": CloseCode.UNKNOWN_SYMBOL,
@@ -206,7 +205,7 @@ class PricefeedClient:
             except ConnectionClosed as exc:
                 code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (_NO_CLOSE_FRAME, "")
                 if code in _FINAL_CLOSE_CODES:
-                    raise StreamRefused(_FINAL_CLOSE_CODES[code], why) from None
+                    raise StreamRefused(CloseCode(code), why) from None
                 if code in _NEW_TOKEN_CLOSE_CODES:
                     self._token = None
                 reason = f"closed {code}" + (f" ({why})" if why else "")

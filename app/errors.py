@@ -25,27 +25,36 @@ from redis.exceptions import RedisError
 class CloseCode(IntEnum):
     """Every code a pricefeed stream closes with; `meaning` says when, for clients and docs."""
 
-    meaning: str
+    GOING_AWAY = 1001
+    POLICY = 1008
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    TRY_LATER = 1013
+    BAD_TOKEN = 4401
+    NOT_ENTITLED = 4403
+    UNKNOWN_SYMBOL = 4404
+    TOKEN_EXPIRED = 4408
 
-    def __new__(cls, value: int, meaning: str) -> CloseCode:
-        member = int.__new__(cls, value)
-        member._value_ = value
-        member.meaning = meaning
-        return member
+    @property
+    def meaning(self) -> str:
+        return _CLOSE_MEANINGS[self]
 
-    GOING_AWAY = 1001, "server going away (deploy, shutdown): reconnect"
-    POLICY = 1008, (
+
+_CLOSE_MEANINGS = {
+    CloseCode.GOING_AWAY: "server going away (deploy, shutdown): reconnect",
+    CloseCode.POLICY: (
         "too many messages per second, too many connections for one token subject, a bad `since`"
-    )
-    TOO_BIG = 1009, "client frame too large (16 KiB by default)"
-    INTERNAL = 1011, "unexpected server error: reconnect"
-    TRY_LATER = 1013, (
+    ),
+    CloseCode.TOO_BIG: "client frame too large (16 KiB by default)",
+    CloseCode.INTERNAL: "unexpected server error: reconnect",
+    CloseCode.TRY_LATER: (
         "overloaded, or this client read too slowly (a send stuck 10 s): reconnect later"
-    )
-    BAD_TOKEN = 4401, "no token, bad token (also a bad token in an `auth` request)"
-    NOT_ENTITLED = 4403, "symbol not entitled"
-    UNKNOWN_SYMBOL = 4404, "unknown symbol (per-symbol route)"
-    TOKEN_EXPIRED = 4408, "token expired while connected"
+    ),
+    CloseCode.BAD_TOKEN: "no token, bad token (also a bad token in an `auth` request)",
+    CloseCode.NOT_ENTITLED: "symbol not entitled",
+    CloseCode.UNKNOWN_SYMBOL: "unknown symbol (per-symbol route)",
+    CloseCode.TOKEN_EXPIRED: "token expired while connected",
+}
 
 
 def close_code_table() -> str:

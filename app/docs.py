@@ -1,6 +1,7 @@
 """The API docs a newcomer opens: Swagger UI at `/docs`, ReDoc at `/redoc`, both from assets the
 app serves itself (app/static/docs/, see its README), so they work with no internet access:
-no CDN, no Google Fonts.
+no CDN, no Google Fonts. And the schema they render, with every error in the shape the
+handlers of app/errors.py answer.
 
 `create_app` builds FastAPI with `docs_url=None, redoc_url=None` and calls `install_docs(app)`.
 """
@@ -8,6 +9,7 @@ no CDN, no Google Fonts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import (
@@ -18,13 +20,15 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.errors import document_error_shapes
+
 ASSETS_DIR = Path(__file__).parent / "static" / "docs"
 ASSETS_URL = "/static/docs"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
 
 def install_docs(app: FastAPI) -> None:
-    """Serve `/docs`, `/redoc` and their assets."""
+    """Serve `/docs`, `/redoc` and their assets, and document the error shapes in the schema."""
     openapi_url = app.openapi_url or "/openapi.json"
     title = app.title
 
@@ -54,3 +58,12 @@ def install_docs(app: FastAPI) -> None:
             redoc_favicon_url=f"{ASSETS_URL}/favicon-32x32.png",
             with_google_fonts=False,
         )
+
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # built once, then served from FastAPI's cache
+            app.openapi_schema = document_error_shapes(build_schema())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented hook

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
@@ -53,6 +54,18 @@ async def open_db_session(
         yield session
 
 
+# The schema's `bearer` security scheme: the lock on each route that takes a token, and the
+# Authorize button of /docs. auto_error=False: a missing token is `verify_token`'s 401, in the
+# shape of every error, not FastAPI's 403.
+bearer_scheme = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="An access token from `POST /v1/auth/token`",
+    auto_error=False,
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
 def _bearer(conn: HTTPConnection) -> str | None:
     scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -72,10 +85,10 @@ def verify_token(state: AppState, token: str | None) -> Principal:
 
 
 def authenticate_rest(
-    conn: HTTPConnection, state: Annotated[AppState, Depends(read_app_state)]
+    state: Annotated[AppState, Depends(read_app_state)], bearer: BearerCredentials
 ) -> Principal:
-    """REST: `Authorization: Bearer <jwt>`."""
-    return verify_token(state, _bearer(conn))
+    """REST: `Authorization: Bearer <jwt>` (read as `_bearer` reads it)."""
+    return verify_token(state, bearer.credentials if bearer else None)
 
 
 def read_stream_token(conn: HTTPConnection) -> str | None:
@@ -84,9 +97,12 @@ def read_stream_token(conn: HTTPConnection) -> str | None:
 
 
 def authenticate_stream(
-    conn: HTTPConnection, state: Annotated[AppState, Depends(read_app_state)]
+    conn: HTTPConnection,
+    state: Annotated[AppState, Depends(read_app_state)],
+    bearer: BearerCredentials,
 ) -> Principal:
-    return verify_token(state, read_stream_token(conn))
+    """SSE: as `read_stream_token`; the header through the schema's bearer scheme."""
+    return verify_token(state, bearer.credentials if bearer else conn.query_params.get("token"))
 
 
 StateDep = Annotated[AppState, Depends(read_app_state)]

@@ -24,6 +24,7 @@ from app.broker import Broker
 from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
+from app.docs import install_docs
 from app.errors import close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
@@ -197,6 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=PROTOCOL_DOC,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs, from assets of our own
+        redoc_url=None,
         openapi_tags=[
             {"name": "auth", "description": "Access tokens"},
             {"name": "prices", "description": "REST snapshots"},
@@ -216,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
     )
     install_error_handlers(app)
+    install_docs(app)
     for router in (auth_router, prices_router, sse_router, ops_router, board_router):
         app.include_router(router)
     return app

@@ -43,15 +43,29 @@ class TestProdRefusesDevSecrets:
         with pytest.raises(ValidationError, match="JWT_SECRET"):
             settings(env="prod", jwt_secret=secret, demo_client_secret=GOOD_DEMO_SECRET)
 
-    def test_default_demo_client_secret_is_refused(self) -> None:
-        with pytest.raises(ValidationError, match="DEMO_CLIENT_SECRET"):
-            settings(env="prod", jwt_secret=GOOD_JWT_SECRET)
+    def test_a_strong_jwt_secret_alone_starts_prod(self) -> None:
+        """Prod seeds no demo client, so the demo secret's default opens nothing there."""
+        loaded = settings(env="prod", jwt_secret=GOOD_JWT_SECRET)
 
-    def test_explicit_default_demo_client_secret_is_refused(self) -> None:
-        with pytest.raises(ValidationError, match="DEMO_CLIENT_SECRET"):
-            settings(
-                env="prod", jwt_secret=GOOD_JWT_SECRET, demo_client_secret=DEV_DEMO_CLIENT_SECRET
-            )
+        assert (loaded.env, loaded.jwt_secret) == ("prod", GOOD_JWT_SECRET)
+        assert loaded.demo_client_secret == DEV_DEMO_CLIENT_SECRET
+
+    def test_the_default_demo_secret_given_explicitly_starts_prod(self) -> None:
+        loaded = settings(
+            env="prod", jwt_secret=GOOD_JWT_SECRET, demo_client_secret=DEV_DEMO_CLIENT_SECRET
+        )
+
+        assert loaded.env == "prod"
+
+    def test_jwt_secret_alone_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("ENV", "prod")
+        monkeypatch.setenv("JWT_SECRET", GOOD_JWT_SECRET)
+
+        assert settings().env == "prod"
+
+    def test_weak_jwt_secret_is_refused_whatever_the_demo_secret(self) -> None:
+        with pytest.raises(ValidationError, match="JWT_SECRET"):
+            settings(env="prod", jwt_secret="x" * 31)
 
     def test_refused_from_the_environment_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("ENV", "prod")

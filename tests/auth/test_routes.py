@@ -131,6 +131,17 @@ class TestIssueToken:
 
         assert response.status_code == 401
 
+    async def test_prod_starts_with_the_default_demo_secret_and_it_opens_nothing(
+        self, api: ApiFactory
+    ) -> None:
+        """ENV=prod with a strong JWT_SECRET alone: the demo client's secret is not asked for,
+        and its public default is no way in."""
+        async with api(env="prod") as client:
+            response = await client.post("/v1/auth/token", data=DEMO)
+
+        assert response.status_code == 401
+        assert response.json()["code"] == "unauthenticated"
+
 
 class TestAdminAddClient:
     async def test_new_client_gets_a_token_with_its_symbols(

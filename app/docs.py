@@ -1,0 +1,69 @@
+"""The API docs a newcomer opens: Swagger UI at `/docs`, ReDoc at `/redoc`, both from assets the
+app serves itself (app/static/docs/, see its README), so they work with no internet access:
+no CDN, no Google Fonts. And the schema they render, with every error in the shape the
+handlers of app/errors.py answer.
+
+`create_app` builds FastAPI with `docs_url=None, redoc_url=None` and calls `install_docs(app)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.errors import document_error_shapes
+
+ASSETS_DIR = Path(__file__).parent / "static" / "docs"
+ASSETS_URL = "/static/docs"
+OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
+
+
+def install_docs(app: FastAPI) -> None:
+    """Serve `/docs`, `/redoc` and their assets, and document the error shapes in the schema."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    title = app.title
+
+    app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def show_swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{title} - Swagger UI",
+            swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS_URL}/favicon-32x32.png",
+            oauth2_redirect_url=OAUTH2_REDIRECT_URL,
+        )
+
+    @app.get(OAUTH2_REDIRECT_URL, include_in_schema=False)
+    async def show_swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def show_redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{title} - ReDoc",
+            redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS_URL}/favicon-32x32.png",
+            with_google_fonts=False,
+        )
+
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # built once, then served from FastAPI's cache
+            app.openapi_schema = document_error_shapes(build_schema())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented hook

@@ -179,12 +179,12 @@ async def test_a_client_leaving_a_direct_lane_sees_its_connection_closed_at_once
                 if stream is not None and lane is not None and lane.is_direct(stream.outbox):
                     break
             assert lane is not None, "the stream was sent to directly"
-            hub = lane.hub
-            assert hub.direct_held == 1
+            lanes = lane.owner
+            assert lanes.direct_held == 1
             if how == "close handshake":
                 await asyncio.wait_for(client.conn.close(), 5)
             else:  # the client's end goes away without a close frame
                 client.conn.transport.write_eof()
             # The server's end closes (EOF reaches the client) without waiting for anything.
             await asyncio.wait_for(client.conn.wait_closed(), 5)
-            assert hub.direct_held == 0
+            assert lanes.direct_held == 0

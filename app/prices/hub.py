@@ -38,6 +38,8 @@ from app.prices.wire import text_frame
 
 
 class FanoutHub:
+    """Per symbol, the local streams subscribed to it; the sequencer and the lanes it wires."""
+
     def __init__(
         self,
         *,

@@ -120,7 +120,7 @@ class Lane:
         return outbox in self._fds
 
     def add(self, outbox: Outbox, transport: Transport, fd: int | None) -> None:
-        """(`Lanes.join` only.)"""
+        """A new member, sent to through `fd` when it has one (called by `Lanes.join` only)."""
         self.members[outbox] = transport
         if fd is not None:
             self.send_directly(outbox, fd)
@@ -137,7 +137,7 @@ class Lane:
         self.owner.direct_held += 1
 
     def remove(self, outbox: Outbox) -> None:
-        """(`Lanes.leave` only.)"""
+        """A member no more; its descriptor is closed (called by `Lanes.leave` only)."""
         del self.members[outbox]
         fd = self._fds.pop(outbox, None)
         if fd is not None:

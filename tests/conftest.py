@@ -37,7 +37,7 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture(scope="session", autouse=True)
 def open_file_limit() -> None:
     """As `python -m app` does: the soft open-file limit up to the hard one, so that the fan-out
-    has descriptors to spare for its direct sends (app/prices/hub.py: direct_limit)."""
+    has descriptors to spare for its direct sends (app/prices/lanes.py: direct_limit)."""
     raise_fd_limit()
 
 

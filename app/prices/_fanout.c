@@ -14,7 +14,7 @@
  * lane) is the caller's.
  *
  * Optional: without a C compiler the package installs without it and the hub writes in
- * Python (app/prices/hub.py).
+ * Python (app/prices/lanes.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -16,7 +16,8 @@ from app import metrics
 from app.deps import StateDep, authenticate_stream
 from app.errors import Forbidden, InvalidRequest, Unavailable
 from app.origins import origin_allowed
-from app.prices.hub import FanoutHub, Outbox
+from app.prices.hub import FanoutHub
+from app.prices.outbox import Outbox
 from app.prices.ticks import normalise_symbol
 from app.security import Principal
 

@@ -20,7 +20,8 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from app import metrics
 from app.errors import RateLimited, Unavailable
-from app.prices.hub import FanoutHub, Frame, Outbox
+from app.prices.hub import FanoutHub
+from app.prices.outbox import Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
 from app.ws_protocol import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY  # uvicorn's side uses it too

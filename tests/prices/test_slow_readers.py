@@ -14,8 +14,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.prices import hub as hub_module
-from app.prices.hub import DIRECT_WRITES_AVAILABLE, direct_limit
+from app.prices import lanes as lanes_module
+from app.prices.lanes import DIRECT_WRITES_AVAILABLE, direct_limit
 from app.prices.streams import WebSocketStream
 from tests.support import SEED_SYMBOLS, LiveApp, Stream, open_stream, token
 
@@ -167,7 +167,7 @@ async def test_a_client_leaving_a_direct_lane_sees_its_connection_closed_at_once
     """The lane's own descriptor must not keep a socket open once the client has gone: the
     protocol takes the connection off the lane as it closes, not the once-a-second sweep
     (turned off here)."""
-    monkeypatch.setattr(hub_module, "_SWEEP_SECONDS", 3600.0)
+    monkeypatch.setattr(lanes_module, "_SWEEP_SECONDS", 3600.0)
     async with live(feed_ticks_per_second=100, ws_max_connections=100) as server:
         async with open_stream(f"{server.ws}/v1/ws?token={token('leaver')}") as client:
             await client.send({"op": "subscribe", "symbols": SYMBOLS[:1]})
@@ -179,12 +179,12 @@ async def test_a_client_leaving_a_direct_lane_sees_its_connection_closed_at_once
                 if stream is not None and lane is not None and lane.is_direct(stream.outbox):
                     break
             assert lane is not None, "the stream was sent to directly"
-            hub = lane.hub
-            assert hub.direct_held == 1
+            lanes = lane.owner
+            assert lanes.direct_held == 1
             if how == "close handshake":
                 await asyncio.wait_for(client.conn.close(), 5)
             else:  # the client's end goes away without a close frame
                 client.conn.transport.write_eof()
             # The server's end closes (EOF reaches the client) without waiting for anything.
             await asyncio.wait_for(client.conn.wait_closed(), 5)
-            assert hub.direct_held == 0
+            assert lanes.direct_held == 0

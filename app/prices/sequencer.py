@@ -1,0 +1,235 @@
+"""Broker messages in, ticks out: each tick once, in seq order per symbol, with no silent gap.
+
+The broker hands `Sequencer.on_burst` every message of one read from Redis. The sequencer
+decodes them (a malformed message, or one on the wrong channel, is dropped and counted), skips
+those of a burst more than `max_lag_ms` older than their symbol's newest (the hub is behind:
+a `seq` jump the client sees, instead of latency that grows with the backlog), drops what it
+already passed on (a redelivery), and hands the rest, in order, to its `deliver` callback in
+one call per burst (FanoutHub.deliver, app/prices/hub.py, which writes them to the streams).
+
+A seq the broker skipped (a reconnect, a producer crash between store and publish) is a gap:
+the ticks before it go on, the sequencer refetches the missing ones from the store, where the
+producer wrote them first, and passes them on before the tick that revealed the gap. While
+that refetch awaits the store, later bursts wait in a bounded backlog behind it (the oldest
+leave when it overflows, and the jump they leave behind is refetched in turn). A refetch that
+fails leaves a visible `seq` jump.
+
+It owns `last_seq`, the newest seq passed on per symbol, and knows nothing of connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from app import metrics
+from app.broker import price_channel
+from app.prices.store import TickStore
+from app.prices.ticks import MalformedTick, Tick, decode_tick
+
+logger = logging.getLogger(__name__)
+
+_REPAIR_TIMEOUT_SECONDS = 2.0
+_BACKLOG_TICKS = 10_000  # ticks held while a gap is refetched; the oldest go first (refetched)
+
+
+class Sequencer:
+    """`deliver(ticks)`: called with each run of new ticks, in order (each seq above the last
+    passed on for its symbol); what it raises ends the run (see `start`)."""
+
+    def __init__(
+        self,
+        *,
+        store: TickStore,
+        retention: int,
+        deliver: Callable[[list[Tick]], None],
+        max_lag_ms: int = 50,
+    ) -> None:
+        self._store = store
+        self._retention = retention
+        self.deliver = deliver
+        self._max_lag_ms = max_lag_ms
+        self._last_seq: dict[str, int] = {}
+        self._channels: dict[str, str] = {}  # broker channel -> symbol, of what `start` took
+        # While a gap is refetched: the ticks that came after it, in order (None otherwise).
+        self._backlog: deque[Tick] | None = None
+        self._repair_task: asyncio.Task[None] | None = None
+        self._failed: asyncio.Future[None] | None = None
+
+    @property
+    def last_seq(self) -> Mapping[str, int]:
+        """The newest seq passed on (or skipped on purpose), per symbol."""
+        return self._last_seq
+
+    @property
+    def channels(self) -> list[str]:
+        """The broker channels of the symbols `start` took."""
+        return list(self._channels)
+
+    def start(self, symbols: list[str]) -> asyncio.Future[None]:
+        """Take bursts of `symbols`' channels from now on, until `stop`. The future fails with
+        whatever goes wrong in here (a failing `deliver`, a bug), and nothing more is taken;
+        a fresh `start` goes on from the seqs already passed on."""
+        self._channels = {price_channel(s): s for s in symbols}
+        self._backlog = None
+        self._failed = asyncio.get_running_loop().create_future()
+        return self._failed
+
+    def stop(self) -> None:
+        self._failed = None
+        if self._repair_task is not None:
+            self._repair_task.cancel()
+            self._repair_task = None
+
+    def on_burst(self, messages: list[tuple[str, str]]) -> None:
+        """Every message (channel, text) of one read from the broker."""
+        failed = self._failed
+        if failed is None or failed.done():
+            return
+        try:
+            ticks = self._decode(messages, self._channels)
+            if self._backlog is not None:  # a refetch is running: these go after it
+                self._hold(ticks)
+            elif ticks and (rest := self._pass_on(ticks)):
+                self._backlog = deque(maxlen=_BACKLOG_TICKS)
+                self._hold(rest)
+                self._repair_task = asyncio.get_running_loop().create_task(
+                    self._refetch_then_resume(), name="hub-repair"
+                )
+        except Exception as exc:  # noqa: BLE001 - handed to `start`'s future, which raises it
+            failed.set_exception(exc)
+
+    @staticmethod
+    def _decode(messages: list[tuple[str, str]], channels: dict[str, str]) -> list[Tick]:
+        ticks = []
+        for channel, text in messages:
+            try:
+                tick = decode_tick(text)
+            except MalformedTick as exc:
+                metrics.BROKER_DROPPED.labels(reason="malformed").inc()
+                logger.warning("hub: dropped a malformed message on %s: %s", channel, exc)
+                continue
+            if tick.symbol != channels.get(channel):
+                metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
+                continue
+            ticks.append(tick)
+        return ticks
+
+    def _pass_on(self, ticks: list[Tick]) -> list[Tick]:
+        """Deliver a burst, in order, up to its first broker gap; return the ticks from that
+        gap on (empty: no gap), which must wait for the gap's refetch."""
+        if len(ticks) > 1:
+            ticks = self._skip_stale(ticks)
+            if not ticks:
+                return ticks
+        metrics.FANOUT_LAG.observe(max(time.time() - ticks[0].ts / 1000, 0.0))
+        run: list[Tick] = []
+        last_seq = self._last_seq
+        try:
+            for i, tick in enumerate(ticks):  # `_take`, inline: this loop runs for every tick
+                symbol = tick.symbol
+                last = last_seq.get(symbol)
+                if last is not None:
+                    if tick.seq > last + 1:
+                        return ticks[i:]  # what came before the gap goes now (finally)
+                    if tick.seq <= last:
+                        continue  # passed on already: a redelivery
+                last_seq[symbol] = tick.seq
+                run.append(tick)
+            return []
+        finally:
+            if run:
+                self._hand_on(run)
+
+    def _take(self, tick: Tick, run: list[Tick]) -> None:
+        """Add `tick` to `run` unless it was passed on already (a redelivery, or a refetch that
+        raced the live tick)."""
+        symbol = tick.symbol
+        last = self._last_seq.get(symbol)
+        if last is None or tick.seq > last:
+            self._last_seq[symbol] = tick.seq
+            run.append(tick)
+
+    def _hand_on(self, run: list[Tick]) -> None:
+        metrics.TICKS_RECEIVED.inc(len(run))
+        self.deliver(run)
+
+    def _skip_stale(self, ticks: list[Tick]) -> list[Tick]:
+        """When the hub is behind, a burst holds several ticks of a symbol: pass on only those
+        within `max_lag_ms` of its newest. Clients see a `seq` jump, and latency stays bounded
+        instead of growing with the backlog."""
+        newest: dict[str, int] = {}
+        for tick in ticks:
+            if tick.ts > newest.get(tick.symbol, -1):
+                newest[tick.symbol] = tick.ts
+        kept: list[Tick] = []
+        for tick in ticks:
+            if newest[tick.symbol] - tick.ts <= self._max_lag_ms:
+                kept.append(tick)
+            elif tick.seq > self._last_seq.get(tick.symbol, -1):
+                self._last_seq[tick.symbol] = tick.seq  # skipped on purpose: not a gap to repair
+        if len(kept) < len(ticks):
+            metrics.HUB_SKIPPED.inc(len(ticks) - len(kept))
+        return kept
+
+    def _hold(self, ticks: list[Tick]) -> None:
+        backlog = self._backlog
+        assert backlog is not None
+        overflow = len(backlog) + len(ticks) - _BACKLOG_TICKS
+        if overflow > 0:  # the oldest leave; the seq jump they leave behind is refetched too
+            metrics.HUB_BACKLOG_DROPPED.inc(overflow)
+        backlog.extend(ticks)
+
+    async def _refetch_then_resume(self) -> None:
+        """Refetch the gap at the head of the backlog from the store (a failed refetch leaves
+        a visible `seq` jump), then pass what waited behind it on as one burst (stale ticks
+        skipped, as when the hub is behind) up to its next gap; until the backlog is empty.
+        Then bursts are passed on as they come again."""
+        backlog = self._backlog
+        assert backlog is not None
+        try:
+            while backlog:
+                run: list[Tick] = []
+                tick = backlog.popleft()
+                try:
+                    last = self._last_seq.get(tick.symbol)
+                    if last is not None and tick.seq > last + 1:
+                        await self._repair_gap(tick.symbol, last, tick.seq, run)
+                    self._take(tick, run)  # refetched or not: no retry loop
+                finally:
+                    if run:
+                        self._hand_on(run)
+                if backlog:
+                    waiting = list(backlog)
+                    backlog.clear()
+                    backlog.extend(self._pass_on(waiting))
+        except Exception as exc:  # noqa: BLE001 - handed to `start`'s future, which raises it
+            if self._failed is not None and not self._failed.done():
+                self._failed.set_exception(exc)
+        finally:
+            if self._backlog is backlog:
+                self._backlog = None
+                self._repair_task = None
+
+    async def _repair_gap(self, symbol: str, last: int, upto: int, run: list[Tick]) -> None:
+        """The broker skipped seqs after `last`, up to `upto`: refetch them from the store,
+        where the producer wrote them first, onto `run`."""
+        try:
+            missing = await asyncio.wait_for(
+                self._store.read_history(
+                    symbol, since=last, limit=min(upto - last - 1, self._retention)
+                ),
+                _REPAIR_TIMEOUT_SECONDS,
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed repair leaves a visible seq jump
+            logger.warning(
+                "hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc
+            )
+            return
+        for tick in missing:
+            if tick.seq < upto:
+                metrics.GAPS_REPAIRED.inc()
+                self._take(tick, run)

@@ -1,0 +1,328 @@
+"""The sequencer: which ticks go on, in what order. Alone (no broker, no connection: bursts in,
+runs of ticks out), then through a hub and its broker, as a stream sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+from prometheus_client import REGISTRY
+
+from app.broker import Broker, price_channel
+from app.prices.hub import FanoutHub
+from app.prices.outbox import Outbox
+from app.prices.sequencer import Sequencer
+from app.prices.store import MemoryTickStore
+from app.prices.ticks import Tick, encode_tick
+from tests.prices.fanout_support import SlowStore, published, received, tick
+
+
+def at(symbol: str, seq: int, ts: int) -> Tick:
+    return encode_tick(
+        symbol=symbol,
+        price=Decimal("1.0000"),
+        ts=ts,
+        seq=seq,
+        bid=Decimal(1),
+        ask=Decimal(1),
+        volume=Decimal(1),
+    )
+
+
+def message(t: Tick) -> tuple[str, str]:
+    """What the broker hands over for `t`: its channel and its text."""
+    return price_channel(t.symbol), t.frame
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Runs:
+    """A sequencer's `deliver`: every run it was handed."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+
+    def __call__(self, ticks: list[Tick]) -> None:
+        self.runs.append([t.seq for t in ticks])
+
+    @property
+    def seqs(self) -> list[int]:
+        return [seq for run in self.runs for seq in run]
+
+    async def until(self, last: int) -> list[int]:
+        for _ in range(300):
+            if self.seqs and self.seqs[-1] == last:
+                break
+            await asyncio.sleep(0.01)
+        return self.seqs
+
+
+class FailingStore(MemoryTickStore):
+    async def read_history(self, symbol: str, *, since: int | None, limit: int) -> list[Tick]:
+        raise ConnectionError("store down")
+
+
+@contextlib.asynccontextmanager
+async def started(
+    store: MemoryTickStore, *symbols: str, max_lag_ms: int = 50
+) -> AsyncIterator[tuple[Sequencer, Runs, asyncio.Future[None]]]:
+    runs = Runs()
+    sequencer = Sequencer(store=store, retention=1000, deliver=runs, max_lag_ms=max_lag_ms)
+    failed = sequencer.start(list(symbols))
+    try:
+        yield sequencer, runs, failed
+    finally:
+        sequencer.stop()
+
+
+async def stored(store: MemoryTickStore, seqs: range, symbol: str = "MSFT") -> list[Tick]:
+    ticks = [tick(symbol, seq) for seq in seqs]
+    for t in ticks:
+        await store.append(t, {}, fence=None)
+    return ticks
+
+
+class TestSequencer:
+    """No broker, no connection: bursts in, runs of ticks out."""
+
+    async def test_a_gap_is_refetched_and_passed_on_in_order_before_what_follows(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 11))
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            sequencer.on_burst([message(t) for t in ticks[:3]])
+            sequencer.on_burst([message(t) for t in ticks[6:8]])  # 4, 5, 6 lost
+            sequencer.on_burst([message(t) for t in ticks[8:]])  # while the refetch runs
+            assert await runs.until(10) == list(range(1, 11))
+            assert runs.runs[0] == [1, 2, 3], "what came before the gap went at once"
+            assert runs.runs[1] == [4, 5, 6, 7], "the refetched ticks, then the one at the gap"
+
+    async def test_a_redelivered_tick_is_passed_on_once(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 4))
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            sequencer.on_burst([message(t) for t in ticks[:2]])
+            sequencer.on_burst([message(t) for t in ticks[1:]])
+            assert runs.runs == [[1, 2], [3]]
+
+    async def test_stale_ticks_of_a_burst_are_skipped_and_not_refetched(self) -> None:
+        store = SlowStore(retention=1000, candles_kept=10)
+        skipped = counter("pricefeed_hub_ticks_skipped_total")
+        async with started(store, "TSLA", max_lag_ms=50) as (sequencer, runs, _):
+            sequencer.on_burst([message(at("TSLA", 1, 1_000))])
+            # One burst: 10 ticks 20 ms apart by their ts; only those within 50 ms of the newest
+            sequencer.on_burst([message(at("TSLA", seq, 1_000 + 20 * seq)) for seq in range(2, 12)])
+            sequencer.on_burst([message(at("TSLA", 12, 1_240))])  # no gap after the skip
+            assert runs.runs == [[1], [9, 10, 11], [12]]
+            assert store.history_reads == 0, "a skip is no gap to repair"
+        assert counter("pricefeed_hub_ticks_skipped_total") == skipped + 7
+
+    async def test_a_backlog_past_its_bound_is_counted_and_refetched(self, monkeypatch) -> None:
+        monkeypatch.setattr("app.prices.sequencer._BACKLOG_TICKS", 5)
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 41))
+        dropped = counter("pricefeed_hub_backlog_dropped_total")
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            sequencer.on_burst([message(ticks[0])])  # 2 is lost
+            for t in ticks[2:]:  # 3..40, each its own burst, before the refetch runs
+                sequencer.on_burst([message(t)])
+            # 3..40 waited behind the gap; the backlog keeps 5, so 33 fell out of it.
+            assert counter("pricefeed_hub_backlog_dropped_total") == dropped + 33
+            assert await runs.until(40) == list(range(1, 41)), "what fell out is refetched"
+
+    async def test_a_malformed_message_is_dropped_and_counted(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        malformed = counter("pricefeed_broker_dropped_total", reason="malformed")
+        misplaced = counter("pricefeed_broker_dropped_total", reason="wrong_channel")
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            channel = price_channel("MSFT")
+            sequencer.on_burst(
+                [
+                    (channel, "not a tick"),
+                    (channel, '{"type":"tick","symbol":"MSFT"}'),
+                    (channel, tick("AAPL", 1).frame),  # a tick, on another symbol's channel
+                    message(tick("MSFT", 1)),
+                ]
+            )
+            assert runs.runs == [[1]]
+        assert counter("pricefeed_broker_dropped_total", reason="malformed") == malformed + 2
+        assert counter("pricefeed_broker_dropped_total", reason="wrong_channel") == misplaced + 1
+
+    async def test_a_failed_refetch_leaves_a_visible_jump_and_goes_on(self) -> None:
+        store = FailingStore(retention=1000, candles_kept=10)
+        async with started(store, "MSFT") as (sequencer, runs, failed):
+            sequencer.on_burst([message(tick("MSFT", 1))])
+            sequencer.on_burst([message(tick("MSFT", 5))])
+            sequencer.on_burst([message(tick("MSFT", 6))])
+            assert await runs.until(6) == [1, 5, 6]
+            assert not failed.done()
+
+    async def test_a_failing_deliver_ends_the_run_with_its_error(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        async with started(store, "MSFT") as (sequencer, runs, failed):
+            sequencer.deliver = lambda ticks: 1 / 0  # type: ignore[assignment,misc]
+            sequencer.on_burst([message(tick("MSFT", 1))])
+            with pytest.raises(ZeroDivisionError):
+                await failed
+            sequencer.deliver = runs
+            sequencer.on_burst([message(tick("MSFT", 2))])
+            assert runs.runs == [], "nothing more is taken once it failed"
+
+
+class TestSequencingThroughTheHub:
+    async def test_gap_in_the_broker_is_refetched_from_the_store(self) -> None:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
+        try:
+            outbox = Outbox(limit=64, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await asyncio.sleep(0.05)
+            for seq in range(1, 11):
+                t = tick("MSFT", seq)
+                await store.append(t, {}, fence=None)
+                if seq not in (4, 5, 6):  # the broker lost these three
+                    await broker.publish(price_channel("MSFT"), t.frame)
+            seqs: list[int] = []
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                seqs += [f.seq for f in outbox.drain()]
+                if seqs and seqs[-1] == 10:
+                    break
+            assert seqs == list(range(1, 11))
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+    async def test_a_backlog_is_skipped_to_its_newest_ticks_without_refetching(self) -> None:
+        """Behind by a burst: ticks older than max_lag_ms vs the newest are skipped (a seq jump
+        the client sees), and the hub does not refetch them as if they were a broker gap."""
+        broker = Broker("memory://")
+        await broker.connect()
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
+        outbox = Outbox(limit=64, on_queued=lambda: None)
+        first = tick("TSLA", 1)
+        await store.append(first, {}, fence=None)
+        await hub.attach(outbox, "TSLA", since=None)  # snapshot: seq 1
+        consumer = asyncio.create_task(hub.consume(["TSLA"]))
+        try:
+            await asyncio.sleep(0.05)
+            for seq in range(2, 12):  # one burst: 10 ticks, 20 ms apart by their ts
+                t = encode_tick(
+                    symbol="TSLA",
+                    price=Decimal("245.0000"),
+                    ts=1_764_300_000_000 + seq * 20,
+                    seq=seq,
+                    bid=Decimal("244.9900"),
+                    ask=Decimal("245.0100"),
+                    volume=Decimal(1),
+                )
+                await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("TSLA"), t.frame)
+            seqs: list[int] = []
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                seqs += [f.seq for f in outbox.drain()]
+                if seqs and seqs[-1] == 11:
+                    break
+            assert seqs == [1, 9, 10, 11]
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+
+class TestRefetch:
+    """While a broker gap is refetched from the store, later ticks wait behind it."""
+
+    @contextlib.asynccontextmanager
+    async def hub(self) -> AsyncIterator[tuple[FanoutHub, Broker, SlowStore]]:
+        broker = Broker("memory://")
+        await broker.connect()
+        store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
+        hub = FanoutHub(broker=broker, store=store, retention=1000)
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
+        try:
+            await asyncio.sleep(0.05)
+            yield hub, broker, store
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()
+
+    async def test_ticks_that_arrive_during_a_refetch_follow_it_in_order(self) -> None:
+        async with self.hub() as (hub, broker, store):
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await published(broker, store, [1, 2, 3])
+            for seq in (4, 5):  # the broker lost these
+                await store.append(tick("MSFT", seq), {}, fence=None)
+            for seq in range(6, 31):  # and these come while the refetch waits on the store
+                await published(broker, store, [seq])
+                await asyncio.sleep(0.005)
+            assert await received(outbox, 30) == list(range(1, 31))
+            assert store.history_reads == 1  # one refetch for the one gap, not one per tick
+
+    async def test_a_backlog_past_its_bound_is_refetched_too(self, monkeypatch) -> None:
+        monkeypatch.setattr("app.prices.sequencer._BACKLOG_TICKS", 5)
+        dropped = REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0.0
+        async with self.hub() as (hub, broker, store):
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+            await published(broker, store, [1])
+            await store.append(tick("MSFT", 2), {}, fence=None)  # lost by the broker
+            await published(broker, store, range(3, 41))  # 38 more during the refetch
+            assert await received(outbox, 40) == list(range(1, 41))
+        assert (REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0) > dropped
+
+    async def test_ticks_gone_stale_during_a_refetch_are_skipped(self) -> None:
+        """Behind by a refetch: what waited behind the gap goes out as one burst, so ticks
+        more than max_lag_ms older than their symbol's newest are skipped (a seq jump)."""
+        broker = Broker("memory://")
+        await broker.connect()
+        store = SlowStore(retention=1000, candles_kept=10)
+        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
+        consumer = asyncio.create_task(hub.consume(["MSFT"]))
+        try:
+            await asyncio.sleep(0.05)
+            outbox = Outbox(limit=256, on_queued=lambda: None)
+            await hub.attach(outbox, "MSFT", since=None)
+
+            def at(seq: int, ts: int) -> Tick:
+                return encode_tick(
+                    symbol="MSFT",
+                    price=Decimal("1.0000"),
+                    ts=ts,
+                    seq=seq,
+                    bid=Decimal(1),
+                    ask=Decimal(1),
+                    volume=Decimal(1),
+                )
+
+            start = int(time.time() * 1000)
+            for seq, ts in ((1, start), (2, start + 1)):
+                await store.append(at(seq, ts), {}, fence=None)
+            await broker.publish(price_channel("MSFT"), at(1, start).frame)  # 2 is lost
+            await asyncio.sleep(0.02)
+            for seq in range(3, 23):  # 10 ms apart by their ts, during the 0.1 s refetch
+                t = at(seq, start + 10 * seq)
+                await store.append(t, {}, fence=None)
+                await broker.publish(price_channel("MSFT"), t.frame)
+                await asyncio.sleep(0.001)  # each its own burst
+            seqs = await received(outbox, 22)
+            assert seqs[:3] == [1, 2, 3]  # the refetched tick, and the one at the gap
+            assert seqs[-6:] == [17, 18, 19, 20, 21, 22]  # within 50 ms of the newest
+            assert len(seqs) == 9  # 4..16 skipped
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await broker.disconnect()

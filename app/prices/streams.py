@@ -1,6 +1,6 @@
 """Open streams on this instance: admission limits, the per-connection writer, and closing.
 
-A WebSocket stream owns an `Outbox` (app/prices/hub.py); its writer drains it, batches when
+A WebSocket stream owns an `Outbox` (app/prices/outbox.py); its writer drains it, batches when
 the client asked for it, sends heartbeats when idle, closes with 4408 the moment the token
 expires (before sending anything more), and with 1013 when a send stays stuck.
 """

@@ -13,7 +13,7 @@ import uvloop
 from fastapi import FastAPI
 
 from app.main import create_app
-from app.server import raise_fd_limit
+from app.server.run import raise_fd_limit
 from tests.support import (
     LiveApp,
     RedisServer,

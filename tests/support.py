@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.config import Settings
 from app.security import TokenSigner
+from app.server import guard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,7 @@ async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp
             app,
             host="127.0.0.1",
             port=port,
-            ws=settings.uvicorn_ws,
+            ws=guard.resolve(settings).ws,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
             log_level="warning",

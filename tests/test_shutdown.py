@@ -11,7 +11,8 @@ from types import FrameType
 import pytest
 
 from app import shutdown
-from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
+from app.errors import CloseCode
+from app.prices.streams import StreamRegistry
 
 
 class SlowToClose:
@@ -60,7 +61,7 @@ async def test_uvicorn_hears_of_the_signal_only_once_the_closes_are_sent(
     with shutdown.close_streams_on_exit_signal(registry_with(stream)):
         signal.raise_signal(signal.SIGTERM)
         await settle()
-        assert stream.closed_with == CLOSE_GOING_AWAY
+        assert stream.closed_with == CloseCode.GOING_AWAY
         assert uvicorn_handler == [], "uvicorn would close the streams with 1012 now"
         stream.may_finish.set()
         await settle()

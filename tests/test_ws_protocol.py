@@ -1,4 +1,4 @@
-"""The WebSocket protocol pricefeed runs under uvicorn (app/ws_protocol.py): against a real
+"""The WebSocket protocol pricefeed runs under uvicorn (app/server/protocol.py): against a real
 server, what it changes must not change what a client sees; in process, its hooks take a
 connection off the hub's direct sends before uvicorn acts on its end."""
 
@@ -15,7 +15,8 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from app.ws_protocol import EXTENSION, PricefeedWebSocketProtocol
+from app.frames import EXTENSION
+from app.server.protocol import PricefeedWebSocketProtocol
 from tests.support import Stream, open_stream, token
 
 

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 from app import metrics
 from app.broker import Broker, price_channel
+from app.frames import FrameWriter, Transport
 from app.prices.store import TickStore
 from app.prices.ticks import MalformedTick, Tick, as_snapshot, decode_tick
 from app.prices.wire import text_frame
-from app.ws_protocol import FrameWriter, Transport
 
 send_all: Callable[[array[int], bytes, array[int]], None] | None
 try:  # the lanes' send loop in C; optional (a build without a compiler writes in Python)

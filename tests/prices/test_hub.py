@@ -21,7 +21,7 @@ from app.prices.hub import DIRECT_WRITES_AVAILABLE, FanoutHub, Outbox, direct_li
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
-from app.ws_protocol import HIGH_WATER_BYTES, FrameWriter, WatchedTransport
+from app.server.protocol import HIGH_WATER_BYTES, SocketFrameWriter, WatchedTransport
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -504,13 +504,13 @@ def tick_seqs(frames: list[Any]) -> list[int]:
 
 
 class FakeProtocol:
-    """What FrameWriter reads of uvicorn's protocol."""
+    """What SocketFrameWriter reads of uvicorn's protocol."""
 
     def __init__(self, pause_at: int | None = None) -> None:
         self.close_sent = False
         self.disconnected = False
         self.transport = self.raw_transport = FakeTransport(self, pause_at)
-        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+        self.writer = SocketFrameWriter(self)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
         self.writer.blocked()
@@ -707,14 +707,14 @@ class TestLanes:
 
 
 class SocketProtocol(asyncio.Protocol):
-    """The server end of a real loopback connection, as FrameWriter sees uvicorn's protocol:
+    """The server end of a real loopback connection, as SocketFrameWriter sees uvicorn's protocol:
     its transport pauses at the high-water mark and calls `pause_writing`."""
 
     def __init__(self, *, hooks: bool = True) -> None:
         self.close_sent = False
         self.disconnected = False
         self.hooks = hooks  # False: closes reach the hub only through its lane sweep
-        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+        self.writer = SocketFrameWriter(self)  # type: ignore[arg-type]
         self.transport: asyncio.Transport
         self.raw_transport: asyncio.Transport
 

@@ -1,6 +1,6 @@
-"""Run the service under uvicorn with every setting applied: WebSocket implementation,
-frame size limit, compression, workers, log redaction; and, with Redis, the producer in a
-process of its own.
+"""Run the service under uvicorn with every setting applied: WebSocket implementation (as
+app/server/guard.py resolves it), frame size limit, compression, workers, log redaction; and,
+with Redis, the producer in a process of its own.
 
 The producer must not share its fate with the fan-out: in the same event loop, a burst of
 client work would delay ticks. So with `BROADCAST_URL=redis://…` and `PRODUCER=on`, this
@@ -23,9 +23,9 @@ import uvicorn
 from app.config import Settings, get_settings
 from app.feed.leader import instance_name
 from app.logs import logging_config
+from app.server import guard
 
 logger = logging.getLogger("app.server")
-
 
 class ProducerProcess:
     """`python -m app.feed`, kept running until `stop()`."""
@@ -88,6 +88,13 @@ def main() -> None:
     settings = get_settings()
     logging.config.dictConfig(logging_config(settings.log_level))
     raise_fd_limit()
+    serving = guard.resolve(settings)
+    if serving.fell_back:
+        # The workers (this process too, importing app.main) read the settings again: they
+        # start on the stock protocol without checking (and warning) once more each.
+        os.environ["WS_IMPL"] = serving.settings.ws_impl
+        os.environ["FANOUT_DIRECT_WRITES"] = "false"
+        get_settings.cache_clear()
     producer: ProducerProcess | None = None
     if _separate_producer(settings):
         # One name for the workers and their producer: /readyz reports whether it leads.
@@ -102,7 +109,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            ws=settings.uvicorn_ws,
+            ws=serving.ws,
             loop=settings.event_loop,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
@@ -87,6 +88,25 @@ def migrate(database_url: str) -> None:
 
 
 # ---------------------------------------------------------------- in-process servers
+
+# The servers a stream test runs against, as uvicorn's own tests run over every protocol class
+# (the `live` fixture reads both values): pricefeed's protocol (WS_IMPL=fast) with the hub's
+# direct socket writes on and off, and uvicorn's stock websockets-sansio protocol (what the
+# version guard falls back to). The stock protocol offers no frame writer, so every frame is an
+# ASGI send and FANOUT_DIRECT_WRITES has nothing to act on: on and off are the same run there.
+SERVER_VARIANTS = pytest.mark.parametrize(
+    ("ws_impl", "fanout_direct_writes"),
+    [
+        pytest.param("fast", True, id="fast-direct-on"),
+        pytest.param("fast", False, id="fast-direct-off"),
+        pytest.param("websockets-sansio", False, id="stock"),
+    ],
+)
+# For what only pricefeed's protocol does: its two variants.
+FAST_VARIANTS = pytest.mark.parametrize(
+    "fanout_direct_writes", [True, False], ids=["fast-direct-on", "fast-direct-off"]
+)
+
 
 
 @dataclass

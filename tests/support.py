@@ -257,6 +257,7 @@ class ServerProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    own_group: bool = False  # a process group of its own, for signal_group()
     _log: Any = field(default=None, repr=False)
 
     @property
@@ -275,6 +276,7 @@ class ServerProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.own_group,
         )
 
     def log(self) -> str:
@@ -283,6 +285,11 @@ class ServerProcess:
     def send_signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """`sig` to every process of its group, as a terminal's Ctrl+C or `kill -- -pgid`."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.process.pid, sig)
 
     def stop(self, sig: int = int(signal.SIGTERM), timeout: float = 15) -> None:
         if self.process is not None and self.process.poll() is None:

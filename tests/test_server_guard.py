@@ -4,6 +4,7 @@ the service still serves, on uvicorn's stock protocol, and says why once."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import tomllib
@@ -209,3 +210,26 @@ async def test_python_m_app_with_a_too_new_uvicorn_serves_and_warns_once(
     assert len(lines) == 1, server.log()[-3000:]
     assert "WARNING" in lines[0]
     assert f"uvicorn {TOO_NEW_UVICORN} is outside the tested range >=0.52.1,<0.56" in lines[0]
+
+
+def test_nothing_outside_app_server_imports_uvicorn_or_websockets_internals() -> None:
+    """The quarantine: a uvicorn or websockets release can break app/server/protocol.py (which
+    the guard then leaves out), never the import of the rest. The Python client may use
+    websockets' public client API."""
+    public = {"websockets.asyncio.client", "websockets.exceptions"}
+    offenders = []
+    for path in sorted((ROOT / "app").rglob("*.py")):
+        if path.is_relative_to(ROOT / "app" / "server"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                if name.split(".")[0] in ("uvicorn", "websockets") and name not in public:
+                    offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []

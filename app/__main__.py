@@ -1,5 +1,5 @@
 """`python -m app`: serve with uvicorn, configured from the settings."""
 
-from app.server import main
+from app.server.run import main
 
 main()

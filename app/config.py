@@ -86,13 +86,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def uvicorn_ws(self) -> str:
-        """uvicorn's `ws` option: "fast" is websockets-sansio plus our frame writer."""
-        if self.ws_impl == "fast":
-            return "app.ws_protocol:PricefeedWebSocketProtocol"
-        return self.ws_impl
-
-    @property
     def uses_redis(self) -> bool:
         return self.broadcast_url.startswith(("redis://", "rediss://"))
 

@@ -25,7 +25,7 @@ from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.deps import AppState
 from app.docs import install_docs
-from app.errors import close_code_table, install_error_handlers
+from app.errors import CloseCode, close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
@@ -38,13 +38,13 @@ from app.prices.hub import FanoutHub
 from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
-from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
+from app.prices.streams import StreamRegistry
 from app.prices.ws import serve_websocket
 from app.redis_client import create_redis
 from app.security import TokenSigner
+from app.server import guard
 from app.shutdown import close_streams_on_exit_signal
 from app.supervisor import Supervisor
-from app.ws_protocol import PricefeedWebSocketProtocol
 
 logger = logging.getLogger("app")
 
@@ -82,8 +82,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     store = create_tick_store(settings, redis)
     lease = create_lease(settings, redis, store, instance=instance)
 
-    # The kernel send buffer of each WebSocket (the protocol class is uvicorn's to instantiate).
-    PricefeedWebSocketProtocol.send_buffer_bytes = settings.ws_send_buffer_bytes
     broker = Broker(settings.broadcast_url)
     await broker.connect()
     hub = FanoutHub(
@@ -141,7 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         with close_streams_on_exit_signal(streams):
             yield {"app": state}
     finally:
-        await streams.close_all(CLOSE_GOING_AWAY, "server going away")
+        await streams.close_all(CloseCode.GOING_AWAY, "server going away")
         await supervisor.stop()
         await broker.disconnect()
         if redis is not None:
@@ -191,7 +189,9 @@ class PricefeedApp(FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    # WS_IMPL=fast needs a uvicorn and websockets it was tested with: otherwise the stock
+    # protocol, without direct writes (app/server/guard.py logs why).
+    settings = guard.resolve(settings or get_settings()).settings
     install_redaction()
     app = PricefeedApp(
         title="pricefeed",

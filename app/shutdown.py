@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from app.prices.streams import CLOSE_GOING_AWAY, StreamRegistry
+from app.errors import CloseCode
+from app.prices.streams import StreamRegistry
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HAND_OVER_AFTER = 2.0  # seconds: the longest uvicorn's shutdown waits for our closes
@@ -44,7 +45,7 @@ def close_streams_on_exit_signal(streams: StreamRegistry) -> Iterator[None]:
         timer = loop.call_later(HAND_OVER_AFTER, once)
         if not closing:
             closing.append(
-                loop.create_task(streams.close_all(CLOSE_GOING_AWAY, "server going away"))
+                loop.create_task(streams.close_all(CloseCode.GOING_AWAY, "server going away"))
             )
             closing[0].add_done_callback(once)
         else:  # a second signal: uvicorn decides at once (a second SIGINT forces the exit)

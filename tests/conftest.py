@@ -13,7 +13,7 @@ import uvloop
 from fastapi import FastAPI
 
 from app.main import create_app
-from app.server import raise_fd_limit
+from app.server.run import raise_fd_limit
 from tests.support import (
     LiveApp,
     RedisServer,
@@ -93,10 +93,27 @@ def api(
 
 
 @pytest.fixture
-def live(build_app: Callable[..., FastAPI]) -> Callable[..., AbstractAsyncContextManager[LiveApp]]:
-    """`async with live(**settings) as server:` a real uvicorn server in this loop."""
+def ws_impl() -> str:
+    """The WebSocket protocol of `live` servers (SERVER_VARIANTS parametrizes it)."""
+    return "fast"
+
+
+@pytest.fixture
+def fanout_direct_writes() -> bool:
+    """Whether `live` servers' hub writes to sockets directly (SERVER_VARIANTS parametrizes it)."""
+    return True
+
+
+@pytest.fixture
+def live(
+    build_app: Callable[..., FastAPI], ws_impl: str, fanout_direct_writes: bool
+) -> Callable[..., AbstractAsyncContextManager[LiveApp]]:
+    """`async with live(**settings) as server:` a real uvicorn server in this loop, on the
+    protocol app/server/guard.py resolves for `ws_impl`."""
 
     def start(**overrides: Any) -> AbstractAsyncContextManager[LiveApp]:
+        overrides.setdefault("ws_impl", ws_impl)
+        overrides.setdefault("fanout_direct_writes", fanout_direct_writes)
         return serve_in_process(build_app(**overrides))
 
     return start

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.config import Settings
 from app.security import TokenSigner
+from app.server import guard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,6 +89,25 @@ def migrate(database_url: str) -> None:
 
 # ---------------------------------------------------------------- in-process servers
 
+# The servers a stream test runs against, as uvicorn's own tests run over every protocol class
+# (the `live` fixture reads both values): pricefeed's protocol (WS_IMPL=fast) with the hub's
+# direct socket writes on and off, and uvicorn's stock websockets-sansio protocol (what the
+# version guard falls back to). The stock protocol offers no frame writer, so every frame is an
+# ASGI send and FANOUT_DIRECT_WRITES has nothing to act on: on and off are the same run there.
+SERVER_VARIANTS = pytest.mark.parametrize(
+    ("ws_impl", "fanout_direct_writes"),
+    [
+        pytest.param("fast", True, id="fast-direct-on"),
+        pytest.param("fast", False, id="fast-direct-off"),
+        pytest.param("websockets-sansio", False, id="stock"),
+    ],
+)
+# For what only pricefeed's protocol does: its two variants.
+FAST_VARIANTS = pytest.mark.parametrize(
+    "fanout_direct_writes", [True, False], ids=["fast-direct-on", "fast-direct-off"]
+)
+
+
 
 @dataclass
 class LiveApp:
@@ -112,7 +133,7 @@ async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp
             app,
             host="127.0.0.1",
             port=port,
-            ws=settings.uvicorn_ws,
+            ws=guard.resolve(settings).ws,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
             log_level="warning",
@@ -236,6 +257,7 @@ class ServerProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    own_group: bool = False  # a process group of its own, for signal_group()
     _log: Any = field(default=None, repr=False)
 
     @property
@@ -254,6 +276,7 @@ class ServerProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.own_group,
         )
 
     def log(self) -> str:
@@ -262,6 +285,11 @@ class ServerProcess:
     def send_signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """`sig` to every process of its group, as a terminal's Ctrl+C or `kill -- -pgid`."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.process.pid, sig)
 
     def stop(self, sig: int = int(signal.SIGTERM), timeout: float = 15) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -1,6 +1,9 @@
-"""The WebSocket protocol pricefeed runs under uvicorn (app/ws_protocol.py): against a real
+"""The WebSocket protocol pricefeed runs under uvicorn (app/server/protocol.py): against a real
 server, what it changes must not change what a client sees; in process, its hooks take a
-connection off the hub's direct sends before uvicorn acts on its end."""
+connection off the hub's direct sends before uvicorn acts on its end.
+
+Only `WS_IMPL=fast` runs this protocol (the `live` default): these tests run on it alone, with
+the hub's direct writes on and off where a live server is involved."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from app.ws_protocol import EXTENSION, PricefeedWebSocketProtocol
-from tests.support import Stream, open_stream, token
+from app.errors import CloseCode
+from app.frames import EXTENSION
+from app.server.protocol import PricefeedWebSocketProtocol
+from tests.support import FAST_VARIANTS, Stream, open_stream, token
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:
@@ -40,6 +45,7 @@ async def subscribed(
         yield server, stream, protocols
 
 
+@FAST_VARIANTS
 async def test_the_handshake_request_is_not_kept_for_the_life_of_the_connection(live) -> None:
     """The request (headers, and the path with `?token=`) is dropped once the handshake is
     done, and frames from the client still parse: subscribe, ping, unsubscribe."""
@@ -126,6 +132,7 @@ class TestLeavingTheFastPath:
             assert not protocol.writable.is_set()  # uvicorn's own handling still ran
 
 
+@FAST_VARIANTS
 async def test_uvicorns_shutdown_closes_streams_with_1001(live) -> None:
     """uvicorn closes every connection when it stops serving; without a signal the app's own
     hook never runs, and uvicorn's protocol would say 1012. Clients must see 1001."""
@@ -133,6 +140,6 @@ async def test_uvicorns_shutdown_closes_streams_with_1001(live) -> None:
         for protocol in protocols:
             protocol.shutdown()
         code, _ = await stream.closed_with(5)
-        assert code == 1001
+        assert code == CloseCode.GOING_AWAY
         assert stream.conn.close_reason == "server going away"
         await TestLeavingTheFastPath.until(lambda: not len(server.app.state.streams))

@@ -19,23 +19,14 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketState
 
 from app import metrics
-from app.errors import RateLimited, Unavailable
+from app.errors import CloseCode, RateLimited, Unavailable
+from app.frames import FrameWriter, frame_writer
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
-from app.ws_protocol import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY  # uvicorn's side uses it too
-from app.ws_protocol import EXTENSION, FrameWriter
 
 logger = logging.getLogger(__name__)
-
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_LATER = 1013
-CLOSE_BAD_TOKEN = 4401
-CLOSE_NOT_ENTITLED = 4403
-CLOSE_UNKNOWN_SYMBOL = 4404
-CLOSE_TOKEN_EXPIRED = 4408
 
 
 class Closable(Protocol):
@@ -129,8 +120,7 @@ class WebSocketStream:
     ) -> None:
         self.websocket = websocket
         self.hub = hub
-        extension = websocket.scope.get("extensions", {}).get(EXTENSION)
-        self._direct: FrameWriter | None = extension["writer"] if extension else None
+        self._direct: FrameWriter | None = frame_writer(websocket.scope)
         self.outbox = Outbox(limit=outbox_frames, on_queued=self._drain_soon, direct=self._direct)
         self._leeway = leeway
         self._send_timeout = send_timeout
@@ -204,7 +194,7 @@ class WebSocketStream:
         if self._closing:
             return
         if time.time() >= self.outbox.deadline:
-            self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+            self._close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
             return
         if self._check_every is not None:
             sent = self.outbox.sent + self._queued_sent
@@ -224,21 +214,21 @@ class WebSocketStream:
         try:
             while len(outbox) and not self._closing:
                 if time.time() >= outbox.deadline:  # nothing more after the token expired
-                    self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+                    self._close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
                     return
                 frames = outbox.drain()
                 try:
                     async with asyncio.timeout(self._send_timeout):
                         await self._send(frames)
                 except TokenExpiredWhileSending:
-                    self._close_soon(CLOSE_TOKEN_EXPIRED, "token expired")
+                    self._close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
                     return
                 except TimeoutError:
                     logger.info("stream: reader stuck %.0fs; closing 1013", self._send_timeout)
-                    self._close_soon(CLOSE_TRY_LATER, "reader too slow")
+                    self._close_soon(CloseCode.TRY_LATER, "reader too slow")
                     return
                 except Exception:  # noqa: BLE001 - the peer went away mid-send
-                    self._close_soon(CLOSE_GOING_AWAY, "connection lost")
+                    self._close_soon(CloseCode.GOING_AWAY, "connection lost")
                     return
                 finally:
                     outbox.flushed()

@@ -11,18 +11,10 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from app.deps import AppState, read_app_state, read_stream_token, verify_token
-from app.errors import Forbidden, InvalidRequest, PricefeedError, Unauthenticated
+from app.errors import CloseCode, Forbidden, InvalidRequest, PricefeedError, Unauthenticated
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
-from app.prices.streams import (
-    CLOSE_BAD_TOKEN,
-    CLOSE_POLICY,
-    CLOSE_TOO_BIG,
-    CLOSE_TRY_LATER,
-    RateLimiter,
-    WebSocketStream,
-    control,
-)
+from app.prices.streams import RateLimiter, WebSocketStream, control
 from app.security import Principal
 
 logger = logging.getLogger(__name__)
@@ -40,13 +32,13 @@ async def _accept(websocket: WebSocket, state: AppState) -> Principal | None:
     """Check the origin (refusing the handshake), accept, then authenticate: a close code,
     unlike a refused handshake, is something a browser can read."""
     if not origin_allowed(websocket, state.settings.allowed_origins):
-        await websocket.close(CLOSE_POLICY)  # before accept: an HTTP 403
+        await websocket.close(CloseCode.POLICY)  # before accept: an HTTP 403
         return None
     await websocket.accept()
     try:
         return verify_token(state, read_stream_token(websocket))
     except Unauthenticated as exc:
-        await websocket.close(CLOSE_BAD_TOKEN, exc.message)
+        await websocket.close(CloseCode.BAD_TOKEN, exc.message)
         return None
 
 
@@ -82,7 +74,7 @@ async def _run(
                 except Exception:  # noqa: BLE001 - the store is down: come back later
                     logger.exception("stream: could not load %s", subscribe[0])
                     reader.close()
-                    await stream.close(CLOSE_TRY_LATER, "prices unavailable; retry later")
+                    await stream.close(CloseCode.TRY_LATER, "prices unavailable; retry later")
                     return
             stream.start()
             try:
@@ -104,12 +96,12 @@ async def _receive_text(
         await stream.close(1000, "")
         return None
     if not limiter.allow():
-        await stream.close(CLOSE_POLICY, "too many messages per second")
+        await stream.close(CloseCode.POLICY, "too many messages per second")
         return None
     text: str | None = message.get("text")
     data = text.encode() if text is not None else (message.get("bytes") or b"")
     if len(data) > max_bytes:
-        await stream.close(CLOSE_TOO_BIG, f"frames are limited to {max_bytes} bytes")
+        await stream.close(CloseCode.TOO_BIG, f"frames are limited to {max_bytes} bytes")
         return None
     if text is None:
         stream.outbox.push_control(

@@ -18,7 +18,7 @@ from app.prices.outbox import Outbox
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
-from app.ws_protocol import FrameWriter
+from app.server.protocol import SocketFrameWriter
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -138,7 +138,7 @@ class FakeProtocol:
         self.close_sent = False
         self.disconnected = False
         self.transport = self.raw_transport = FakeTransport(self, pause_at)
-        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+        self.writer = SocketFrameWriter(self)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
         self.writer.blocked()

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from app.prices.hub import FanoutHub
 from app.prices.lanes import DIRECT_WRITES_AVAILABLE, direct_limit
 from app.prices.outbox import Outbox
-from app.ws_protocol import HIGH_WATER_BYTES, FrameWriter, WatchedTransport
+from app.server.protocol import HIGH_WATER_BYTES, SocketFrameWriter, WatchedTransport
 from tests.prices.fanout_support import (
     FakeProtocol,
     direct_outbox,
@@ -157,7 +157,7 @@ class SocketProtocol(asyncio.Protocol):
         self.close_sent = False
         self.disconnected = False
         self.hooks = hooks  # False: closes reach the hub only through its lane sweep
-        self.writer = FrameWriter(self)  # type: ignore[arg-type]
+        self.writer = SocketFrameWriter(self)  # type: ignore[arg-type]
         self.transport: asyncio.Transport
         self.raw_transport: asyncio.Transport
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import LiveApp, token
+from tests.support import SERVER_VARIANTS, LiveApp, token
 
 LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
@@ -135,6 +135,9 @@ def assert_well_formed(event: Event) -> None:
     assert type(event.data["ts"]) is int
 
 
+# The same events whatever serves WebSockets: the variants change the server's WebSocket
+# protocol and the write mode of the hub that SSE streams share with them.
+@SERVER_VARIANTS
 class TestStream:
     async def test_snapshot_then_ticks_per_symbol(self, http: httpx.AsyncClient) -> None:
         await wait_for_seq(http, "AAPL", 1)

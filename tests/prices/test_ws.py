@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.support import open_stream, signer, token
+from app.errors import CloseCode
+from tests.support import SERVER_VARIANTS, open_stream, signer, token
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -32,6 +33,10 @@ def _bad_tokens() -> dict[str, str]:
     }
 
 
+# Every test on every server variant: pricefeed's protocol with and without direct writes, and
+# uvicorn's stock protocol (what the version guard falls back to).
+pytestmark = SERVER_VARIANTS
+
 BAD_TOKENS = _bad_tokens()
 ROUTES = ["/v1/ws/prices/AAPL", "/v1/ws"]
 
@@ -41,7 +46,7 @@ class TestAuthentication:
     async def test_no_token_closes_4401(self, live, route: str) -> None:
         async with live() as server, open_stream(f"{server.ws}{route}") as stream:
             code, frames = await stream.closed_with()
-        assert code == 4401
+        assert code == CloseCode.BAD_TOKEN
         assert frames == []
 
     @pytest.mark.parametrize("route", ROUTES)
@@ -52,7 +57,7 @@ class TestAuthentication:
             open_stream(f"{server.ws}{route}?token={BAD_TOKENS[kind]}") as stream,
         ):
             code, frames = await stream.closed_with()
-        assert code == 4401
+        assert code == CloseCode.BAD_TOKEN
         assert frames == []
 
     async def test_header_token_is_accepted(self, live) -> None:
@@ -68,11 +73,11 @@ class TestAuthentication:
         async with live() as server:
             async with open_stream(f"{server.ws}/v1/ws/prices/AAPL?token={only_msft}") as stream:
                 code, frames = await stream.closed_with()
-            assert (code, frames) == (4403, [])
+            assert (code, frames) == (CloseCode.NOT_ENTITLED, [])
             async with open_stream(f"{server.ws}/v1/ws?token={only_msft}") as stream:
                 await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
                 code, frames = await stream.closed_with()
-            assert code == 4403
+            assert code == CloseCode.NOT_ENTITLED
             assert not [f for f in frames if f["type"] in ("tick", "snapshot")]
 
     async def test_token_expiry_closes_4408(self, live) -> None:
@@ -82,7 +87,7 @@ class TestAuthentication:
                     await stream.send({"op": "subscribe", "symbols": ["AAPL"]})
                     started = time.monotonic()
                     code, frames = await stream.closed_with(timeout=6)
-                assert code == 4408, route
+                assert code == CloseCode.TOKEN_EXPIRED, route
                 assert time.monotonic() - started < 4
                 assert frames, "ticks flowed until the token expired"
 
@@ -102,7 +107,7 @@ class TestAuthentication:
         async with live() as server, open_stream(f"{server.ws}/v1/ws?token={token()}") as stream:
             await stream.send({"op": "auth", "token": BAD_TOKENS["wrong-signature"]})
             code, _ = await stream.closed_with()
-        assert code == 4401
+        assert code == CloseCode.BAD_TOKEN
 
     async def test_auth_op_for_another_subject_is_refused(self, live) -> None:
         async with (
@@ -166,7 +171,7 @@ class TestOneSymbol:
                     f"{server.ws}/v1/ws/prices/{symbol}?token={token()}"
                 ) as stream:
                     code, frames = await stream.closed_with()
-                assert (code, frames) == (4404, [])
+                assert (code, frames) == (CloseCode.UNKNOWN_SYMBOL, [])
 
     async def test_bad_since_closes_1008(self, live) -> None:
         async with (
@@ -174,7 +179,7 @@ class TestOneSymbol:
             open_stream(f"{server.ws}/v1/ws/prices/AAPL?token={token()}&since=abc") as stream,
         ):
             code, frames = await stream.closed_with()
-        assert (code, frames) == (1008, [])
+        assert (code, frames) == (CloseCode.POLICY, [])
 
 
 class TestMultiplexed:
@@ -319,7 +324,7 @@ class TestLimits:
         ):
             await stream.send('{"op": "ping", "pad": "' + "x" * 2000 + '"}')
             code, _ = await stream.closed_with()
-        assert code == 1009
+        assert code == CloseCode.TOO_BIG
 
     async def test_too_many_messages_closes_1008(self, live) -> None:
         async with (
@@ -332,7 +337,7 @@ class TestLimits:
             except ConnectionClosed:
                 pass
             code, _ = await stream.closed_with()
-        assert code == 1008
+        assert code == CloseCode.POLICY
 
     async def test_too_many_connections_for_one_subject_closes_1008(self, live) -> None:
         async with live(ws_max_connections_per_subject=2) as server:
@@ -343,7 +348,7 @@ class TestLimits:
                     await stream.recv_type("pong")
                 async with open_stream(url) as three:
                     code, _ = await three.closed_with()
-                assert code == 1008
+                assert code == CloseCode.POLICY
                 async with open_stream(f"{server.ws}/v1/ws?token={token('someone-else')}") as other:
                     await other.send({"op": "ping"})
                     await other.recv_type("pong")
@@ -355,7 +360,7 @@ class TestLimits:
                 await first.recv_type("pong")
                 async with open_stream(f"{server.ws}/v1/ws?token={token('b')}") as second:
                     code, _ = await second.closed_with()
-        assert code == 1013
+        assert code == CloseCode.TRY_LATER
 
 
 class TestResume:

@@ -1,5 +1,6 @@
 """uvicorn's websockets-sansio protocol, plus one ASGI extension: `pricefeed.frames`, a way to
-write already-encoded WebSocket frames straight to the connection's transport.
+write already-encoded WebSocket frames straight to the connection's transport (the app sees it
+only as `app.frames.FrameWriter`).
 
 The hub encodes each tick's frame once and writes those same bytes to every subscriber: no
 per-connection encoding, no task switch, no ASGI message per tick. The extension is offered
@@ -7,7 +8,10 @@ only when the connection negotiated no extension (a compressed connection needs 
 compressed per connection); without it the app falls back to plain ASGI sends, so the app
 still runs under any ASGI server.
 
-Select it with `WS_IMPL=fast` (the default); `python -m app` passes it to uvicorn.
+Select it with `WS_IMPL=fast` (the default). This module reaches into uvicorn's and websockets'
+internals (private attributes of `WebSocketsSansIOProtocol`, `Protocol.parse`): only
+app/server/guard.py imports it, and only for the versions it was tested with; otherwise the
+service runs uvicorn's stock protocol.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
-EXTENSION = "pricefeed.frames"
-CLOSE_GOING_AWAY = 1001  # the contract's code for a server shutting down: reconnect
+from app.errors import CloseCode
+from app.frames import EXTENSION, Transport
+
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 
-Transport = asyncio.Transport
 
-
-class FrameWriter:
-    """Writes whole frames to one connection, in order with everything else it sends.
+class SocketFrameWriter:
+    """`app.frames.FrameWriter` for one connection of this protocol: writes whole frames, in
+    order with everything else it sends.
 
     The hub may also write to `transport` itself, in a loop over many connections, while
     `on_blocked` is set: the protocol calls it the moment such writes must stop (the transport
@@ -108,7 +112,7 @@ class WatchedTransport(asyncio.Transport):
     """What uvicorn's protocol writes through: the connection's transport, plus a call to
     `on_other_write` whenever a write may no longer be followed by the hub's direct ones.
 
-    The hub's fast path sends frames to the socket itself (`FrameWriter.duplicate_fd`), which
+    The hub's fast path sends frames to the socket itself (`SocketFrameWriter.duplicate_fd`), which
     is only in order while the transport holds no unsent bytes and has sent no close frame. So
     a write that leaves bytes buffered (a pong behind a full socket) and any close, abort or
     EOF call it first; a write that went out whole (a keepalive ping) does not."""
@@ -238,8 +242,12 @@ class _LeanEvent:
 
 
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
-    # Set by `python -m app` from WS_SEND_BUFFER_BYTES (0: the kernel's autotuning).
+    # WS_SEND_BUFFER_BYTES (0: the kernel's autotuning); uvicorn instantiates the class.
     send_buffer_bytes = 0
+
+    @classmethod
+    def configure(cls, *, send_buffer_bytes: int) -> None:
+        cls.send_buffer_bytes = send_buffer_bytes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -252,7 +260,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_made(transport)
         self.raw_transport: Transport = self.transport
         self.transport = WatchedTransport(self.raw_transport, self._leave_fast_path)
-        # pause_writing() exactly where FrameWriter.keeping_up() turns false.
+        # pause_writing() exactly where SocketFrameWriter.keeping_up() turns false.
         self.raw_transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
         sock = transport.get_extra_info("socket")
         if self.send_buffer_bytes and sock is not None:
@@ -261,7 +269,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
             # gigabytes of kernel memory.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
 
-    def _frame_writer(self) -> FrameWriter | None:
+    def _frame_writer(self) -> SocketFrameWriter | None:
         scope = getattr(self, "scope", None)
         entry = scope["extensions"].get(EXTENSION) if scope is not None else None
         return entry["writer"] if entry is not None else None
@@ -294,8 +302,8 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
             super().shutdown()  # an ongoing close, or a handshake still in progress (500)
             return
         self.stop_keepalive()
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_GOING_AWAY})
-        self.conn.send_close(CLOSE_GOING_AWAY, "server going away")
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": CloseCode.GOING_AWAY})
+        self.conn.send_close(CloseCode.GOING_AWAY, "server going away")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.close()  # the watched transport takes it off the hub's direct path
 
@@ -321,7 +329,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None and not self.conn.extensions:
-            scope["extensions"][EXTENSION] = {"writer": FrameWriter(self)}
+            scope["extensions"][EXTENSION] = {"writer": SocketFrameWriter(self)}
         self._forget_handshake_request()
 
     def _forget_handshake_request(self) -> None:

@@ -4,6 +4,7 @@ Dockerfile) still match pyproject.toml: a bound raised or a dependency added wit
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import distributions
@@ -80,3 +81,20 @@ def test_this_venv_runs_the_locked_versions() -> None:
     if sys.prefix == sys.base_prefix:
         pytest.skip("not in a venv: nothing installed from the lock to compare")
     assert differ == {}, "reinstall: make install (the lock changed after this venv was made)"
+
+
+def test_the_canary_asks_for_every_dependency_with_no_version_at_all() -> None:
+    """scripts/newest-deps.py, which the CI canary installs from: the same names, extras and
+    markers as pyproject.toml, no bound, so pip takes the newest release of each."""
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "newest-deps.py"), "--extra", "dev"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    project = PYPROJECT["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for r in project["optional-dependencies"]["dev"]]
+    got = [Requirement(line) for line in printed]
+    assert [str(r.specifier) for r in got] == [""] * len(declared)
+    assert [(r.name, r.extras, r.marker) for r in got] == [
+        (r.name, r.extras, r.marker) for r in declared
+    ]

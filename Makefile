@@ -57,6 +57,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/ruff format --check app tests bench
 	$(VENV)/bin/mypy
 
 bench: install

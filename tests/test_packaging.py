@@ -38,8 +38,9 @@ def test_the_build_stage_copies_the_lock_files_it_installs_from() -> None:
     assert "--require-hashes" in installs
     assert set(lock_files) <= set(copied), "the image would build without these"
     # The project goes in on its own: nothing it depends on comes from outside the locks.
-    (project,) = [r for r in runs if re.search(r"pip install .* \.(\s|$)", r)]
-    assert "--no-deps" in project and "--no-build-isolation" in project
+    projects = [r for r in runs if re.search(r"pip install .* \.(\s|$)", r)]
+    assert len(projects) == 1
+    assert "--no-deps" in projects[0] and "--no-build-isolation" in projects[0]
 
 
 def test_the_wheel_holds_every_file_of_the_app_and_the_c_send_loop(tmp_path: Path) -> None:

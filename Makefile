@@ -57,8 +57,8 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check app tests bench scripts
-	$(VENV)/bin/ruff format --check app tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check app tests bench scripts
 
 bench: install
 	$(PY) -m pip install -q -r bench/requirements.txt

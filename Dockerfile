@@ -4,10 +4,15 @@ WORKDIR /src
 # A C compiler for the fan-out's send loop (app/prices/_fanout.c); the final image has none.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
+# Exact, hashed versions (make lock writes them): a new release upstream changes no image.
+# The dependencies first, so this layer is cached until a lock changes.
+COPY requirements/lock.txt requirements/build.lock.txt ./requirements/
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --require-hashes \
+    -r requirements/lock.txt -r requirements/build.lock.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
-    && /opt/venv/bin/pip install --no-cache-dir . \
+# The project alone, built by the locked setuptools rather than one fetched for the build.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
     && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped
 
 FROM python:3.11-slim

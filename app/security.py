@@ -84,7 +84,7 @@ class TokenSigner:
             )
         except jwt.ExpiredSignatureError as exc:
             raise ExpiredToken("token expired") from exc
-        except Exception as exc:  # noqa: BLE001 - any parse failure (a crafted header can
+        except Exception as exc:  # any parse failure (a crafted header can
             # even exhaust the JSON parser's recursion) is simply a bad token
             raise InvalidToken("invalid token") from exc
         symbols = claims.get("symbols")

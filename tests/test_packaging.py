@@ -1,9 +1,12 @@
-"""The wheel that the Docker image installs (`pip install .` from pyproject.toml, README.md
-and app/, as the Dockerfile copies them) carries everything the app reads at run time, and
-the fan-out's C send loop."""
+"""The image's build stage has what it installs: the Dockerfile copies the lock files its
+RUN lines install from, and the wheel that `pip install .` builds from what it copies
+(pyproject.toml, README.md and app/) carries everything the app reads at run time, and the
+fan-out's C send loop."""
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,14 +16,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def build_stage() -> tuple[list[str], list[str]]:
+    """The sources the Dockerfile's build stage COPYs into /src, and its RUN commands."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    stage = re.split(r"^FROM ", text, flags=re.MULTILINE)[1]  # up to the final stage's FROM
+    copied, runs = [], []
+    for line in stage.splitlines():
+        if line.startswith("COPY "):
+            args = [a for a in shlex.split(line)[1:] if not a.startswith("--")]
+            copied += args[:-1]
+        elif line.startswith("RUN "):
+            runs.append(line)
+    return copied, runs
+
+
+def test_the_build_stage_copies_the_lock_files_it_installs_from() -> None:
+    copied, runs = build_stage()
+    installs = " ".join(r for r in runs if "pip install" in r)
+    lock_files = re.findall(r"-r\s+(\S+)", installs)
+    assert "requirements/lock.txt" in lock_files
+    assert "--require-hashes" in installs
+    assert set(lock_files) <= set(copied), "the image would build without these"
+    # The project goes in on its own: nothing it depends on comes from outside the locks.
+    projects = [r for r in runs if re.search(r"pip install .* \.(\s|$)", r)]
+    assert len(projects) == 1
+    assert "--no-deps" in projects[0] and "--no-build-isolation" in projects[0]
+
+
 def test_the_wheel_holds_every_file_of_the_app_and_the_c_send_loop(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    shutil.copytree(
-        REPO / "app", source / "app", ignore=shutil.ignore_patterns("__pycache__", "*.so")
-    )
+    copied, _ = build_stage()
+    assert {"pyproject.toml", "README.md", "app"} <= set(copied)
+    for name in copied:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so"))  # fmt: skip
+        else:
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, source / name)
     files = {p.relative_to(source).as_posix() for p in (source / "app").rglob("*") if p.is_file()}
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",

@@ -20,8 +20,11 @@ from uvicorn.server import ServerState
 
 from app.errors import CloseCode
 from app.frames import EXTENSION
-from app.server.protocol import PricefeedWebSocketProtocol
-from tests.support import FAST_VARIANTS, Stream, open_stream, token
+from tests.support import FAST_UNAVAILABLE, FAST_VARIANTS, NEEDS_FAST, Stream, open_stream, token
+
+if FAST_UNAVAILABLE:
+    pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
+from app.server.protocol import PricefeedWebSocketProtocol  # noqa: E402 - only once admitted
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:

@@ -71,7 +71,7 @@ async def _run(
             if subscribe is not None:
                 try:
                     await state.hub.attach(stream.outbox, subscribe[0], since=subscribe[1])
-                except Exception:  # noqa: BLE001 - the store is down: come back later
+                except Exception:  # the store is down: come back later
                     logger.exception("stream: could not load %s", subscribe[0])
                     reader.close()
                     await stream.close(CloseCode.TRY_LATER, "prices unavailable; retry later")
@@ -257,7 +257,7 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
             return
         try:
             await state.hub.attach(stream.outbox, symbol, since=since.get(symbol))
-        except Exception:  # noqa: BLE001 - the store is down
+        except Exception:  # the store is down
             logger.exception("stream: could not load %s", symbol)
             state.hub.detach(stream.outbox, [symbol])
             raise BadRequest("unavailable", f"{symbol} is unavailable; retry later") from None

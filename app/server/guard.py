@@ -10,9 +10,9 @@ warning that says why. `pyproject.toml` states the same ranges for its two depen
 
 The lower bounds are the oldest releases that have everything the protocol uses: uvicorn
 0.52.1 is the first whose websockets-sansio protocol has `disconnected`, `close_timer` and
-`close_timeout` (0.35.0 added the protocol; 0.52.0 still lacks them); websockets 13.0 is
-uvicorn's own floor, and its `Protocol.parse`, `reader`, `State` and `http11.Request` are
-those we use. The upper bounds are the next uvicorn minor and the next websockets major after
+`close_timeout` (0.35.0 added the protocol; 0.52.0 still lacks them); websockets has the
+`Protocol.parse`, `reader`, `State` and `http11.Request` we use from 13.0 on, but the test
+suite, which is what proves the range, runs from 14.1. The upper bounds are the next uvicorn minor and the next websockets major after
 the newest tested (uvicorn 0.55.0, websockets 17.4).
 """
 
@@ -58,7 +58,7 @@ class Tested:
 
 TESTED = (
     Tested("uvicorn", minimum="0.52.1", below="0.56"),
-    Tested("websockets", minimum="13.0", below="18"),
+    Tested("websockets", minimum="14.1", below="18"),
 )
 
 

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 
 from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub
@@ -18,7 +19,7 @@ from app.prices.outbox import Outbox
 from app.prices.store import MemoryTickStore
 from app.prices.ticks import Tick, encode_tick
 from app.prices.wire import text_frame
-from app.server.protocol import SocketFrameWriter
+from tests.support import FAST_UNAVAILABLE, NEEDS_FAST
 
 
 def tick(symbol: str, seq: int) -> Tick:
@@ -135,6 +136,10 @@ class FakeProtocol:
     """What FrameWriter reads of uvicorn's protocol."""
 
     def __init__(self, pause_at: int | None = None) -> None:
+        if FAST_UNAVAILABLE:
+            pytest.skip(NEEDS_FAST.kwargs["reason"])
+        from app.server.protocol import SocketFrameWriter  # only once admitted
+
         self.close_sent = False
         self.disconnected = False
         self.transport = self.raw_transport = FakeTransport(self, pause_at)

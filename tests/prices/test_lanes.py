@@ -18,7 +18,6 @@ from prometheus_client import REGISTRY
 from app.prices.hub import FanoutHub
 from app.prices.lanes import DIRECT_WRITES_AVAILABLE, direct_limit
 from app.prices.outbox import Outbox
-from app.server.protocol import HIGH_WATER_BYTES, SocketFrameWriter, WatchedTransport
 from tests.prices.fanout_support import (
     FakeProtocol,
     direct_outbox,
@@ -26,6 +25,15 @@ from tests.prices.fanout_support import (
     parse_frames,
     running_hub,
     tick_seqs,
+)
+from tests.support import FAST_UNAVAILABLE, NEEDS_FAST
+
+if FAST_UNAVAILABLE:
+    pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
+from app.server.protocol import (  # noqa: E402 - only once admitted
+    HIGH_WATER_BYTES,
+    SocketFrameWriter,
+    WatchedTransport,
 )
 
 

@@ -122,7 +122,6 @@ FAST_VARIANTS = pytest.mark.parametrize(
 )
 
 
-
 @dataclass
 class LiveApp:
     app: FastAPI

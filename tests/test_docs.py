@@ -175,9 +175,7 @@ class TestAuthorizeButton:
     @pytest.fixture
     def bearer(self, openapi: dict[str, Any]) -> str:
         schemes = openapi["components"]["securitySchemes"]
-        (name,) = [
-            n for n, s in schemes.items() if s["type"] == "http" and s["scheme"] == "bearer"
-        ]
+        (name,) = [n for n, s in schemes.items() if s["type"] == "http" and s["scheme"] == "bearer"]
         return name
 
     @pytest.mark.parametrize(("path", "method"), PROTECTED)
@@ -201,9 +199,7 @@ class TestAuthorizeButton:
     async def test_a_token_as_the_button_sends_it_is_accepted(
         self, client: httpx.AsyncClient
     ) -> None:
-        response = await client.get(
-            "/v1/symbols", headers={"Authorization": f"Bearer {token()}"}
-        )
+        response = await client.get("/v1/symbols", headers={"Authorization": f"Bearer {token()}"})
 
         assert response.status_code == 200
 

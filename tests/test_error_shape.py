@@ -139,4 +139,3 @@ class TestTheSchemaDocumentsIt:
         refs = set(re.findall(r"'#/components/schemas/([^']+)'", str(openapi)))
 
         assert refs - set(openapi["components"]["schemas"]) == set()
-

@@ -38,9 +38,7 @@ def producer_that(tmp_path: Path, exits: str, backoff: Backoff) -> tuple[Produce
 
 
 def producer_records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records if r.name == "app.server" and r.levelno == level
-    ]
+    return [r.getMessage() for r in caplog.records if r.name == "app.server" and r.levelno == level]
 
 
 class TestProducerProcess:

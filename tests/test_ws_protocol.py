@@ -24,7 +24,7 @@ from tests.support import FAST_UNAVAILABLE, FAST_VARIANTS, NEEDS_FAST, Stream, o
 
 if FAST_UNAVAILABLE:
     pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
-from app.server.protocol import PricefeedWebSocketProtocol  # noqa: E402 - only once admitted
+from app.server.protocol import PricefeedWebSocketProtocol  # only once admitted
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:

@@ -12,8 +12,8 @@ The lower bounds are the oldest releases that have everything the protocol uses:
 0.52.1 is the first whose websockets-sansio protocol has `disconnected`, `close_timer` and
 `close_timeout` (0.35.0 added the protocol; 0.52.0 still lacks them); websockets has the
 `Protocol.parse`, `reader`, `State` and `http11.Request` we use from 13.0 on, but the test
-suite, which is what proves the range, runs from 14.1. The upper bounds are the next uvicorn minor and the next websockets major after
-the newest tested (uvicorn 0.55.0, websockets 17.4).
+suite, which is what proves the range, runs from 14.1. The upper bounds are the next uvicorn
+minor and the next websockets major after the newest tested (uvicorn 0.55.0, websockets 17.4).
 """
 
 from __future__ import annotations

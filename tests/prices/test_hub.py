@@ -88,9 +88,7 @@ class TestFanoutHub:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
 
-    async def test_a_failure_in_the_hub_ends_consume_for_its_supervisor(
-        self, monkeypatch
-    ) -> None:
+    async def test_a_failure_in_the_hub_ends_consume_for_its_supervisor(self, monkeypatch) -> None:
         broker = Broker("memory://")
         await broker.connect()
         store = MemoryTickStore(retention=1000, candles_kept=10)

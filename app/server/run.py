@@ -68,9 +68,7 @@ class ProducerProcess:
                 if self._stopping.is_set():
                     return
                 started = time.monotonic()
-                process = self._process = subprocess.Popen(
-                    self._command, env=env, process_group=0
-                )
+                process = self._process = subprocess.Popen(self._command, env=env, process_group=0)
             code = process.wait()
             if self._stopping.is_set():
                 return

@@ -105,6 +105,22 @@ def fanout_direct_writes() -> bool:
 
 
 @pytest.fixture
+async def client(
+    api: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]],
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A REST client on an in-process app with the default test settings."""
+    async with api() as rest:
+        yield rest
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict[str, Any]:
+    """The schema `/openapi.json` serves (tests/test_docs.py checks they are the same); building
+    it needs no database, so it is built once per module."""
+    return create_app(make_settings("sqlite+aiosqlite:///./unused-by-the-schema.db")).openapi()
+
+
+@pytest.fixture
 def live(
     build_app: Callable[..., FastAPI], ws_impl: str, fanout_direct_writes: bool
 ) -> Callable[..., AbstractAsyncContextManager[LiveApp]]:

@@ -9,7 +9,7 @@ import asyncio
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.main import create_app
-from tests.support import ROOT, LiveApp, make_settings, token
+from tests.support import ROOT, LiveApp, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
@@ -41,20 +40,6 @@ SERVER_MESSAGES = ["subscribed", "snapshot", "tick", "unsubscribed", "pong", "he
 # The contract's close codes, written out on purpose: the page renders CloseCode's table
 # (tests/test_close_codes.py), and this catches a code the contract has that the enum lost.
 CONTRACT_CLOSE_CODES = [1001, 1008, 1009, 1013, 4401, 4403, 4404, 4408]
-
-
-@pytest.fixture
-async def client(api: ApiFactory) -> AsyncIterator[httpx.AsyncClient]:
-    async with api() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def openapi() -> dict[str, Any]:
-    """The schema `/openapi.json` serves (TestOpenApi checks they are the same); building it
-    needs no database, so it is built once for the module."""
-    app = create_app(make_settings("sqlite+aiosqlite:///./unused-by-the-schema.db"))
-    return app.openapi()
 
 
 ASSETS = ROOT / "app" / "static" / "docs"

@@ -5,7 +5,7 @@ documents the 422 one."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -16,18 +16,6 @@ from app.main import create_app
 from tests.support import make_settings, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
-
-
-@pytest.fixture
-async def client(api: ApiFactory) -> AsyncIterator[httpx.AsyncClient]:
-    async with api() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def openapi() -> dict[str, Any]:
-    app = create_app(make_settings("sqlite+aiosqlite:///./unused-by-the-schema.db"))
-    return app.openapi()
 
 
 BAD_REQUESTS = [

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -22,11 +23,12 @@ from app.prices.wire import text_frame
 from tests.support import FAST_UNAVAILABLE, NEEDS_FAST
 
 
-def tick(symbol: str, seq: int) -> Tick:
+def tick(symbol: str, seq: int, *, ts: int | None = None) -> Tick:
+    """Tick `seq` of `symbol`; its ts (ms) is `ts` where the test is about timing."""
     return encode_tick(
         symbol=symbol,
         price=Decimal("100.0000") + seq,
-        ts=1_764_300_000_000 + seq,
+        ts=1_764_300_000_000 + seq if ts is None else ts,
         seq=seq,
         bid=Decimal("99.9900"),
         ask=Decimal("100.0100"),
@@ -38,22 +40,14 @@ def offer(outbox: Outbox, t: Tick) -> None:
     outbox.offer(t, text_frame(t.frame.encode()))
 
 
-async def published(broker: Broker, store: MemoryTickStore, seqs: Iterable[int]) -> None:
-    """MSFT ticks `seqs`, stored and then published, as the producer does."""
-    for seq in seqs:
-        t = tick("MSFT", seq)
-        await store.append(t, {}, fence=None)
-        await broker.publish(price_channel("MSFT"), t.frame)
-
-
-async def received(outbox: Outbox, last: int) -> list[int]:
-    """The seqs `outbox` queues, polled until `last` (or 3 s)."""
-    seqs: list[int] = []
+async def received(outbox: Outbox, last: int, *, so_far: Iterable[int] = ()) -> list[int]:
+    """The seqs `outbox` queues after `so_far` (drained already), polled until `last` (or 3 s)."""
+    seqs = list(so_far)
     for _ in range(300):
-        await asyncio.sleep(0.01)
-        seqs += [f.seq for f in outbox.drain()]
         if seqs and seqs[-1] == last:
             break
+        await asyncio.sleep(0.01)
+        seqs += [f.seq for f in outbox.drain()]
     return seqs
 
 
@@ -168,37 +162,95 @@ def direct_outbox(protocol: FakeProtocol, *, limit: int = 64, batch: bool = Fals
     return outbox
 
 
-@contextlib.asynccontextmanager
-async def running_hub(
-    *symbols: str, direct_writes: bool = True
-) -> AsyncIterator[tuple[FanoutHub, Callable[..., Any]]]:
-    """A hub consuming `symbols`, and `publish(symbol, seqs, burst=1)`: ticks through the
-    broker, the hub running after every `burst` of them."""
-    broker = Broker("memory://")
-    await broker.connect()
-    store = MemoryTickStore(retention=1000, candles_kept=10)
-    hub = FanoutHub(broker=broker, store=store, retention=1000, direct_writes=direct_writes)
-    hub.lanes.direct_limit = 1000  # whatever this process's open-file limit: descriptors to spare
-    consumer = asyncio.create_task(hub.consume(list(symbols)))
-    await asyncio.sleep(0.05)  # the consumer has subscribed
+@dataclass
+class Fanout:
+    """A hub consuming from an in-memory broker, and what it reads: see `consuming_hub`."""
 
-    async def publish(symbol: str, seqs: Iterable[int], burst: int = 1) -> None:
+    hub: FanoutHub
+    broker: Broker
+    store: MemoryTickStore
+    symbols: list[str]
+    consumers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def consumer(self) -> asyncio.Task[None]:
+        """The newest `consume` run."""
+        return self.consumers[-1]
+
+    async def restart(self) -> None:
+        """`consume` started (again, as the supervisor does once it ended); it runs until the
+        end of `consuming_hub`."""
+        self.consumers.append(asyncio.create_task(self.hub.consume(self.symbols)))
+        await asyncio.sleep(0.05)  # the consumer has subscribed
+
+    async def send(self, *ticks: Tick) -> None:
+        """Each of `ticks` stored and then published, as the producer does."""
+        for t in ticks:
+            await self.store.append(t, {}, fence=None)
+            await self.broker.publish(price_channel(t.symbol), t.frame)
+
+    async def produce(self, symbol: str, seqs: Iterable[int]) -> None:
+        """Ticks `seqs` of `symbol` sent back to back."""
+        await self.send(*(tick(symbol, seq) for seq in seqs))
+
+    async def publish(self, symbol: str, seqs: Iterable[int], burst: int = 1) -> None:
+        """Ticks `seqs` of `symbol` sent, the hub running after every `burst` of them."""
         for i, seq in enumerate(seqs, 1):
-            t = tick(symbol, seq)
-            await store.append(t, {}, fence=None)
-            await broker.publish(price_channel(symbol), t.frame)
+            await self.send(tick(symbol, seq))
             if i % burst == 0:
                 for _ in range(3):
                     await asyncio.sleep(0)
         for _ in range(10):
             await asyncio.sleep(0.005)
 
+
+@contextlib.asynccontextmanager
+async def consuming_hub(
+    *symbols: str,
+    store: MemoryTickStore | None = None,
+    retention: int = 1000,
+    max_lag_ms: int = 50,
+    direct_writes: bool = True,
+    attach_first: Iterable[Outbox] = (),
+) -> AsyncIterator[Fanout]:
+    """A hub over `store` (by default an empty one) consuming `symbols` from a connected
+    in-memory broker, once every outbox in `attach_first` is attached to each symbol (its
+    snapshot taken before anything is consumed). Consuming stops, and the broker disconnects,
+    at the end."""
+    broker = Broker("memory://")
+    await broker.connect()
+    if store is None:
+        store = MemoryTickStore(retention=retention, candles_kept=10)
+    hub = FanoutHub(
+        broker=broker,
+        store=store,
+        retention=retention,
+        max_lag_ms=max_lag_ms,
+        direct_writes=direct_writes,
+    )
+    hub.lanes.direct_limit = 1000  # whatever this process's open-file limit: descriptors to spare
+    fanout = Fanout(hub=hub, broker=broker, store=store, symbols=list(symbols))
     try:
-        yield hub, publish
+        for outbox in attach_first:
+            for symbol in symbols:
+                await hub.attach(outbox, symbol, since=None)
+        await fanout.restart()
+        yield fanout
     finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
+        for consumer in fanout.consumers:
+            consumer.cancel()
+        await asyncio.gather(*fanout.consumers, return_exceptions=True)
         await broker.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    *symbols: str, direct_writes: bool = True
+) -> AsyncIterator[tuple[FanoutHub, Callable[..., Any]]]:
+    """A hub consuming `symbols`, and `publish(symbol, seqs, burst=1)`: ticks through the
+    broker, the hub running after every `burst` of them."""
+    async with consuming_hub(*symbols, direct_writes=direct_writes) as fanout:
+        yield fanout.hub, fanout.publish
 
 
 async def direct_subscriber(

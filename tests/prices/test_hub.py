@@ -10,66 +10,46 @@ import pytest
 from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
-from app.prices.store import MemoryTickStore
 from tests.prices.fanout_support import (
     FakeProtocol,
     SlowStore,
+    consuming_hub,
     direct_outbox,
-    published,
     received,
-    running_hub,
     tick,
 )
 
 
 class TestFanoutHub:
     async def test_fast_reader_keeps_every_tick_while_slow_one_is_conflated(self) -> None:
-        broker = Broker("memory://")
-        await broker.connect()
-        store = MemoryTickStore(retention=1000, candles_kept=10)
-        hub = FanoutHub(broker=broker, store=store, retention=1000)
-        consumer = asyncio.create_task(hub.consume(["AAPL"]))
-        try:
-            fast, slow = (
-                Outbox(limit=32, on_queued=lambda: None),
-                Outbox(limit=32, on_queued=lambda: None),
-            )
-            await hub.attach(fast, "AAPL", since=None)
-            await hub.attach(slow, "AAPL", since=None)
-            await asyncio.sleep(0.05)  # the consumer has subscribed
-            received: list[int] = []
+        fast, slow = (
+            Outbox(limit=32, on_queued=lambda: None),
+            Outbox(limit=32, on_queued=lambda: None),
+        )
+        async with consuming_hub("AAPL", attach_first=[fast, slow]) as fanout:
+            seqs: list[int] = []
             for seq in range(1, 501):
-                t = tick("AAPL", seq)
-                await store.append(t, {}, fence=None)
-                await broker.publish(price_channel("AAPL"), t.frame)
+                await fanout.send(tick("AAPL", seq))
                 if seq % 10 == 0:
                     await asyncio.sleep(0)  # let the hub run
-                    received += [f.seq for f in fast.drain()]
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                received += [f.seq for f in fast.drain()]
-                if received and received[-1] == 500:
-                    break
-            assert received == list(range(1, 501))
+                    seqs += [f.seq for f in fast.drain()]
+            assert await received(fast, 500, so_far=seqs) == list(range(1, 501))
             slow_seqs = [f.seq for f in slow.drain()]
             assert len(slow_seqs) <= 32
             assert slow_seqs[-1] == 500
             assert slow.conflated > 0
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()
 
     async def test_every_stream_goes_on_after_a_failure_mid_flush(self) -> None:
-        async with running_hub("MSFT", "AAPL") as (hub, publish):
-            await publish("MSFT", [1])
-            await publish("AAPL", [1])
+        async with consuming_hub("MSFT", "AAPL") as fanout:
+            hub = fanout.hub
+            await fanout.publish("MSFT", [1])
+            await fanout.publish("AAPL", [1])
             protocols = [FakeProtocol(), FakeProtocol()]
             for protocol in protocols:  # watchlists: the corked path, one write per burst
                 outbox = direct_outbox(protocol)
                 await hub.attach(outbox, "MSFT", since=None)
                 await hub.attach(outbox, "AAPL", since=None)
-            await publish("MSFT", [2])
+            await fanout.publish("MSFT", [2])
             join_lane, calls = hub.lanes.join, []
 
             def fails_once(outbox: Outbox, now: float) -> None:
@@ -79,38 +59,24 @@ class TestFanoutHub:
                 join_lane(outbox, now)
 
             hub.lanes.join = fails_once  # type: ignore[method-assign]
-            await publish("MSFT", [3])
-            consumer = asyncio.create_task(hub.consume(["MSFT", "AAPL"]))  # the supervisor
-            await asyncio.sleep(0.05)
-            await publish("MSFT", range(4, 10))
+            await fanout.publish("MSFT", [3])
+            await fanout.restart()  # what the supervisor does
+            await fanout.publish("MSFT", range(4, 10))
             for protocol in protocols:
                 assert [s for s in protocol.transport.seqs() if s > 1] == list(range(2, 10))
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
 
     async def test_a_failure_in_the_hub_ends_consume_for_its_supervisor(self, monkeypatch) -> None:
-        broker = Broker("memory://")
-        await broker.connect()
-        store = MemoryTickStore(retention=1000, candles_kept=10)
-        hub = FanoutHub(broker=broker, store=store, retention=1000)
-        try:
-            consumer = asyncio.create_task(hub.consume(["MSFT"]))
-            await asyncio.sleep(0.05)
+        async with consuming_hub("MSFT") as fanout:
             with monkeypatch.context() as patch:
-                patch.setattr(hub.sequencer, "deliver", lambda *a: 1 / 0)
-                await published(broker, store, [1])
+                patch.setattr(fanout.hub.sequencer, "deliver", lambda *a: 1 / 0)
+                await fanout.produce("MSFT", [1])
                 with pytest.raises(ZeroDivisionError):
-                    await asyncio.wait_for(consumer, 5)
-            consumer = asyncio.create_task(hub.consume(["MSFT"]))  # what the supervisor does
-            await asyncio.sleep(0.05)
+                    await asyncio.wait_for(fanout.consumer, 5)
+            await fanout.restart()  # what the supervisor does
             outbox = Outbox(limit=64, on_queued=lambda: None)
-            await hub.attach(outbox, "MSFT", since=None)
-            await published(broker, store, [2, 3])
+            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.produce("MSFT", [2, 3])
             assert await received(outbox, 3) == [1, 2, 3]  # 1: the snapshot
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-        finally:
-            await broker.disconnect()
 
 
 class TestAttach:
@@ -131,32 +97,18 @@ class TestAttach:
     async def test_resume_ahead_of_this_hub_replays_nothing_twice(self) -> None:
         """The client came from a faster instance: its `since` is past what this hub passed
         on, but not past the store. No old snapshot, no duplicate."""
-        store = MemoryTickStore(retention=100, candles_kept=10)
-        broker = Broker("memory://")
-        await broker.connect()
-        hub = FanoutHub(broker=broker, store=store, retention=100)
-        consumer = asyncio.create_task(hub.consume(["AAPL"]))
-        try:
-            await asyncio.sleep(0.02)
-            first = tick("AAPL", 1)
-            await store.append(first, {}, fence=None)
-            await broker.publish(price_channel("AAPL"), first.frame)
+        async with consuming_hub("AAPL", retention=100) as fanout:
+            await fanout.send(tick("AAPL", 1))
             await asyncio.sleep(0.02)  # the hub has passed on seq 1
             for seq in range(2, 6):  # in the store, not yet through this hub
-                await store.append(tick("AAPL", seq), {}, fence=None)
+                await fanout.store.append(tick("AAPL", seq), {}, fence=None)
             outbox = Outbox(limit=16, on_queued=lambda: None)
-            await hub.attach(outbox, "AAPL", since=4)
-            for seq in range(2, 7):
-                t = tick("AAPL", seq)
-                if seq == 6:
-                    await store.append(t, {}, fence=None)
-                await broker.publish(price_channel("AAPL"), t.frame)
+            await fanout.hub.attach(outbox, "AAPL", since=4)
+            for seq in range(2, 6):  # through the broker now, and then a new one
+                await fanout.broker.publish(price_channel("AAPL"), tick("AAPL", seq).frame)
+            await fanout.send(tick("AAPL", 6))
             for _ in range(50):
                 await asyncio.sleep(0.01)
                 if len(outbox) >= 2:
                     break
             assert [(f.event, f.seq) for f in outbox.drain()] == [("replay", 5), ("tick", 6)]
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()

@@ -7,30 +7,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from decimal import Decimal
 
 import pytest
 from prometheus_client import REGISTRY
 
-from app.broker import Broker, price_channel
-from app.prices.hub import FanoutHub
+from app.broker import price_channel
 from app.prices.outbox import Outbox
 from app.prices.sequencer import Sequencer
 from app.prices.store import MemoryTickStore
-from app.prices.ticks import Tick, encode_tick
-from tests.prices.fanout_support import SlowStore, published, received, tick
-
-
-def at(symbol: str, seq: int, ts: int) -> Tick:
-    return encode_tick(
-        symbol=symbol,
-        price=Decimal("1.0000"),
-        ts=ts,
-        seq=seq,
-        bid=Decimal(1),
-        ask=Decimal(1),
-        volume=Decimal(1),
-    )
+from app.prices.ticks import Tick
+from tests.prices.fanout_support import SlowStore, consuming_hub, received, tick
 
 
 def message(t: Tick) -> tuple[str, str]:
@@ -114,10 +100,12 @@ class TestSequencer:
         store = SlowStore(retention=1000, candles_kept=10)
         skipped = counter("pricefeed_hub_ticks_skipped_total")
         async with started(store, "TSLA", max_lag_ms=50) as (sequencer, runs, _):
-            sequencer.on_burst([message(at("TSLA", 1, 1_000))])
+            sequencer.on_burst([message(tick("TSLA", 1, ts=1_000))])
             # One burst: 10 ticks 20 ms apart by their ts; only those within 50 ms of the newest
-            sequencer.on_burst([message(at("TSLA", seq, 1_000 + 20 * seq)) for seq in range(2, 12)])
-            sequencer.on_burst([message(at("TSLA", 12, 1_240))])  # no gap after the skip
+            sequencer.on_burst(
+                [message(tick("TSLA", seq, ts=1_000 + 20 * seq)) for seq in range(2, 12)]
+            )
+            sequencer.on_burst([message(tick("TSLA", 12, ts=1_240))])  # no gap after the skip
             assert runs.runs == [[1], [9, 10, 11], [12]]
             assert store.history_reads == 0, "a skip is no gap to repair"
         assert counter("pricefeed_hub_ticks_skipped_total") == skipped + 7
@@ -176,98 +164,45 @@ class TestSequencer:
 
 class TestSequencingThroughTheHub:
     async def test_gap_in_the_broker_is_refetched_from_the_store(self) -> None:
-        broker = Broker("memory://")
-        await broker.connect()
-        store = MemoryTickStore(retention=1000, candles_kept=10)
-        hub = FanoutHub(broker=broker, store=store, retention=1000)
-        consumer = asyncio.create_task(hub.consume(["MSFT"]))
-        try:
-            outbox = Outbox(limit=64, on_queued=lambda: None)
-            await hub.attach(outbox, "MSFT", since=None)
-            await asyncio.sleep(0.05)
+        outbox = Outbox(limit=64, on_queued=lambda: None)
+        async with consuming_hub("MSFT", attach_first=[outbox]) as fanout:
             for seq in range(1, 11):
                 t = tick("MSFT", seq)
-                await store.append(t, {}, fence=None)
+                await fanout.store.append(t, {}, fence=None)
                 if seq not in (4, 5, 6):  # the broker lost these three
-                    await broker.publish(price_channel("MSFT"), t.frame)
-            seqs: list[int] = []
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                seqs += [f.seq for f in outbox.drain()]
-                if seqs and seqs[-1] == 10:
-                    break
-            assert seqs == list(range(1, 11))
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()
+                    await fanout.broker.publish(price_channel("MSFT"), t.frame)
+            assert await received(outbox, 10) == list(range(1, 11))
 
     async def test_a_backlog_is_skipped_to_its_newest_ticks_without_refetching(self) -> None:
         """Behind by a burst: ticks older than max_lag_ms vs the newest are skipped (a seq jump
         the client sees), and the hub does not refetch them as if they were a broker gap."""
-        broker = Broker("memory://")
-        await broker.connect()
         store = MemoryTickStore(retention=1000, candles_kept=10)
-        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
+        await store.append(tick("TSLA", 1), {}, fence=None)
         outbox = Outbox(limit=64, on_queued=lambda: None)
-        first = tick("TSLA", 1)
-        await store.append(first, {}, fence=None)
-        await hub.attach(outbox, "TSLA", since=None)  # snapshot: seq 1
-        consumer = asyncio.create_task(hub.consume(["TSLA"]))
-        try:
-            await asyncio.sleep(0.05)
-            for seq in range(2, 12):  # one burst: 10 ticks, 20 ms apart by their ts
-                t = encode_tick(
-                    symbol="TSLA",
-                    price=Decimal("245.0000"),
-                    ts=1_764_300_000_000 + seq * 20,
-                    seq=seq,
-                    bid=Decimal("244.9900"),
-                    ask=Decimal("245.0100"),
-                    volume=Decimal(1),
-                )
-                await store.append(t, {}, fence=None)
-                await broker.publish(price_channel("TSLA"), t.frame)
-            seqs: list[int] = []
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                seqs += [f.seq for f in outbox.drain()]
-                if seqs and seqs[-1] == 11:
-                    break
-            assert seqs == [1, 9, 10, 11]
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()
+        # the snapshot (seq 1) is taken before the hub consumes
+        async with consuming_hub(
+            "TSLA", store=store, max_lag_ms=50, attach_first=[outbox]
+        ) as fanout:
+            # one burst: 10 ticks, 20 ms apart by their ts
+            await fanout.send(
+                *(tick("TSLA", seq, ts=1_764_300_000_000 + seq * 20) for seq in range(2, 12))
+            )
+            assert await received(outbox, 11) == [1, 9, 10, 11]
 
 
 class TestRefetch:
     """While a broker gap is refetched from the store, later ticks wait behind it."""
 
-    @contextlib.asynccontextmanager
-    async def hub(self) -> AsyncIterator[tuple[FanoutHub, Broker, SlowStore]]:
-        broker = Broker("memory://")
-        await broker.connect()
-        store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
-        hub = FanoutHub(broker=broker, store=store, retention=1000)
-        consumer = asyncio.create_task(hub.consume(["MSFT"]))
-        try:
-            await asyncio.sleep(0.05)
-            yield hub, broker, store
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()
-
     async def test_ticks_that_arrive_during_a_refetch_follow_it_in_order(self) -> None:
-        async with self.hub() as (hub, broker, store):
+        store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
+        async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await hub.attach(outbox, "MSFT", since=None)
-            await published(broker, store, [1, 2, 3])
+            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.produce("MSFT", [1, 2, 3])
             for seq in (4, 5):  # the broker lost these
                 await store.append(tick("MSFT", seq), {}, fence=None)
             for seq in range(6, 31):  # and these come while the refetch waits on the store
-                await published(broker, store, [seq])
+                await fanout.produce("MSFT", [seq])
                 await asyncio.sleep(0.005)
             assert await received(outbox, 30) == list(range(1, 31))
             assert store.history_reads == 1  # one refetch for the one gap, not one per tick
@@ -275,54 +210,33 @@ class TestRefetch:
     async def test_a_backlog_past_its_bound_is_refetched_too(self, monkeypatch) -> None:
         monkeypatch.setattr("app.prices.sequencer._BACKLOG_TICKS", 5)
         dropped = REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0.0
-        async with self.hub() as (hub, broker, store):
+        store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
+        async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await hub.attach(outbox, "MSFT", since=None)
-            await published(broker, store, [1])
+            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.produce("MSFT", [1])
             await store.append(tick("MSFT", 2), {}, fence=None)  # lost by the broker
-            await published(broker, store, range(3, 41))  # 38 more during the refetch
+            await fanout.produce("MSFT", range(3, 41))  # 38 more during the refetch
             assert await received(outbox, 40) == list(range(1, 41))
         assert (REGISTRY.get_sample_value("pricefeed_hub_backlog_dropped_total") or 0) > dropped
 
     async def test_ticks_gone_stale_during_a_refetch_are_skipped(self) -> None:
         """Behind by a refetch: what waited behind the gap goes out as one burst, so ticks
         more than max_lag_ms older than their symbol's newest are skipped (a seq jump)."""
-        broker = Broker("memory://")
-        await broker.connect()
         store = SlowStore(retention=1000, candles_kept=10)
-        hub = FanoutHub(broker=broker, store=store, retention=1000, max_lag_ms=50)
-        consumer = asyncio.create_task(hub.consume(["MSFT"]))
-        try:
-            await asyncio.sleep(0.05)
+        async with consuming_hub("MSFT", store=store, max_lag_ms=50) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await hub.attach(outbox, "MSFT", since=None)
-
-            def at(seq: int, ts: int) -> Tick:
-                return encode_tick(
-                    symbol="MSFT",
-                    price=Decimal("1.0000"),
-                    ts=ts,
-                    seq=seq,
-                    bid=Decimal(1),
-                    ask=Decimal(1),
-                    volume=Decimal(1),
-                )
-
+            await fanout.hub.attach(outbox, "MSFT", since=None)
             start = int(time.time() * 1000)
-            for seq, ts in ((1, start), (2, start + 1)):
-                await store.append(at(seq, ts), {}, fence=None)
-            await broker.publish(price_channel("MSFT"), at(1, start).frame)  # 2 is lost
+            first = tick("MSFT", 1, ts=start)
+            await store.append(first, {}, fence=None)
+            await store.append(tick("MSFT", 2, ts=start + 1), {}, fence=None)
+            await fanout.broker.publish(price_channel("MSFT"), first.frame)  # 2 is lost
             await asyncio.sleep(0.02)
             for seq in range(3, 23):  # 10 ms apart by their ts, during the 0.1 s refetch
-                t = at(seq, start + 10 * seq)
-                await store.append(t, {}, fence=None)
-                await broker.publish(price_channel("MSFT"), t.frame)
+                await fanout.send(tick("MSFT", seq, ts=start + 10 * seq))
                 await asyncio.sleep(0.001)  # each its own burst
             seqs = await received(outbox, 22)
             assert seqs[:3] == [1, 2, 3]  # the refetched tick, and the one at the gap
             assert seqs[-6:] == [17, 18, 19, 20, 21, 22]  # within 50 ms of the newest
             assert len(seqs) == 9  # 4..16 skipped
-        finally:
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await broker.disconnect()

@@ -38,6 +38,15 @@ async def serve_with_state(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClien
             yield client, state["app"]
 
 
+def scraped(response: httpx.Response, name: str) -> float:
+    """The value of the sample `name` in a /metrics answer."""
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} missing")
+
+
 async def poll(
     client: httpx.AsyncClient,
     path: str,
@@ -146,11 +155,7 @@ class TestMetrics:
 
     async def test_ticks_published_counts_up(self, api: ApiFactory) -> None:
         def published(response: httpx.Response) -> float:
-            for family in text_string_to_metric_families(response.text):
-                for sample in family.samples:
-                    if sample.name == "pricefeed_ticks_published_total":
-                        return float(sample.value)
-            raise AssertionError("pricefeed_ticks_published_total missing")
+            return scraped(response, "pricefeed_ticks_published_total")
 
         async with api() as client:
             before = published(await client.get("/metrics"))
@@ -162,11 +167,7 @@ class TestMetrics:
         self, api: ApiFactory
     ) -> None:
         def broker_connected(response: httpx.Response) -> float:
-            for family in text_string_to_metric_families(response.text):
-                for sample in family.samples:
-                    if sample.name == "pricefeed_broker_connected":
-                        return float(sample.value)
-            raise AssertionError("pricefeed_broker_connected missing")
+            return scraped(response, "pricefeed_broker_connected")
 
         async with api() as client:  # BROADCAST_URL=memory://
             assert (await client.get("/readyz")).json()["checks"]["broker"] == "ok"

@@ -8,6 +8,7 @@ the floor for a Python process woken by each message on this machine.
 
     python -m bench.tickcost                      # pricefeed and bare, 3 rounds of 20 s
     python -m bench.tickcost --rate 200 --seconds 10 --rounds 1
+    BENCH_BASE_TREE=/tmp/base python -m bench.tickcost --kinds pricefeed,pricefeed-base,bare
 
 Pinning as in `python -m bench`: the subscriber on core 0; Redis and the publisher on core 1.
 """
@@ -59,8 +60,8 @@ async def measure(kind: str, rate: float, seconds: float) -> float:
         redis = Redis(workdir)
         await redis.ready()
         log = workdir / "server.log"
-        if kind == "pricefeed":
-            spec = SERVERS["pricefeed"]
+        if kind in SERVERS and SERVERS[kind].client_kind == "pricefeed":
+            spec = SERVERS[kind]
             port = free_port()
             await spec.prepare(port=port, redis_url=redis.url, workdir=workdir, log=log)
             server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=log)
@@ -112,7 +113,9 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="ticks/s, all symbols")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kinds", default="pricefeed,bare")
+    ap.add_argument(
+        "--kinds", default="pricefeed,bare", help="bare, and pricefeed servers of python -m bench"
+    )
     opts = ap.parse_args()
     return procs.run_main(amain(opts), "tickcost")
 

@@ -24,7 +24,10 @@ from tests.support import FAST_UNAVAILABLE, FAST_VARIANTS, NEEDS_FAST, Stream, o
 
 if FAST_UNAVAILABLE:
     pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
-from app.server.protocol import PricefeedWebSocketProtocol  # only once admitted
+from app.server.protocol import (  # only once admitted
+    PricefeedWebSocketProtocol,
+    WatchedTransport,
+)
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:
@@ -146,3 +149,50 @@ async def test_uvicorns_shutdown_closes_streams_with_1001(live) -> None:
         assert code == CloseCode.GOING_AWAY
         assert stream.conn.close_reason == "server going away"
         await TestLeavingTheFastPath.until(lambda: not len(server.app.state.streams))
+
+
+class TestWatchedTransport:
+    """What uvicorn writes must take a connection off the hub's direct sends first when it
+    could be overtaken (bytes left buffered) or followed (a close)."""
+
+    class Inner:
+        def __init__(self, buffered: int = 0) -> None:
+            self.buffered = buffered
+            self.calls: list[str] = []
+
+        def write(self, data: bytes) -> None:
+            self.calls.append("write")
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def close(self) -> None:
+            self.calls.append("close")
+
+        def abort(self) -> None:
+            self.calls.append("abort")
+
+        def write_eof(self) -> None:
+            self.calls.append("write_eof")
+
+    def watched(self, inner: Inner, log: list[str]) -> WatchedTransport:
+        return WatchedTransport(inner, lambda: log.append("left"))  # type: ignore[arg-type]
+
+    def test_a_write_that_went_out_whole_keeps_the_fast_path(self) -> None:
+        log: list[str] = []
+        self.watched(self.Inner(buffered=0), log).write(b"ping")
+        assert log == []
+
+    def test_a_write_that_left_bytes_buffered_leaves_it(self) -> None:
+        log: list[str] = []
+        self.watched(self.Inner(buffered=10), log).write(b"pong")
+        assert log == ["left"]
+
+    @pytest.mark.parametrize("method", ["close", "abort", "write_eof"])
+    def test_a_close_leaves_it_before_the_transport_closes(self, method: str) -> None:
+        log: list[str] = []
+        inner = self.Inner()
+        transport = self.watched(inner, log)
+        inner.calls = log  # one log: the order of the two
+        getattr(transport, method)()
+        assert log == ["left", method]

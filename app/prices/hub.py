@@ -112,6 +112,11 @@ class FanoutHub:
                     for outbox in outboxes:
                         if outbox.offer(tick, wire):
                             dirty.append(outbox)
+        except BaseException:
+            # What comes after the tick that failed was not passed on: refetched after the
+            # restart (found here, not counted in the loop, which runs for every tick).
+            self.sequencer.rewind(ticks[ticks.index(tick) + 1 :])
+            raise
         finally:
             self._flush(dirty, pending)
 
@@ -121,9 +126,14 @@ class FanoutHub:
         if not pending and not dirty:
             return
         now = time.time()
-        sent = self.lanes.write(pending, now) if pending else 0
-        join = self.lanes.join
+        sent = 0
         error: Exception | None = None
+        try:
+            if pending:
+                sent = self.lanes.write(pending, now)
+        except Exception as exc:  # noqa: BLE001 - raised below, once every cork is written
+            error = exc
+        join = self.lanes.join
         for outbox in dirty:
             try:
                 written = outbox.flush(now)

@@ -5,7 +5,8 @@ decodes them (a malformed message, or one on the wrong channel, is dropped and c
 those of a burst more than `max_lag_ms` older than their symbol's newest (the hub is behind:
 a `seq` jump the client sees, instead of latency that grows with the backlog), drops what it
 already passed on (a redelivery), and hands the rest, in order, to its `deliver` callback in
-one call per burst (FanoutHub.deliver, app/prices/hub.py, which writes them to the streams).
+one call per run of ticks up to a gap (FanoutHub.deliver, app/prices/hub.py, which writes them
+to the streams). A `deliver` that fails partway gives back what it did not pass on (`rewind`).
 
 A seq the broker skipped (a reconnect, a producer crash between store and publish) is a gap:
 the ticks before it go on, the sequencer refetches the missing ones from the store, where the
@@ -143,6 +144,16 @@ class Sequencer:
         finally:
             if run:
                 self._hand_on(run)
+
+    def rewind(self, ticks: list[Tick]) -> None:
+        """`deliver` failed before these ticks of its run (in order): they were not passed on
+        after all. Each symbol's last seq goes back to just before its first one, so the next
+        tick after a restart shows the gap and it is refetched, as any broker gap is."""
+        last_seq, seen = self._last_seq, set()
+        for tick in ticks:
+            if tick.symbol not in seen:
+                seen.add(tick.symbol)
+                last_seq[tick.symbol] = tick.seq - 1
 
     def _take(self, tick: Tick, run: list[Tick]) -> None:
         """Add `tick` to `run` unless it was passed on already (a redelivery, or a refetch that

@@ -10,6 +10,7 @@ import pytest
 from app.broker import Broker, price_channel
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
+from app.prices.ticks import Tick
 from tests.prices.fanout_support import (
     FakeProtocol,
     SlowStore,
@@ -77,6 +78,31 @@ class TestFanoutHub:
             await fanout.hub.attach(outbox, "MSFT", since=None)
             await fanout.produce("MSFT", [2, 3])
             assert await received(outbox, 3) == [1, 2, 3]  # 1: the snapshot
+
+    async def test_what_a_failing_offer_left_undelivered_is_refetched(self) -> None:
+        """A bug while a burst is offered ends `consume`; the burst's later ticks were never
+        passed on, so after the restart they are refetched from the store, not skipped."""
+
+        class FailsOnce(Outbox):
+            failed = False
+
+            def offer(self, tick: Tick, wire: bytes) -> bool:
+                if tick.seq == 3 and not self.failed:
+                    self.failed = True
+                    raise RuntimeError("a bug")
+                return super().offer(tick, wire)
+
+        outbox = FailsOnce(limit=64, on_queued=lambda: None)
+        async with consuming_hub("MSFT") as fanout:
+            await fanout.produce("MSFT", [1])
+            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.send(tick("MSFT", 2), tick("MSFT", 3), tick("MSFT", 4))  # one burst
+            with pytest.raises(RuntimeError):
+                await asyncio.wait_for(fanout.consumer, 5)
+            await fanout.restart()  # what the supervisor does
+            await fanout.produce("MSFT", [5])
+            # 3 failed on its way to this outbox (a seq jump it sees); 4 is refetched
+            assert await received(outbox, 5) == [1, 2, 4, 5]
 
 
 class TestAttach:

@@ -192,16 +192,17 @@ class ResilientRedisBackend(BroadcastBackend):
 
     async def _listen(self) -> None:
         """Keep a subscribed connection open while any channel is wanted, whatever Redis does."""
-        backoff = Backoff(base=0.1, cap=5.0)
+        backoff = Backoff(base=0.1, cap=5.0, healthy_after=10.0)
         first = True
         while True:
             await self._wanted.wait()
             if not self._channels:
                 self._wanted.clear()
                 continue
+            opened = None
             try:
                 proto = await self._open()
-                backoff.reset()  # it worked: the next drop is retried at once
+                opened = time.monotonic()
                 self.connected = True
                 _set_connected(True)
                 if not first:
@@ -222,7 +223,9 @@ class ResilientRedisBackend(BroadcastBackend):
                     self._proto = None
             self.connected = False
             _set_connected(False)
-            await backoff.sleep()
+            # A connection that lasted 10 s starts the delays over; one Redis drops at once (an
+            # output-buffer limit, a proxy) is retried ever more slowly, not every 0.1 s.
+            await backoff.sleep(ran_for=0.0 if opened is None else time.monotonic() - opened)
 
     async def _watch(self, proto: SubscriberProtocol) -> None:
         """Return when the connection closes; ping it when quiet, drop it when silent."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -20,7 +20,8 @@ def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
         socket_connect_timeout=2,
         socket_timeout=socket_timeout,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        # jittered, as every retry here (app/backoff.py): instances do not retry in step
+        retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis.from_pool(pool)

@@ -37,7 +37,7 @@ from app import metrics
 from app.frames import FrameWriter, Transport
 from app.prices.outbox import Outbox
 from app.prices.ticks import Tick
-from app.prices.wire import text_frame
+from app.prices.wire import batch_frame
 
 send_all: Callable[[array[int], bytes, array[int]], None] | None
 try:  # the lanes' send loop in C; optional (a build without a compiler writes in Python)
@@ -262,11 +262,7 @@ class Lanes:
                 data = ticks[0][1] if count == 1 else b"".join(wire for _, wire in ticks)
                 sent += plain.write(data, count, now)
             if batch.members:
-                if count == 1:
-                    data = ticks[0][1]
-                else:
-                    text = "[" + ",".join(tick.frame for tick, _ in ticks) + "]"
-                    data = text_frame(text.encode())
+                data = ticks[0][1] if count == 1 else batch_frame([t.frame for t, _ in ticks])
                 sent += batch.write(data, count, now)
         return sent
 

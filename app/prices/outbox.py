@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from app import metrics
 from app.frames import FrameWriter
 from app.prices.ticks import Tick, as_snapshot
-from app.prices.wire import text_frame
+from app.prices.wire import batch_frame
 
 if TYPE_CHECKING:
     from app.prices.lanes import Lane
@@ -206,7 +206,7 @@ class Outbox:
         if self._corked_texts:  # batch mode: one frame, an array when there are several
             texts, self._corked_texts = self._corked_texts, []
             count = len(texts)
-            data = text_frame((texts[0] if count == 1 else "[" + ",".join(texts) + "]").encode())
+            data = batch_frame(texts)
         else:
             frames, self._corked = self._corked, []
             count = len(frames)

@@ -14,3 +14,10 @@ def text_frame(payload: bytes) -> bytes:
     if length < 1 << 16:
         return b"\x81\x7e" + struct.pack("!H", length) + payload
     return b"\x81\x7f" + struct.pack("!Q", length) + payload
+
+
+def batch_frame(texts: list[str]) -> bytes:
+    """One text frame for the JSON of several ticks, in order: an array, or one alone as itself
+    (what a client that subscribed with `"batch": true` accepts)."""
+    text = texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]"
+    return text_frame(text.encode())

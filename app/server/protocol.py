@@ -21,7 +21,7 @@ import os
 import socket
 from asyncio import BaseTransport
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -29,7 +29,7 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
 from app.errors import CloseCode
-from app.frames import EXTENSION, Transport
+from app.frames import EXTENSION, Transport, frame_writer
 
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 
@@ -270,9 +270,8 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
 
     def _frame_writer(self) -> SocketFrameWriter | None:
-        scope = getattr(self, "scope", None)
-        entry = scope["extensions"].get(EXTENSION) if scope is not None else None
-        return entry["writer"] if entry is not None else None
+        scope = getattr(self, "scope", None)  # set once the handshake request was read
+        return cast(SocketFrameWriter | None, frame_writer(scope) if scope is not None else None)
 
     def _leave_fast_path(self) -> None:
         """Stop the hub's direct writes to this connection (it rejoins when it qualifies)."""

@@ -99,10 +99,10 @@ def read_stream_token(conn: HTTPConnection) -> str | None:
 def authenticate_stream(
     conn: HTTPConnection,
     state: Annotated[AppState, Depends(read_app_state)],
-    bearer: BearerCredentials,
+    _: BearerCredentials,  # only for the schema's lock: the token is read as WebSockets read it
 ) -> Principal:
-    """SSE: as `read_stream_token`; the header through the schema's bearer scheme."""
-    return verify_token(state, bearer.credentials if bearer else conn.query_params.get("token"))
+    """SSE: `read_stream_token`, as on the WebSocket routes."""
+    return verify_token(state, read_stream_token(conn))
 
 
 StateDep = Annotated[AppState, Depends(read_app_state)]

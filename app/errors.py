@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException
 
 
 class CloseCode(IntEnum):
-    """Every code a pricefeed stream closes with; `meaning` says when, for clients and docs."""
+    """Every code a pricefeed stream closes with but 1000 (the normal close that answers the
+    client's own); `meaning` says when, for clients and docs."""
 
     GOING_AWAY = 1001
     POLICY = 1008

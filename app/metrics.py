@@ -3,7 +3,7 @@
 What the fan-out bumps for every tick or burst is a `LoopCounter` or `LoopHistogram`: a plain
 number, updated from the event loop's thread only and read when /metrics is scraped.
 prometheus_client's own take a lock and walk several Python calls per update, which measured
-~27 µs of server CPU per tick on the fan-out's cold path (README, Performance).
+~27 µs of server CPU per tick on the fan-out's cold path (docs/performance.md).
 """
 
 from __future__ import annotations

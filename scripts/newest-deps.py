@@ -4,7 +4,7 @@
 the others allow, whatever our bounds and the lock say. The CI canary (scripts/canary.sh)
 installs them so a release that breaks pricefeed shows up before anyone raises a bound.
 
-Names keep their extras and environment markers: `uvicorn[standard]>=0.34` prints
+Names keep their extras and environment markers: `uvicorn[standard]>=0.52.1,<0.56` prints
 `uvicorn[standard]`, `uvloop>=0.23; sys_platform != 'win32'` prints
 `uvloop; sys_platform != 'win32'`. Standard library only: it runs before any venv exists.
 """

@@ -30,7 +30,7 @@ What is ours, and why: the public surface cannot carry it.
   either means overriding `Broadcast`'s private `_subscribers` and `_listener`, as the old
   app/broker.py did. And the hub wants each read's messages handed over from the read itself:
   broadcaster's two queue-and-task hops cost a tick ~45 µs of server CPU
-  (`python -m bench.tickcost`, README Performance). So the backends hand messages to our
+  (`python -m bench.tickcost`, docs/performance.md). So the backends hand messages to our
   fan-out; `Broadcast.subscribe` is not used, and `Broadcast`'s listener task waits on
   `next_published`, which our backends never complete, until disconnect cancels it.
 

@@ -2,7 +2,7 @@
 
 redis-py's PubSub spends about 170 µs of CPU per message in its coroutine stack (a coroutine,
 a timeout scope and a dict per message; measured on the fan-out server with 200 ticks/s, see
-the README's Performance section). Here every complete reply in a read is parsed by hiredis
+docs/performance.md). Here every complete reply in a read is parsed by hiredis
 and each message handed on at once, and the end of the read is signalled, so that the fan-out
 can hand each subscriber a read's messages together."""
 

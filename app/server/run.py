@@ -105,7 +105,7 @@ def _separate_producer(settings: Settings) -> bool:
 
 def raise_fd_limit() -> None:
     """Open-file soft limit up to the hard one: every connection is a descriptor, and one
-    on the fan-out's fast path holds a second (app/prices/hub.py)."""
+    on the fan-out's fast path holds a second (app/prices/lanes.py)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < target:

@@ -96,3 +96,20 @@ status=$?
 [ "$status" -eq 124 ] && fail "the serve tests hung"
 [ "$status" -eq 0 ] || fail "the app does not start and serve (pytest: $status)"
 say "pricefeed imports and serves on the newest releases"
+
+# Informational: outside the tested range the tests above skip pricefeed's own protocol. Would
+# it work there? This decides nothing (the guard keeps it off until the range is raised), but
+# tells whoever raises the bounds where to start.
+if "$PY" -c 'import sys; from app.server import guard; sys.exit(guard.fast_protocol() is None)' \
+    2>/dev/null; then
+  say "the newest uvicorn and websockets are inside the tested range: the fast path ran above"
+else
+  left=$((TEST_SECONDS - (SECONDS - started)))
+  if [ "$left" -gt 20 ] && PRICEFEED_TRY_UNTESTED_RELEASES=1 timeout -k 10 "$left" \
+      "${pytest[@]}" -x tests/test_ws_protocol.py tests/prices/test_lanes.py >/dev/null 2>&1; then
+    say "NOTE: pricefeed's protocol passes its tests on these untested releases too"
+  else
+    say "NOTE: pricefeed's protocol fails (or ran out of time) on these untested releases;" \
+      "keep the bounds in app/server/guard.py until it is mended"
+  fi
+fi

@@ -16,7 +16,9 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
     && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped
 
 FROM python:3.11-slim
-ENV PATH=/opt/venv/bin:$PATH \
+# ENV=prod unless told otherwise: no demo client, and a strong JWT_SECRET is required.
+ENV ENV=prod \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
 from app.auth.routes import router as auth_router
-from app.auth.service import upsert_client
+from app.auth.service import disable_client, upsert_client
 from app.broker import Broker
 from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
@@ -65,14 +65,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     sessions = create_session_factory(engine)
     try:
         instruments = await load_instruments(sessions)
-        if settings.env == "dev":
-            async with sessions() as session:
+        async with sessions() as session:
+            if settings.env == "dev":
                 await upsert_client(
                     session,
                     client_id=settings.demo_client_id,
                     name="Demo client (dev)",
                     secret=settings.demo_client_secret,
                     symbols=["*"],
+                )
+            elif await disable_client(session, settings.demo_client_id):
+                # A dev run on this database seeded it: its public secret opens nothing here.
+                logger.warning(
+                    "ENV=prod: disabled the demo client %r a dev run left in the database",
+                    settings.demo_client_id,
                 )
     except (SQLAlchemyError, RuntimeError):
         await engine.dispose()

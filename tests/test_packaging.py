@@ -1,7 +1,7 @@
 """The image's build stage has what it installs: the Dockerfile copies the lock files its
 RUN lines install from, and the wheel that `pip install .` builds from what it copies
 (pyproject.toml, README.md and app/) carries everything the app reads at run time, and the
-fan-out's C send loop."""
+fan-out's C send loop. And the image runs in prod unless told otherwise."""
 
 from __future__ import annotations
 
@@ -28,6 +28,24 @@ def build_stage() -> tuple[list[str], list[str]]:
         elif line.startswith("RUN "):
             runs.append(line)
     return copied, runs
+
+
+def final_stage_env() -> dict[str, str]:
+    """The variables the final stage's ENV lines set (`ENV A=1 B=2`)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    stage = re.split(r"^FROM ", text, flags=re.MULTILINE)[-1]
+    pairs = [
+        arg.split("=", 1)
+        for line in stage.splitlines()
+        if line.startswith("ENV ")
+        for arg in shlex.split(line)[1:]
+    ]
+    return {name: value for name, value in pairs}
+
+
+def test_the_image_runs_in_prod_unless_told_otherwise() -> None:
+    """`docker run` without `-e ENV=…` must not seed the demo client nor print its secret."""
+    assert final_stage_env().get("ENV") == "prod"
 
 
 def test_the_build_stage_copies_the_lock_files_it_installs_from() -> None:

@@ -1,9 +1,11 @@
-"""API clients: checking credentials, and seeding the dev demo client."""
+"""API clients: checking credentials, seeding the dev demo client, and disabling it in prod."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,3 +48,16 @@ async def upsert_client(
             continue
         return client
     raise AssertionError("unreachable")
+
+
+async def disable_client(session: AsyncSession, client_id: str) -> bool:
+    """Disable the client if it is active; True if this call disabled it. One UPDATE, so that
+    of several instances starting at once only one sees it change."""
+    disable = (
+        update(ApiClient)
+        .where(ApiClient.client_id == client_id, ApiClient.active.is_(True))
+        .values(active=False)
+    )
+    result = cast(CursorResult[Any], await session.execute(disable))  # an UPDATE's result
+    await session.commit()
+    return result.rowcount > 0

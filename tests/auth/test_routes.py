@@ -3,6 +3,7 @@ create clients and sign tokens."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,21 +22,26 @@ ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 DEMO = {"grant_type": "client_credentials", "client_id": "demo", "client_secret": "demo-secret"}
 
 
-def admin(*args: str, database_url: str) -> str:
-    """Run `python -m app.admin …` as an operator would; its stdout."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PRICEFEED_")},
-        **TEST_ENV,
-        "DATABASE_URL": database_url,
-    }
-    done = subprocess.run(
+def run_admin(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m app.admin …` as an operator would."""
+    return subprocess.run(
         [sys.executable, "-m", "app.admin", *args],
         cwd=ROOT,
-        env=env,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("PRICEFEED_")},
+            **TEST_ENV,
+            "DATABASE_URL": database_url,
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def admin(*args: str, database_url: str) -> str:
+    """Run `python -m app.admin …`, which must succeed; its stdout."""
+    done = run_admin(*args, database_url=database_url)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -141,6 +147,36 @@ class TestIssueToken:
 
         assert response.status_code == 401
         assert response.json()["code"] == "unauthenticated"
+
+    async def test_prod_disables_the_demo_client_a_dev_run_left(
+        self, api: ApiFactory, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A dev run seeded `demo`/`demo-secret` in this database; prod starts on it."""
+        async with api() as client:
+            assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+        caplog.set_level(logging.INFO, logger="app")
+
+        for _ in range(2):  # a second prod start finds it disabled already: no second line
+            async with api(env="prod") as client:
+                response = await client.post("/v1/auth/token", data=DEMO)
+                board = await client.get("/")
+
+            assert response.status_code == 401
+            assert response.json()["code"] == "unauthenticated"
+            assert "demo-secret" not in board.text
+        disabled = [r for r in caplog.records if "demo client" in r.getMessage()]
+        assert [r.getMessage() for r in disabled] == [
+            "ENV=prod: disabled the demo client 'demo' a dev run left in the database"
+        ]
+        assert disabled[0].levelno == logging.WARNING
+
+    async def test_a_dev_run_after_prod_enables_the_demo_client_again(
+        self, api: ApiFactory
+    ) -> None:
+        async with api(env="prod"), api() as client:
+            response = await client.post("/v1/auth/token", data=DEMO)
+
+        assert response.status_code == 200
 
 
 class TestAdminAddClient:

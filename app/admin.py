@@ -51,15 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     token = commands.add_parser("token", help="print an access token")
     token.add_argument("--sub", required=True, help="the token subject")
-    token.add_argument("--symbols", type=_symbols, default=["*"], help="AAPL,MSFT or '*'")
+    # No default: every symbol (`*`) is a choice the operator writes out, never an omission.
+    token.add_argument("--symbols", type=_symbols, required=True, help="AAPL,MSFT or '*'")
     token.add_argument("--ttl", type=int, default=None, help="seconds (default JWT_TTL_SECONDS)")
     add = commands.add_parser("add-client", help="create or update an API client")
     add.add_argument("--id", required=True, dest="client_id")
     add.add_argument("--name", default=None)
-    add.add_argument("--symbols", type=_symbols, default=["*"], help="AAPL,MSFT or '*'")
+    add.add_argument("--symbols", type=_symbols, required=True, help="AAPL,MSFT or '*'")
     args = parser.parse_args(argv)
 
     settings = get_settings()
+    if args.command == "add-client" and settings.env == "prod":
+        if args.client_id == settings.demo_client_id:
+            # prod disables this client at every start (app/main.py): it would not last.
+            parser.error(f"--id {args.client_id} is DEMO_CLIENT_ID, disabled in prod: pick another")
     if args.command == "token":
         signer = TokenSigner(
             secret=settings.jwt_secret,

@@ -208,8 +208,9 @@ class TestAdminAddClient:
         assert wrong.status_code == 401
 
     async def test_rerun_rotates_the_secret(self, api: ApiFactory, database_url: str) -> None:
-        first = parse_lines(admin("add-client", "--id", "desk-2", database_url=database_url))
-        second = parse_lines(admin("add-client", "--id", "desk-2", database_url=database_url))
+        rerun = ("add-client", "--id", "desk-2", "--symbols", "*")
+        first = parse_lines(admin(*rerun, database_url=database_url))
+        second = parse_lines(admin(*rerun, database_url=database_url))
         assert first["client_secret"] != second["client_secret"]
 
         async with api() as client:
@@ -231,8 +232,39 @@ class TestAdminToken:
         assert principal.symbols == frozenset({"AAPL"})
 
     def test_printed_token_is_signed_with_jwt_secret(self, database_url: str) -> None:
-        output = admin("token", "--sub", "x", "--ttl", "60", database_url=database_url)
+        output = admin(
+            "token", "--sub", "x", "--symbols", "*", "--ttl", "60", database_url=database_url
+        )
 
         assert signer().verify(output.strip()).subject == "x"
         with pytest.raises(InvalidToken):
             signer(secret=JWT_SECRET[::-1]).verify(output.strip())
+
+
+class TestAdminNeedsSymbols:
+    """Every symbol (`*`) is written out by the operator, never the default of an omission."""
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            pytest.param(("add-client", "--id", "desk-3"), id="add-client"),
+            pytest.param(("token", "--sub", "x"), id="token"),
+        ],
+    )
+    def test_without_symbols_it_exits_nonzero_and_says_why(
+        self, database_url: str, args: tuple[str, ...]
+    ) -> None:
+        done = run_admin(*args, database_url=database_url)
+
+        assert done.returncode == 2
+        assert "the following arguments are required: --symbols" in done.stderr
+        assert done.stdout == ""  # no secret, no token
+
+    def test_prod_refuses_to_create_the_demo_client(self, database_url: str) -> None:
+        done = run_admin(
+            "add-client", "--id", "demo", "--symbols", "*",
+            database_url=database_url, ENV="prod", JWT_SECRET=JWT_SECRET,
+        )  # fmt: skip
+
+        assert done.returncode == 2
+        assert "DEMO_CLIENT_ID" in done.stderr and "client_secret" not in done.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import MetaData, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -19,6 +20,11 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# What a database that cannot answer raises: SQLAlchemy's errors, and the OSError asyncpg
+# raises when it cannot connect (refused, timed out), which SQLAlchemy passes on unwrapped.
+DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
 
 class Base(DeclarativeBase):

@@ -3,8 +3,9 @@ WebSocket routes share them. `AppState` is what the lifespan builds (app/main.py
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends
@@ -18,6 +19,7 @@ from app.config import Settings
 from app.errors import Unauthenticated
 from app.feed.producer import Producer
 from app.instruments.catalog import Catalog
+from app.logs import OncePer
 from app.prices.hub import FanoutHub
 from app.prices.store import TickStore
 from app.prices.streams import StreamRegistry
@@ -40,6 +42,10 @@ class AppState:
     producer: Producer | None  # None when PRODUCER=off (or it runs in its own process)
     instance: str
     redis: Redis | None
+    # A database outage fails every request that needs it: one log line a minute says so.
+    database_outages: OncePer = field(
+        default_factory=lambda: OncePer(logging.getLogger("app.db"), seconds=60)
+    )
 
 
 def read_app_state(conn: HTTPConnection) -> AppState:

@@ -7,7 +7,7 @@ with (close code); one handler turns them into responses.
     ├── UnknownSymbol         404 / 4404
     ├── InvalidRequest        422 / 1008
     ├── RateLimited           429 / 1008   too many streams for one token subject
-    └── Unavailable           503 / 1013   a dependency (store, broker) is down
+    └── Unavailable           503 / 1013   a dependency (store, broker, database) is down
 
 `CloseCode` is the one list of WebSocket close codes: the server closes with its members, the
 client reads them, and the protocol page in /docs renders its table from them.
@@ -116,6 +116,14 @@ class RateLimited(PricefeedError):
 
 class Unavailable(PricefeedError):
     status_code, close_code, code = 503, CloseCode.TRY_LATER, "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, sent as `Retry-After` when set
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

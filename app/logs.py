@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -74,3 +75,24 @@ def install_redaction() -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactSecrets) for f in handler.filters):
                 handler.addFilter(RedactSecrets())
+
+
+class OncePer:
+    """Logs at most one line per `seconds`: an outage that fails every request shows as one
+    line (and how many failures the previous window swallowed), not one per request."""
+
+    def __init__(self, logger: logging.Logger, seconds: float) -> None:
+        self._logger, self._seconds = logger, seconds
+        self._next = 0.0
+        self._swallowed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._swallowed += 1
+            return
+        if self._swallowed:
+            message += f" ({self._swallowed} more since the last such line)"
+            self._swallowed = 0
+        self._next = now + self._seconds
+        self._logger.warning(message, *args)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import uvloop
@@ -22,6 +25,8 @@ from tests.support import (
     redis_server,
     serve_in_process,
 )
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def pytest_asyncio_loop_factories(
@@ -133,6 +138,24 @@ def live(
         return serve_in_process(build_app(**overrides))
 
     return start
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh (empty) database with a random name on the local PostgreSQL, dropped afterwards."""
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is unreachable in CI: {exc!r}")
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is unreachable: {exc!r}")
+    name = f"pricefeed_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 @pytest.fixture

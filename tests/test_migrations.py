@@ -7,8 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import pytest
 
 from tests.support import ROOT
 
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SEEDS = {
     "AAPL": "equity",
     "MSFT": "equity",
@@ -81,24 +78,6 @@ class TestSqlite:
 
         alembic(url, "upgrade", "head")
         assert_seeded(self.instruments(path))
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh database with a random name on the local PostgreSQL, dropped afterwards."""
-    try:
-        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is unreachable in CI: {exc!r}")
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is unreachable: {exc!r}")
-    name = f"pricefeed_test_{uuid.uuid4().hex[:12]}"
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.mark.postgres

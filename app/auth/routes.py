@@ -8,10 +8,14 @@ from fastapi import APIRouter, Form
 from pydantic import BaseModel
 
 from app.auth.service import authenticate_client
+from app.db import DATABASE_ERRORS
 from app.deps import SessionDep, StateDep
-from app.errors import ErrorOutDoc, Unauthenticated
+from app.errors import ErrorOutDoc, Unauthenticated, Unavailable
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
+
+# A database outage: each request gets a 503 it can retry (the log: one line a minute).
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 class TokenOut(BaseModel):
@@ -20,7 +24,14 @@ class TokenOut(BaseModel):
     expires_in: int
 
 
-@router.post("/token", response_model=TokenOut, responses={401: ErrorOutDoc})
+@router.post(
+    "/token",
+    response_model=TokenOut,
+    responses={
+        401: ErrorOutDoc,
+        503: {**ErrorOutDoc, "description": "Database unreachable: retry after `Retry-After`"},
+    },
+)
 async def issue_token(
     session: SessionDep,
     state: StateDep,
@@ -29,7 +40,20 @@ async def issue_token(
     client_secret: Annotated[str, Form(min_length=1, max_length=256)],
 ) -> TokenOut:
     """Trade client credentials for a short-lived access token (a JWT)."""
-    client = await authenticate_client(session, client_id=client_id, client_secret=client_secret)
+    try:
+        client = await authenticate_client(
+            session, client_id=client_id, client_secret=client_secret
+        )
+    except DATABASE_ERRORS as exc:
+        first_line = next(iter(str(exc).splitlines()), "")  # SQLAlchemy adds a second
+        state.database_outages.warning(
+            "token endpoint: database unavailable, answering 503 (%s: %s)",
+            type(exc).__name__,
+            first_line,
+        )
+        raise Unavailable(
+            "database unavailable; retry shortly", retry_after=DATABASE_RETRY_AFTER_SECONDS
+        ) from None
     if client is None:
         raise Unauthenticated("unknown client or wrong secret")
     ttl = state.settings.jwt_ttl_seconds

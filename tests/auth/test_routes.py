@@ -3,6 +3,8 @@ create clients and sign tokens."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from app.security import InvalidToken
-from tests.support import JWT_SECRET, ROOT, TEST_ENV, signer
+from tests.support import JWT_SECRET, ROOT, TEST_ENV, free_port, migrate, signer
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
@@ -268,3 +270,99 @@ class TestAdminNeedsSymbols:
 
         assert done.returncode == 2
         assert "DEMO_CLIENT_ID" in done.stderr and "client_secret" not in done.stdout
+
+
+class TestDatabaseOutage:
+    """The token endpoint with its database gone: a 503 the client can retry, in the shape of
+    every error, and one log line for the outage rather than a traceback per request."""
+
+    @staticmethod
+    def assert_outage_answered(
+        responses: list[httpx.Response], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        for response in responses:
+            assert response.status_code == 503
+            assert response.headers["content-type"] == "application/json"
+            assert response.json() == {
+                "detail": "database unavailable; retry shortly",
+                "code": "unavailable",
+            }
+            assert response.headers["retry-after"] == "5"
+        lines = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].levelno == logging.WARNING and lines[0].exc_info is None
+        assert "\n" not in lines[0].getMessage()
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+    async def test_sqlite_file_destroyed(
+        self, api: ApiFactory, database_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = database_url.removeprefix("sqlite+aiosqlite:///")
+        async with api() as client:
+            assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+            with open(path, "r+b") as db:  # the same file, under the open connection
+                db.write(b"\xff" * 4096)
+            caplog.clear()
+            responses = [await client.post("/v1/auth/token", data=DEMO) for _ in range(3)]
+
+        self.assert_outage_answered(responses, caplog)
+
+    @pytest.mark.postgres
+    async def test_postgres_unreachable(
+        self, api: ApiFactory, postgres_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """PostgreSQL behind a TCP hop that goes away: refused, as a database host that is
+        down; back, and tokens are issued again."""
+        await asyncio.to_thread(migrate, postgres_url)
+        hop = TcpHop(free_port(), target=5432)
+        await hop.open()
+        try:
+            async with api(database_url=hop.url(postgres_url)) as client:
+                assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+                await hop.close()  # the database goes away
+                caplog.clear()
+                responses = [await client.post("/v1/auth/token", data=DEMO) for _ in range(3)]
+                self.assert_outage_answered(responses, caplog)
+
+                await hop.open()  # and comes back
+                assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+        finally:
+            await hop.close()
+
+
+class TcpHop:
+    """127.0.0.1:`port` forwarded to 127.0.0.1:`target` while open; `close` stops listening
+    and cuts every connection it carried."""
+
+    def __init__(self, port: int, *, target: int) -> None:
+        self.port, self.target = port, target
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace(f"127.0.0.1:{self.target}", f"127.0.0.1:{self.port}")
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in self.writers:
+                writer.transport.abort()
+            self.writers.clear()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += (writer, up_writer)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()

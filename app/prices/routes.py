@@ -11,6 +11,7 @@ from app.deps import CurrentPrincipal, StateDep
 from app.errors import Forbidden, Unavailable
 from app.prices.candles import INTERVALS_MS
 from app.prices.schemas import CandleOut, ErrorOut, InstrumentOut, TickOut
+from app.prices.ticks import MAX_SEQ
 from app.security import Principal
 
 router = APIRouter(
@@ -85,7 +86,9 @@ async def read_price_history(
     symbol: str,
     principal: CurrentPrincipal,
     state: StateDep,
-    since: Annotated[int | None, Query(ge=0, description="Only ticks with a greater seq")] = None,
+    since: Annotated[
+        int | None, Query(ge=0, le=MAX_SEQ, description="Only ticks with a greater seq")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Retained ticks, oldest first: those after `since`, or the newest `limit` without it.

@@ -18,7 +18,7 @@ from app.errors import Forbidden, InvalidRequest, Unavailable
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
-from app.prices.ticks import normalise_symbol
+from app.prices.ticks import MAX_SEQ, normalise_symbol, parse_seq
 from app.security import Principal
 
 router = APIRouter(prefix="/v1", tags=["streams"])
@@ -57,11 +57,11 @@ class EventStream:
 def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
     if not value:
         return None
-    symbol, _, seq = value.partition(":")
-    normalised = normalise_symbol(symbol)
-    if normalised is None or not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
-        raise InvalidRequest("Last-Event-ID must look like SYMBOL:seq")
-    return normalised, int(seq)
+    symbol, _, raw_seq = value.partition(":")
+    normalised, seq = normalise_symbol(symbol), parse_seq(raw_seq)
+    if normalised is None or seq is None:
+        raise InvalidRequest(f"Last-Event-ID must look like SYMBOL:seq, seq at most {MAX_SEQ}")
+    return normalised, seq
 
 
 def _error_event(code: str, message: str) -> str:

@@ -14,6 +14,9 @@ from typing import NamedTuple
 import orjson
 
 SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9.\-]{0,15}$")
+# seq is a signed 64-bit integer wherever it is kept (Redis stream IDs, PostgreSQL BIGINT): a
+# `since` or `Last-Event-ID` beyond it is the client's mistake (422), not a store failure (503).
+MAX_SEQ = 2**63 - 1
 _TICK_PREFIX = '{"type":"tick",'
 _SNAPSHOT_PREFIX = '{"type":"snapshot",'
 
@@ -26,6 +29,14 @@ def normalise_symbol(raw: str) -> str | None:
     """Upper-case `raw`; None if it is not a valid symbol."""
     symbol = raw.strip().upper()
     return symbol if SYMBOL_RE.match(symbol) else None
+
+
+def parse_seq(raw: str) -> int | None:
+    """A seq a client sent as text (`?since=`, `Last-Event-ID`): 0 to MAX_SEQ, or None."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_SEQ)):
+        return None
+    seq = int(raw)
+    return seq if seq <= MAX_SEQ else None
 
 
 class Tick(NamedTuple):

@@ -15,6 +15,7 @@ from app.errors import CloseCode, Forbidden, InvalidRequest, PricefeedError, Una
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
 from app.prices.streams import RateLimiter, WebSocketStream, control
+from app.prices.ticks import MAX_SEQ, parse_seq
 from app.security import Principal
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,9 @@ async def stream_symbol(websocket: WebSocket) -> None:
         if not principal.may_read(resolved):
             raise Forbidden(f"not entitled to {resolved}")
         raw_since = websocket.query_params.get("since")
-        since = None
-        if raw_since is not None:
-            if not (raw_since.isascii() and raw_since.isdigit()) or len(raw_since) > 18:
-                raise InvalidRequest("since must be a non-negative integer")
-            since = int(raw_since)
+        since = None if raw_since is None else parse_seq(raw_since)
+        if raw_since is not None and since is None:
+            raise InvalidRequest(f"since must be an integer from 0 to {MAX_SEQ}")
     except PricefeedError as exc:
         await stream.close(exc.close_code, exc.message)
         return
@@ -212,8 +211,12 @@ def _since_field(request: dict[str, Any]) -> dict[str, int]:
     since = request.get("since", {})
     if since is None:
         return {}
-    if not isinstance(since, dict) or not all(type(v) is int and v >= 0 for v in since.values()):
-        raise BadRequest("invalid_message", "'since' must map symbols to non-negative integers")
+    if not isinstance(since, dict) or not all(
+        type(v) is int and 0 <= v <= MAX_SEQ for v in since.values()
+    ):
+        raise BadRequest(
+            "invalid_message", f"'since' must map symbols to integers from 0 to {MAX_SEQ}"
+        )
     return {s.strip().upper(): v for s, v in since.items()}
 
 

@@ -91,7 +91,8 @@ async def _run(
 async def _receive_text(
     stream: WebSocketStream, limiter: RateLimiter, max_bytes: int
 ) -> str | None:
-    """The next text frame, enforcing size and rate; None when the stream must end."""
+    """The next text frame, enforcing size and rate; None when the stream must end.
+    BadRequest for a binary frame (the connection stays)."""
     message = await stream.websocket.receive()
     if message["type"] == "websocket.disconnect":
         await stream.close(1000, "")
@@ -105,10 +106,7 @@ async def _receive_text(
         await stream.close(CloseCode.TOO_BIG, f"frames are limited to {max_bytes} bytes")
         return None
     if text is None:
-        stream.outbox.push_control(
-            control("error", code="invalid_message", message="send JSON text frames, not binary")
-        )
-        return ""
+        raise BadRequest("invalid_message", "send JSON text frames, not binary")
     return text
 
 
@@ -137,8 +135,12 @@ async def stream_symbol(websocket: WebSocket) -> None:
 async def _drain_client(stream: WebSocketStream, state: AppState) -> None:
     """The one-symbol route takes no requests, but still enforces the frame limits."""
     limiter = RateLimiter(state.settings.ws_max_messages_per_second)
-    while await _receive_text(stream, limiter, state.settings.ws_max_message_bytes) is not None:
-        pass
+    while True:
+        try:
+            if await _receive_text(stream, limiter, state.settings.ws_max_message_bytes) is None:
+                return
+        except BadRequest as exc:
+            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
 
 
 async def stream_many(websocket: WebSocket) -> None:
@@ -154,12 +156,10 @@ async def stream_many(websocket: WebSocket) -> None:
 async def _serve_requests(stream: WebSocketStream, state: AppState) -> None:
     limiter = RateLimiter(state.settings.ws_max_messages_per_second)
     while True:
-        text = await _receive_text(stream, limiter, state.settings.ws_max_message_bytes)
-        if text is None:
-            return
-        if not text:
-            continue
         try:
+            text = await _receive_text(stream, limiter, state.settings.ws_max_message_bytes)
+            if text is None:
+                return
             await _handle_request(stream, state, text)
         except BadRequest as exc:
             stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
@@ -173,6 +173,8 @@ async def _serve_requests(stream: WebSocketStream, state: AppState) -> None:
 
 
 def _parse(text: str) -> tuple[str, dict[str, Any]]:
+    if not text:
+        raise BadRequest("invalid_json", "the frame is empty; send a JSON request")
     try:
         request = orjson.loads(text)
     except orjson.JSONDecodeError:

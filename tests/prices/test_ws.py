@@ -240,6 +240,7 @@ class TestMultiplexed:
         ("request_text", "code"),
         [
             ("{not json", "invalid_json"),
+            ("", "invalid_json"),
             ('["subscribe"]', "invalid_message"),
             ('{"symbols": ["AAPL"]}', "invalid_message"),
             ('{"op": 7}', "invalid_message"),

@@ -39,6 +39,7 @@ class CloseCode(IntEnum):
     client's own); `meaning` says when, for clients and docs."""
 
     GOING_AWAY = 1001
+    INVALID_DATA = 1007
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL = 1011
@@ -55,6 +56,7 @@ class CloseCode(IntEnum):
 
 _CLOSE_MEANINGS = {
     CloseCode.GOING_AWAY: "server going away (deploy, shutdown): reconnect",
+    CloseCode.INVALID_DATA: "a text frame that is not valid UTF-8",
     CloseCode.POLICY: (
         "too many messages per second, too many connections for one token subject, a bad `since`"
     ),

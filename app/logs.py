@@ -69,6 +69,30 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
+_UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
+_streams = logging.getLogger("app.prices.ws")
+
+
+class InvalidUtf8IsTheClients(logging.Filter):
+    """uvicorn's websockets-sansio protocol (and ours, built on it) closes a connection that
+    sends a text frame that is not UTF-8 with 1007, and logs an ERROR with a traceback: any
+    client could fill the log with them. The client's mistake, not the server's: one DEBUG
+    line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UnicodeDecodeError) and record.msg == _UVICORN_INVALID_UTF8:
+            _streams.debug("closed a WebSocket with 1007: a text frame that is not UTF-8")
+            return False
+        return True
+
+
+def install_client_error_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, InvalidUtf8IsTheClients) for f in logger.filters):
+        logger.addFilter(InvalidUtf8IsTheClients())
+
+
 def install_redaction() -> None:
     """Filter every handler already installed (the app may run under a plain `uvicorn`)."""
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):

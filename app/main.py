@@ -31,7 +31,7 @@ from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
-from app.logs import install_redaction
+from app.logs import install_client_error_filter, install_redaction
 from app.ops import router as ops_router
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # protocol, without direct writes (app/server/guard.py logs why).
     settings = guard.resolve(settings or get_settings()).settings
     install_redaction()
+    install_client_error_filter()
     app = PricefeedApp(
         title="pricefeed",
         version="0.1.0",

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
 
     allowed_origins: Annotated[list[str], NoDecode] = []
 
+    # Operator pages: unset METRICS_TOKEN leaves /metrics open; DOCS_PUBLIC=false hides the
+    # API docs and the schema (404).
+    metrics_token: str = ""
+    docs_public: bool = True
+
     producer: Literal["on", "off"] = "on"
     feed_source: Literal["simulated"] = "simulated"
     feed_ticks_per_second: float = Field(default=2.0, gt=0, le=1000)

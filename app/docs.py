@@ -27,10 +27,21 @@ ASSETS_URL = "/static/docs"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
 
-def install_docs(app: FastAPI) -> None:
-    """Serve `/docs`, `/redoc` and their assets, and document the error shapes in the schema."""
+def install_docs(app: FastAPI, *, public: bool = True) -> None:
+    """Document the error shapes in the schema, and (`public`) serve `/docs`, `/redoc` and
+    their assets. Not public: build FastAPI with `openapi_url=None` too (DOCS_PUBLIC=false)."""
     openapi_url = app.openapi_url or "/openapi.json"
     title = app.title
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # built once, then served from FastAPI's cache
+            app.openapi_schema = document_error_shapes(build_schema())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented hook
+    if not public:
+        return
 
     app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
 
@@ -58,12 +69,3 @@ def install_docs(app: FastAPI) -> None:
             redoc_favicon_url=f"{ASSETS_URL}/favicon-32x32.png",
             with_google_fonts=False,
         )
-
-    build_schema = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:  # built once, then served from FastAPI's cache
-            app.openapi_schema = document_error_shapes(build_schema())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented hook

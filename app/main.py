@@ -207,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served by install_docs, from assets of our own
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_public else None,  # None: 404
         openapi_tags=[
             {"name": "auth", "description": "Access tokens"},
             {"name": "prices", "description": "REST snapshots"},
@@ -226,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
     )
     install_error_handlers(app)
-    install_docs(app)
+    install_docs(app, public=settings.docs_public)
     for router in (auth_router, prices_router, sse_router, ops_router, board_router):
         app.include_router(router)
     return app

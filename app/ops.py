@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.db import ping_database
 from app.deps import AppState, StateDep
+from app.errors import ErrorOutDoc, Unauthenticated
 from app.feed.leader import read_leader
 
 router = APIRouter(tags=["operations"])
@@ -65,7 +67,12 @@ async def read_readiness(state: StateDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
-async def read_metrics() -> Response:
-    """Prometheus metrics (text format)."""
+@router.get("/metrics", response_class=Response, responses={401: ErrorOutDoc})
+async def read_metrics(request: Request, state: StateDep) -> Response:
+    """Prometheus metrics (text format). With `METRICS_TOKEN` set, only for
+    `Authorization: Bearer <METRICS_TOKEN>`."""
+    expected = state.settings.metrics_token
+    given = request.headers.get("authorization", "")  # not a parameter: nothing to 422
+    if expected and not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise Unauthenticated("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
 
     broadcast_url: str = "memory://"
     database_url: str = "sqlite+aiosqlite:///./pricefeed.db"
+    # PostgreSQL: the longest a connection attempt or a query may take before it counts as
+    # the database being down (the token endpoint then answers 503)
+    database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     redis_key_prefix: str = "pricefeed"
 
     jwt_secret: str = DEV_JWT_SECRET

@@ -31,8 +31,14 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def create_engine(database_url: str) -> AsyncEngine:
-    return create_async_engine(database_url, pool_pre_ping=True)
+def create_engine(database_url: str, *, timeout: float = 5.0) -> AsyncEngine:
+    """PostgreSQL gets `timeout` seconds per connection attempt and per query: a database
+    that neither answers nor refuses (a partition) is an error soon, not after asyncpg's
+    default of a minute per attempt, and queries none. SQLite is a local file."""
+    connect_args = {"timeout": timeout, "command_timeout": timeout}
+    if not database_url.startswith("postgresql+asyncpg"):
+        connect_args = {}
+    return create_async_engine(database_url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

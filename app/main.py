@@ -61,7 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     streams: StreamRegistry = app.state.streams
     instance = instance_name(settings)
 
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     sessions = create_session_factory(engine)
     try:
         instruments = await load_instruments(sessions)

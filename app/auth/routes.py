@@ -45,7 +45,8 @@ async def issue_token(
             session, client_id=client_id, client_secret=client_secret
         )
     except DATABASE_ERRORS as exc:
-        first_line = next(iter(str(exc).splitlines()), "")  # SQLAlchemy adds a second
+        # One line: SQLAlchemy's messages run to several; a timeout's is empty.
+        first_line = next(iter(str(exc).splitlines()), "") or "no answer"
         state.database_outages.warning(
             "token endpoint: database unavailable, answering 503 (%s: %s)",
             type(exc).__name__,

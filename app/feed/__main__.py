@@ -53,7 +53,7 @@ async def run_producer() -> None:
         raise SystemExit(
             "python -m app.feed needs BROADCAST_URL=redis://… (memory:// is in-process)"
         )
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     sessions = create_session_factory(engine)
     try:
         instruments = await load_instruments(sessions)

@@ -329,15 +329,50 @@ class TestDatabaseOutage:
         finally:
             await hop.close()
 
+    @pytest.mark.postgres
+    async def test_postgres_silent(
+        self, api: ApiFactory, postgres_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A partition: the database neither answers nor refuses. The token endpoint answers
+        503 within DATABASE_TIMEOUT_SECONDS (a query, then a new connection), not after
+        asyncpg's default of a minute per connection attempt."""
+        await asyncio.to_thread(migrate, postgres_url)
+        hop = TcpHop(free_port(), target=5432)
+        await hop.open()
+        try:
+            async with api(
+                database_url=hop.url(postgres_url), database_timeout_seconds=0.5
+            ) as client:
+                assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+                hop.freeze()
+                caplog.clear()
+
+                async def two_requests() -> list[httpx.Response]:
+                    return [await client.post("/v1/auth/token", data=DEMO) for _ in range(2)]
+
+                # Each: the pooled connection's ping times out, then a new connection's attempt.
+                responses = await asyncio.wait_for(two_requests(), timeout=10)
+                self.assert_outage_answered(responses, caplog)
+                await hop.close()  # the app's shutdown has nothing to wait for
+        finally:
+            await hop.close()
+
 
 class TcpHop:
     """127.0.0.1:`port` forwarded to 127.0.0.1:`target` while open; `close` stops listening
-    and cuts every connection it carried."""
+    and cuts every connection it carried; `freeze` keeps every connection, and takes new ones,
+    but carries nothing more (a network partition: no answer, no error)."""
 
     def __init__(self, port: int, *, target: int) -> None:
         self.port, self.target = port, target
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for writer in self.writers:
+            writer.transport.pause_reading()
 
     def url(self, database_url: str) -> str:
         return database_url.replace(f"127.0.0.1:{self.target}", f"127.0.0.1:{self.port}")
@@ -353,8 +388,12 @@ class TcpHop:
             self.writers.clear()
             await self.server.wait_closed()
             self.server = None
+        self.frozen = False
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.frozen:
+            self.writers.append(writer)  # held open, never answered
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         self.writers += (writer, up_writer)
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     ws_outbox_frames: int = Field(default=512, ge=16)
     ws_send_buffer_bytes: int = Field(default=131_072, ge=0)  # kernel send buffer; 0 = autotune
     ws_per_message_deflate: bool = False
+    # REST: a token bucket per token subject (before auth, per client address), shared by
+    # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
+    rest_rate_per_second: float = Field(default=50.0, gt=0)
+    rest_rate_burst: int = Field(default=100, ge=1)
     ws_impl: Literal["fast", "websockets-sansio", "wsproto", "websockets"] = "fast"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 

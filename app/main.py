@@ -40,6 +40,7 @@ from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
 from app.prices.streams import StreamRegistry
 from app.prices.ws import serve_websocket
+from app.ratelimit import RateLimiter, create_buckets
 from app.redis_client import create_redis
 from app.security import TokenSigner
 from app.server import guard
@@ -106,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         supervisor.spawn("producer", producer.run)
 
+    buckets = create_buckets(redis, prefix=settings.redis_key_prefix)
     state = AppState(
         settings=settings,
         engine=engine,
@@ -125,6 +127,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         producer=producer,
         instance=instance,
         redis=redis,
+        rest_limit=RateLimiter(
+            buckets,
+            name="rest",
+            what="token subject or client address",
+            rate=settings.rest_rate_per_second,
+            burst=settings.rest_rate_burst,
+        ),
     )
     logger.info(
         "pricefeed ready: %d symbols, broker %s, producer %s, instance %s",

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
     rest_rate_per_second: float = Field(default=50.0, gt=0)
     rest_rate_burst: int = Field(default=100, ge=1)
+    # The token endpoint: requests per client address and per client_id (429 past them), and
+    # scrypt checks run at once per process (503 when one waits longer than the wait).
+    token_rate_per_minute: float = Field(default=30.0, gt=0)
+    token_rate_burst: int = Field(default=10, ge=1)
+    token_max_concurrent_checks: int = Field(default=4, ge=1)
+    token_check_wait_seconds: float = Field(default=1.0, gt=0, le=30)
     ws_impl: Literal["fast", "websockets-sansio", "wsproto", "websockets"] = "fast"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 

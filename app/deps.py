@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import Settings
 from app.errors import Unauthenticated
@@ -42,6 +43,7 @@ class AppState:
     instance: str
     redis: Redis | None
     rest_limit: RateLimiter  # REST requests per token subject (or client address)
+    token_throttle: TokenThrottle  # the token endpoint's limits
 
 
 def read_app_state(conn: HTTPConnection) -> AppState:

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.auth.routes import router as auth_router
 from app.auth.service import upsert_client
+from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
@@ -133,6 +134,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             what="token subject or client address",
             rate=settings.rest_rate_per_second,
             burst=settings.rest_rate_burst,
+        ),
+        token_throttle=TokenThrottle(
+            buckets,
+            per_minute=settings.token_rate_per_minute,
+            burst=settings.token_rate_burst,
+            max_checks=settings.token_max_concurrent_checks,
+            check_wait=settings.token_check_wait_seconds,
         ),
     )
     logger.info(

@@ -81,7 +81,7 @@ class PricefeedError(Exception):
     close_code = CloseCode.INTERNAL
     code = "internal"
 
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after  # whole seconds, for a 429 or 503 `Retry-After`

@@ -138,5 +138,6 @@ class RateLimiter:
             return
         if wait > 0:
             raise RateLimited(
-                f"too many requests for this {self._what}; retry later", retry_after(wait)
+                f"too many requests for this {self._what}; retry later",
+                retry_after=retry_after(wait),
             )

@@ -48,7 +48,8 @@ class SecretChecks:
                 await asyncio.wait_for(self._slots.acquire(), self._wait)
             except TimeoutError:
                 raise Unavailable(
-                    "too many token requests at once; retry shortly", retry_after(self._wait)
+                    "too many token requests at once; retry shortly",
+                    retry_after=retry_after(self._wait),
                 ) from None
         else:
             await self._slots.acquire()

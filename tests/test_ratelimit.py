@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import httpx
+import pytest
 
 from app.ratelimit import MemoryBuckets, RedisBuckets, retry_after
 from app.redis_client import create_redis
@@ -81,6 +82,7 @@ class TestRestLimitInProcess:
                 assert (await client.get(path)).status_code == 200, path
 
 
+@pytest.mark.redis
 class TestRestLimitAcrossInstances:
     async def test_two_instances_share_one_bucket(
         self, api: ApiFactory, redis: RedisServer
@@ -107,6 +109,7 @@ class TestBuckets:
         waits = [await buckets.take("k", rate=1000, burst=2) for _ in range(3)]
         assert waits[:2] == [0.0, 0.0] and 0 < waits[2] <= 0.001
 
+    @pytest.mark.redis
     async def test_redis_buckets_expire_when_idle(self, redis: RedisServer) -> None:
         client = create_redis(redis.url)
         try:

@@ -7,13 +7,15 @@ Redis one Lua script per check refills and takes atomically, on Redis's clock (s
 whose clocks differ agree), and gives the key a TTL of a full refill: an idle bucket is full
 again by then, so it may as well vanish. In process, idle buckets are dropped the same way.
 
-A limiter whose Redis is unreachable lets requests through (and says so in the log, at most
-once a minute): the routes behind it answer for themselves, and the token endpoint keeps
-renewing tokens with its concurrency cap still in place.
+A limiter whose Redis is unreachable (or silent for a second) lets requests through for the
+next 5 s without asking it, and says so in the log at most once a minute: the routes behind
+it answer for themselves, and the token endpoint keeps renewing tokens with its concurrency
+cap still in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -27,6 +29,8 @@ from app.errors import RateLimited
 logger = logging.getLogger(__name__)
 
 _REDIS_DOWN_LOG_SECONDS = 60.0
+_REDIS_TIMEOUT_SECONDS = 1.0  # a Redis that hangs delays no request longer than this
+_REDIS_RETRY_SECONDS = 5.0  # then requests pass unchecked this long, before Redis is tried again
 
 
 class Buckets(Protocol):
@@ -125,13 +129,20 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self._redis_down_logged = -math.inf
+        self._unchecked_until = -math.inf  # after a Redis failure, not asked again for a while
 
     async def check(self, key: str) -> None:
         """Take one request from `key`'s bucket, or raise `RateLimited` (429, Retry-After)."""
+        if time.monotonic() < self._unchecked_until:
+            return
         try:
-            wait = await self._buckets.take(f"{self._name}:{key}", rate=self.rate, burst=self.burst)
-        except RedisError as exc:
+            async with asyncio.timeout(_REDIS_TIMEOUT_SECONDS):
+                wait = await self._buckets.take(
+                    f"{self._name}:{key}", rate=self.rate, burst=self.burst
+                )
+        except (RedisError, TimeoutError) as exc:
             now = time.monotonic()
+            self._unchecked_until = now + _REDIS_RETRY_SECONDS
             if now - self._redis_down_logged > _REDIS_DOWN_LOG_SECONDS:
                 self._redis_down_logged = now
                 logger.warning("rate limit %s not checked: Redis unreachable (%r)", self._name, exc)

@@ -13,7 +13,7 @@ import pytest
 
 from app.ratelimit import MemoryBuckets, RedisBuckets, retry_after
 from app.redis_client import create_redis
-from tests.support import RedisServer, token
+from tests.support import RedisServer, free_port, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
@@ -101,6 +101,21 @@ class TestRestLimitAcrossInstances:
         assert refused.status_code == 429  # the second instance sees the first's spending
         assert refused.headers["Retry-After"] == "10"
         assert other.status_code == 200
+
+
+async def test_an_unreachable_redis_lets_requests_through(
+    api: ApiFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    demo = {"grant_type": "client_credentials", "client_id": "demo", "client_secret": "demo-secret"}
+    async with api(broadcast_url=f"redis://127.0.0.1:{free_port()}/0", producer="off") as client:
+        symbols = [
+            (await client.get("/v1/symbols", headers=bearer())).status_code for _ in range(3)
+        ]
+        issued = await client.post("/v1/auth/token", data=demo)
+
+    assert symbols == [200] * 3 and issued.status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "not checked" in r.getMessage()]
+    assert len(warnings) == 3  # one per limit (rest, token per address and per client_id)
 
 
 class TestBuckets:

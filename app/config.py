@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     ws_max_subscriptions: int = Field(default=100, ge=1, le=10_000)
     ws_max_connections: int = Field(default=10_000, ge=1)
     ws_max_connections_per_subject: int = Field(default=50, ge=1)
+    # With Redis, each stream's lease in the per-subject count across instances: renewed every
+    # third of it, so a dead instance's streams stop counting within it (app/prices/leases.py).
+    stream_lease_seconds: float = Field(default=15.0, ge=1, le=300)
     ws_heartbeat_seconds: float = Field(default=15.0, gt=0)
     ws_send_timeout_seconds: float = Field(default=10.0, gt=0)
     ws_outbox_frames: int = Field(default=512, ge=16)

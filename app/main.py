@@ -36,6 +36,7 @@ from app.logs import install_redaction
 from app.ops import router as ops_router
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
+from app.prices.leases import StreamLeases
 from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
@@ -96,6 +97,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    leases: StreamLeases | None = None
+    if redis is not None:  # the per-subject stream limit counts every instance's streams
+        leases = StreamLeases(
+            redis,
+            prefix=settings.redis_key_prefix,
+            instance=instance,
+            limit=settings.ws_max_connections_per_subject,
+            lease_seconds=settings.stream_lease_seconds,
+        )
+        streams.count_across_instances(leases)
+        supervisor.spawn("stream-leases", leases.run)
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
@@ -158,6 +170,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     finally:
         await streams.close_all(CloseCode.GOING_AWAY, "server going away")
         await supervisor.stop()
+        if leases is not None:
+            await leases.close()
         await broker.disconnect()
         if redis is not None:
             await redis.aclose()

@@ -24,6 +24,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.errors import RateLimited
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class RateLimiter:
                 logger.warning("rate limit %s not checked: Redis unreachable (%r)", self._name, exc)
             return
         if wait > 0:
+            metrics.REFUSED.labels(limit=self._name).inc()
             raise RateLimited(
                 f"too many requests for this {self._what}; retry later",
                 retry_after=retry_after(wait),

@@ -26,6 +26,13 @@ async def spend(client: httpx.AsyncClient, n: int, headers: dict[str, str]) -> l
     return [(await client.get("/v1/symbols", headers=headers)).status_code for _ in range(n)]
 
 
+def refused_count(metrics: httpx.Response) -> float:
+    for line in metrics.text.splitlines():
+        if line.startswith('pricefeed_requests_refused_total{limit="rest"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 async def poll_until_allowed(client: httpx.AsyncClient, headers: dict[str, str]) -> float:
     """Seconds until the bucket lets a request through again."""
     started = time.monotonic()
@@ -39,8 +46,10 @@ async def poll_until_allowed(client: httpx.AsyncClient, headers: dict[str, str])
 class TestRestLimitInProcess:
     async def test_a_burst_then_429_with_retry_after(self, api: ApiFactory) -> None:
         async with api(rest_rate_per_second=0.2, rest_rate_burst=5) as client:
+            before = refused_count(await client.get("/metrics"))
             statuses = await spend(client, 5, bearer())
             refused = await client.get("/v1/symbols", headers=bearer())
+            after = refused_count(await client.get("/metrics"))
 
         assert statuses == [200] * 5
         assert refused.status_code == 429
@@ -50,6 +59,7 @@ class TestRestLimitInProcess:
         }
         # one token at 0.2/s: 5 s away, in whole seconds
         assert refused.headers["Retry-After"] == "5"
+        assert after == before + 1
 
     async def test_the_bucket_refills(self, api: ApiFactory) -> None:
         async with api(rest_rate_per_second=10, rest_rate_burst=3) as client:

@@ -14,6 +14,7 @@ import asyncio
 import time
 from functools import cache
 
+from app import metrics
 from app.errors import Unavailable
 from app.ratelimit import Buckets, RateLimiter, retry_after
 from app.security import DUMMY_SECRET_HASH, verify_secret
@@ -47,6 +48,7 @@ class SecretChecks:
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._wait)
             except TimeoutError:
+                metrics.REFUSED.labels(limit="token-checks").inc()
                 raise Unavailable(
                     "too many token requests at once; retry shortly",
                     retry_after=retry_after(self._wait),

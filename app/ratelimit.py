@@ -7,7 +7,7 @@ Redis one Lua script per check refills and takes atomically, on Redis's clock (s
 whose clocks differ agree), and gives the key a TTL of a full refill: an idle bucket is full
 again by then, so it may as well vanish. In process, idle buckets are dropped the same way.
 
-A limiter whose Redis is unreachable (or silent for a second) lets requests through for the
+A limiter whose Redis is unreachable (or silent for 3 s) lets requests through for the
 next 5 s without asking it, and says so in the log at most once a minute: the routes behind
 it answer for themselves, and the token endpoint keeps renewing tokens with its concurrency
 cap still in place.
@@ -30,7 +30,7 @@ from app.errors import RateLimited
 logger = logging.getLogger(__name__)
 
 _REDIS_DOWN_LOG_SECONDS = 60.0
-_REDIS_TIMEOUT_SECONDS = 1.0  # a Redis that hangs delays no request longer than this
+_REDIS_TIMEOUT_SECONDS = 3.0  # a Redis that hangs delays no request longer than this
 _REDIS_RETRY_SECONDS = 5.0  # then requests pass unchecked this long, before Redis is tried again
 
 

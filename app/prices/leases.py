@@ -8,7 +8,7 @@ counts the rest and adds its own, in one Lua script. Each instance renews the le
 streams every third of `STREAM_LEASE_SECONDS` and removes a stream's member when it ends; an
 instance that dies renews nothing, so its streams stop counting within one lease.
 
-Redis unreachable (or silent for a second): a stream is admitted on the instance's own count
+Redis unreachable (or silent for 3 s): a stream is admitted on the instance's own count
 (one warning a minute), and the next renewal writes its lease; a renewal also rewrites leases
 lost with a Redis restart.
 """
@@ -30,7 +30,7 @@ from app.errors import RateLimited
 logger = logging.getLogger(__name__)
 
 _WARN_EVERY_SECONDS = 60.0
-_ACQUIRE_TIMEOUT_SECONDS = 1.0  # a Redis that hangs delays no handshake longer than this
+_ACQUIRE_TIMEOUT_SECONDS = 3.0  # a Redis that hangs delays no handshake longer than this
 _RENEW_CHUNK = 500  # members per renewal script: Redis stays responsive in between
 
 # KEYS[1] the subject's set; ARGV limit, lease ms, member. 1: admitted, 0: at the limit.

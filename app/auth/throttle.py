@@ -4,8 +4,10 @@ on the secret checks this process runs at once (503 with Retry-After past a shor
 
 A flood of token requests therefore makes a renewal fail fast and retry, never queue behind the
 flood for seconds. A request for an unknown `client_id` runs no scrypt at all: it waits as long
-as a real check lately took, so its timing still tells nothing of which ids exist, and
-anonymous senders inventing ids cost neither CPU nor check slots.
+as a real check lately took, so anonymous senders inventing ids cost neither CPU nor check
+slots, and on a server not flooded with checks the timing tells nothing of which ids exist.
+(In a flood, a known id may wait for a slot where an unknown one does not: probing that way is
+as slow as the per-address limit makes it.)
 """
 
 from __future__ import annotations

@@ -64,11 +64,24 @@ class Settings(BaseSettings):
     ws_max_subscriptions: int = Field(default=100, ge=1, le=10_000)
     ws_max_connections: int = Field(default=10_000, ge=1)
     ws_max_connections_per_subject: int = Field(default=50, ge=1)
+    # With Redis, each stream's lease in the per-subject count across instances: renewed every
+    # third of it, so a dead instance's streams stop counting within it (app/prices/leases.py).
+    stream_lease_seconds: float = Field(default=15.0, ge=1, le=300)
     ws_heartbeat_seconds: float = Field(default=15.0, gt=0)
     ws_send_timeout_seconds: float = Field(default=10.0, gt=0)
     ws_outbox_frames: int = Field(default=512, ge=16)
     ws_send_buffer_bytes: int = Field(default=131_072, ge=0)  # kernel send buffer; 0 = autotune
     ws_per_message_deflate: bool = False
+    # REST: a token bucket per token subject (before auth, per client address), shared by
+    # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
+    rest_rate_per_second: float = Field(default=50.0, gt=0)
+    rest_rate_burst: int = Field(default=100, ge=1)
+    # The token endpoint: requests per client address and per client_id (429 past them), and
+    # scrypt checks run at once per process (503 when one waits longer than the wait).
+    token_rate_per_minute: float = Field(default=30.0, gt=0)
+    token_rate_burst: int = Field(default=10, ge=1)
+    token_max_concurrent_checks: int = Field(default=4, ge=1)
+    token_check_wait_seconds: float = Field(default=1.0, gt=0, le=30)
     ws_impl: Literal["fast", "websockets-sansio", "wsproto", "websockets"] = "fast"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import Settings
 from app.errors import Unauthenticated
@@ -23,6 +24,7 @@ from app.logs import OncePer
 from app.prices.hub import FanoutHub
 from app.prices.store import TickStore
 from app.prices.streams import StreamRegistry
+from app.ratelimit import RateLimiter
 from app.security import ExpiredToken, InvalidToken, Principal, TokenSigner
 from app.supervisor import Supervisor
 
@@ -42,6 +44,8 @@ class AppState:
     producer: Producer | None  # None when PRODUCER=off (or it runs in its own process)
     instance: str
     redis: Redis | None
+    rest_limit: RateLimiter  # REST requests per token subject (or client address)
+    token_throttle: TokenThrottle  # the token endpoint's limits
     # A database outage fails every request that needs it: one log line a minute says so.
     database_outages: OncePer = field(
         default_factory=lambda: OncePer(logging.getLogger("app.db"), seconds=60)
@@ -90,11 +94,26 @@ def verify_token(state: AppState, token: str | None) -> Principal:
         raise Unauthenticated("the token is not valid") from exc
 
 
-def authenticate_rest(
-    state: Annotated[AppState, Depends(read_app_state)], bearer: BearerCredentials
+def client_address(conn: HTTPConnection) -> str:
+    """The peer's address (behind a trusted proxy, uvicorn's `proxy_headers` put the
+    forwarded one there)."""
+    return conn.client.host if conn.client is not None else "unknown"
+
+
+async def authenticate_rest(
+    conn: HTTPConnection,
+    state: Annotated[AppState, Depends(read_app_state)],
+    bearer: BearerCredentials,
 ) -> Principal:
-    """REST: `Authorization: Bearer <jwt>` (read as `_bearer` reads it)."""
-    return verify_token(state, bearer.credentials if bearer else None)
+    """REST: `Authorization: Bearer <jwt>` (read as `_bearer` reads it), then one request from
+    its subject's bucket; no token or a bad one takes from the client address's bucket."""
+    try:
+        principal = verify_token(state, bearer.credentials if bearer else None)
+    except Unauthenticated:
+        await state.rest_limit.check(f"addr:{client_address(conn)}")
+        raise
+    await state.rest_limit.check(f"sub:{principal.subject}")
+    return principal
 
 
 def read_stream_token(conn: HTTPConnection) -> str | None:

@@ -6,7 +6,7 @@ with (close code); one handler turns them into responses.
     ├── Forbidden             403 / 4403   symbol not entitled
     ├── UnknownSymbol         404 / 4404
     ├── InvalidRequest        422 / 1008
-    ├── RateLimited           429 / 1008   too many streams for one token subject
+    ├── RateLimited           429 / 1008   too many streams or requests (REST, token endpoint)
     └── Unavailable           503 / 1013   a dependency (store, broker, database) is down
 
 `CloseCode` is the one list of WebSocket close codes: the server closes with its members, the
@@ -83,13 +83,14 @@ class PricefeedError(Exception):
     close_code = CloseCode.INTERNAL
     code = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after  # whole seconds, for a 429 or 503 `Retry-After`
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return None
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class Unauthenticated(PricefeedError):
@@ -118,14 +119,6 @@ class RateLimited(PricefeedError):
 
 class Unavailable(PricefeedError):
     status_code, close_code, code = 503, CloseCode.TRY_LATER, "unavailable"
-
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after  # seconds, sent as `Retry-After` when set
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.auth.routes import router as auth_router
 from app.auth.service import disable_client, upsert_client
+from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import DEV_DEMO_CLIENT_SECRET, Settings, get_settings
 from app.db import create_engine, create_session_factory
@@ -35,11 +36,13 @@ from app.logs import install_client_error_filter, install_redaction
 from app.ops import router as ops_router
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
+from app.prices.leases import StreamLeases
 from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
 from app.prices.streams import StreamRegistry
 from app.prices.ws import serve_websocket
+from app.ratelimit import RateLimiter, create_buckets
 from app.redis_client import create_redis
 from app.security import TokenSigner
 from app.server import guard
@@ -100,6 +103,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    leases: StreamLeases | None = None
+    if redis is not None:  # the per-subject stream limit counts every instance's streams
+        leases = StreamLeases(
+            redis,
+            prefix=settings.redis_key_prefix,
+            instance=instance,
+            limit=settings.ws_max_connections_per_subject,
+            lease_seconds=settings.stream_lease_seconds,
+        )
+        streams.count_across_instances(leases)
+        supervisor.spawn("stream-leases", leases.run)
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
@@ -112,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         supervisor.spawn("producer", producer.run)
 
+    buckets = create_buckets(redis, prefix=settings.redis_key_prefix)
     state = AppState(
         settings=settings,
         engine=engine,
@@ -131,6 +146,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         producer=producer,
         instance=instance,
         redis=redis,
+        rest_limit=RateLimiter(
+            buckets,
+            name="rest",
+            what="token subject or client address",
+            rate=settings.rest_rate_per_second,
+            burst=settings.rest_rate_burst,
+        ),
+        token_throttle=TokenThrottle(
+            buckets,
+            per_minute=settings.token_rate_per_minute,
+            burst=settings.token_rate_burst,
+            max_checks=settings.token_max_concurrent_checks,
+            check_wait=settings.token_check_wait_seconds,
+        ),
     )
     logger.info(
         "pricefeed ready: %d symbols, broker %s, producer %s, instance %s",
@@ -147,6 +176,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     finally:
         await streams.close_all(CloseCode.GOING_AWAY, "server going away")
         await supervisor.stop()
+        if leases is not None:
+            await leases.close()
         await broker.disconnect()
         if redis is not None:
             await redis.aclose()

@@ -84,6 +84,11 @@ BROKER_DROPPED = Counter("pricefeed_broker_dropped_total", "Broker messages drop
 PRODUCER_LEADER = Gauge(
     "pricefeed_producer_leader", "1 while this instance holds the producer lease"
 )
+REFUSED = Counter(
+    "pricefeed_requests_refused_total",
+    "Requests refused by a limit: rest, token-address, token-client (429), token-checks (503)",
+    ["limit"],
+)
 TASK_FAILURES = Counter("pricefeed_task_failures_total", "Background task failures", ["task"])
 FANOUT_LAG = LoopHistogram(
     "pricefeed_fanout_lag_seconds",

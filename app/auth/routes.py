@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter, Form, Request
 from pydantic import BaseModel
 
 from app.auth.service import authenticate_client
 from app.db import DATABASE_ERRORS
-from app.deps import SessionDep, StateDep
+from app.deps import SessionDep, StateDep, client_address
 from app.errors import ErrorOutDoc, Unauthenticated, Unavailable
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
@@ -29,20 +29,29 @@ class TokenOut(BaseModel):
     response_model=TokenOut,
     responses={
         401: ErrorOutDoc,
-        503: {**ErrorOutDoc, "description": "Database unreachable: retry after `Retry-After`"},
+        429: {**ErrorOutDoc, "description": "Too many requests from this address or client_id"},
+        503: {
+            **ErrorOutDoc,
+            "description": "Database unreachable, or too many token requests at once: retry "
+            "after `Retry-After`",
+        },
     },
 )
 async def issue_token(
+    request: Request,
     session: SessionDep,
     state: StateDep,
     grant_type: Annotated[Literal["client_credentials"], Form()],
     client_id: Annotated[str, Form(min_length=1, max_length=64)],
     client_secret: Annotated[str, Form(min_length=1, max_length=256)],
 ) -> TokenOut:
-    """Trade client credentials for a short-lived access token (a JWT)."""
+    """Trade client credentials for a short-lived access token (a JWT). Limited per client
+    address and per `client_id` (429), and in secret checks at once (503), with Retry-After."""
+    throttle = state.token_throttle
+    await throttle.admit(address=client_address(request), client_id=client_id)
     try:
         client = await authenticate_client(
-            session, client_id=client_id, client_secret=client_secret
+            session, client_id=client_id, client_secret=client_secret, checks=throttle.checks
         )
     except DATABASE_ERRORS as exc:
         # One line: SQLAlchemy's messages run to several; a timeout's is empty.

@@ -10,18 +10,24 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.models import ApiClient
-from app.security import DUMMY_SECRET_HASH, hash_secret, verify_secret
+from app.auth.throttle import SecretChecks
+from app.security import hash_secret, verify_secret
 
 
 async def authenticate_client(
-    session: AsyncSession, *, client_id: str, client_secret: str
+    session: AsyncSession, *, client_id: str, client_secret: str, checks: SecretChecks
 ) -> ApiClient | None:
-    """The active client with these credentials, or None. Takes the same time either way."""
+    """The active client with these credentials, or None. Takes the same time either way:
+    an unknown id waits as long as a check takes (`checks` runs scrypt off the event loop)."""
     client = await session.get(ApiClient, client_id)
-    secret_hash = client.secret_hash if client is not None else DUMMY_SECRET_HASH
-    # scrypt is deliberately slow: keep it off the event loop.
-    ok = await asyncio.to_thread(verify_secret, client_secret, secret_hash)
-    if client is None or not ok or not client.active:
+    # The check is slow: hand the connection back first, or a flood of token requests holds
+    # the whole pool. The row stays readable (closing detaches it, it does not expire it).
+    await session.close()
+    if client is None:
+        await checks.pretend()
+        return None
+    ok = await checks.verify(client_secret, client.secret_hash)
+    if not ok or not client.active:
         return None
     return client
 

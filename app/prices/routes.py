@@ -21,6 +21,7 @@ router = APIRouter(
         401: {"model": ErrorOut, "description": "No token, or a bad or expired one"},
         403: {"model": ErrorOut, "description": "The token is not entitled to the symbol"},
         404: {"model": ErrorOut, "description": "Unknown symbol"},
+        429: {"model": ErrorOut, "description": "Too many requests: retry after `Retry-After` s"},
         503: {"model": ErrorOut, "description": "Price store unavailable"},
     },
 )

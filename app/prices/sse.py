@@ -98,7 +98,7 @@ async def stream_events(
         leeway=state.settings.jwt_leeway_seconds,
     )
     admission = state.streams.admit(stream, principal.subject, "sse")
-    admission.__enter__()  # raises 503 at capacity, 429 past the per-subject limit
+    await admission.__aenter__()  # raises 503 at capacity, 429 past the per-subject limit
     try:  # subscribe before answering: a store outage is a 503, not a broken 200
         for symbol in resolved:
             since = resume[1] if resume is not None and resume[0] == symbol else None
@@ -106,7 +106,7 @@ async def stream_events(
     except Exception as exc:
         stream.outbox.closed = True
         state.hub.detach(stream.outbox, stream.outbox.symbols)
-        admission.__exit__(None, None, None)
+        await admission.__aexit__(None, None, None)
         raise Unavailable("prices unavailable; retry shortly") from exc
 
     async def events() -> AsyncIterator[str]:
@@ -137,7 +137,7 @@ async def stream_events(
         finally:
             stream.outbox.closed = True
             state.hub.detach(stream.outbox, stream.outbox.symbols)
-            admission.__exit__(None, None, None)
+            await admission.__aexit__(None, None, None)
 
     return StreamingResponse(
         events(),

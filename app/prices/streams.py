@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import orjson
@@ -22,6 +22,7 @@ from app import metrics
 from app.errors import CloseCode, RateLimited, Unavailable
 from app.frames import FrameWriter, frame_writer
 from app.prices.hub import FanoutHub
+from app.prices.leases import StreamLeases
 from app.prices.outbox import Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
@@ -41,6 +42,11 @@ class StreamRegistry:
         self._max_per_subject = max_per_subject
         self._per_subject: Counter[str] = Counter()
         self._open: set[Closable] = set()
+        self._leases: StreamLeases | None = None
+
+    def count_across_instances(self, leases: StreamLeases) -> None:
+        """With Redis: the per-subject limit counts every instance's streams."""
+        self._leases = leases
 
     def __len__(self) -> int:
         return len(self._open)
@@ -48,8 +54,8 @@ class StreamRegistry:
     def __iter__(self) -> Iterator[Closable]:
         return iter(list(self._open))
 
-    @contextmanager
-    def admit(self, stream: Closable, subject: str, transport: str) -> Iterator[None]:
+    @asynccontextmanager
+    async def admit(self, stream: Closable, subject: str, transport: str) -> AsyncIterator[None]:
         if len(self._open) >= self._max_total:
             raise Unavailable("server at capacity; retry later")
         if self._per_subject[subject] >= self._max_per_subject:
@@ -57,9 +63,14 @@ class StreamRegistry:
         self._per_subject[subject] += 1
         self._open.add(stream)
         metrics.CONNECTIONS.labels(transport=transport).inc()
+        leases, lease = self._leases, None
         try:
+            if leases is not None:  # RateLimited past the limit across instances
+                lease = await leases.acquire(subject)
             yield
-        finally:
+        finally:  # nothing awaited: it runs whole even in a cancelled task
+            if leases is not None and lease is not None:
+                leases.release(subject, lease)
             self._open.discard(stream)
             self._per_subject[subject] -= 1
             if not self._per_subject[subject]:

@@ -68,7 +68,7 @@ async def _run(
     (this connection's requests) runs until the client goes or the stream is closed; sending
     happens without a task of its own (see WebSocketStream)."""
     try:
-        with state.streams.admit(stream, stream.principal.subject, "websocket"):
+        async with state.streams.admit(stream, stream.principal.subject, "websocket"):
             if subscribe is not None:
                 try:
                     await state.hub.attach(stream.outbox, subscribe[0], since=subscribe[1])

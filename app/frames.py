@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 EXTENSION = "pricefeed.frames"
+# Offered by pricefeed's protocol on every connection, compressed or not: see count_control_frames.
+CONTROL_EXTENSION = "pricefeed.control"
 
 Transport = asyncio.Transport
 
@@ -51,3 +53,16 @@ def frame_writer(scope: Mapping[str, Any]) -> FrameWriter | None:
     """The connection's frame writer, if its server offers one."""
     entry = scope.get("extensions", {}).get(EXTENSION)
     return entry["writer"] if entry else None
+
+
+def count_control_frames(scope: Mapping[str, Any], allow: Callable[[], bool]) -> bool:
+    """Have the server call `allow` for every ping and pong the client sends, before it
+    answers: the same budget as the client's messages. `allow` returning False means over the
+    rate: the server answers nothing more and closes the connection 1008 by itself (the app
+    then receives the disconnect). False when the server offers no such hook (uvicorn's stock
+    protocol answers pings itself, uncounted)."""
+    entry = scope.get("extensions", {}).get(CONTROL_EXTENSION)
+    if entry is None:
+        return False
+    entry["allow"] = allow
+    return True

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from app import metrics
 from app.errors import CloseCode, RateLimited, Unavailable
-from app.frames import FrameWriter, frame_writer
+from app.frames import FrameWriter, count_control_frames, frame_writer
 from app.prices.hub import FanoutHub
 from app.prices.leases import StreamLeases
 from app.prices.outbox import Frame, Outbox
@@ -128,9 +128,14 @@ class WebSocketStream:
         outbox_frames: int,
         send_timeout: float,
         heartbeat: float | None,
+        max_messages_per_second: float,
     ) -> None:
         self.websocket = websocket
         self.hub = hub
+        # Every frame from the client spends from it: messages (app/prices/ws.py), and pings
+        # and pongs where the server counts them for us (pricefeed's protocol).
+        self.limiter = RateLimiter(max_messages_per_second)
+        count_control_frames(websocket.scope, self.limiter.allow)
         self._direct: FrameWriter | None = frame_writer(websocket.scope)
         self.outbox = Outbox(limit=outbox_frames, on_queued=self._drain_soon, direct=self._direct)
         self._leeway = leeway

@@ -55,6 +55,7 @@ def _new_stream(
         outbox_frames=settings.ws_outbox_frames,
         send_timeout=settings.ws_send_timeout_seconds,
         heartbeat=settings.ws_heartbeat_seconds if heartbeat else None,
+        max_messages_per_second=settings.ws_max_messages_per_second,
     )
 
 
@@ -134,10 +135,10 @@ async def stream_symbol(websocket: WebSocket) -> None:
 
 async def _drain_client(stream: WebSocketStream, state: AppState) -> None:
     """The one-symbol route takes no requests, but still enforces the frame limits."""
-    limiter = RateLimiter(state.settings.ws_max_messages_per_second)
+    limiter, max_bytes = stream.limiter, state.settings.ws_max_message_bytes
     while True:
         try:
-            if await _receive_text(stream, limiter, state.settings.ws_max_message_bytes) is None:
+            if await _receive_text(stream, limiter, max_bytes) is None:
                 return
         except BadRequest as exc:
             stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
@@ -154,10 +155,9 @@ async def stream_many(websocket: WebSocket) -> None:
 
 
 async def _serve_requests(stream: WebSocketStream, state: AppState) -> None:
-    limiter = RateLimiter(state.settings.ws_max_messages_per_second)
     while True:
         try:
-            text = await _receive_text(stream, limiter, state.settings.ws_max_message_bytes)
+            text = await _receive_text(stream, stream.limiter, state.settings.ws_max_message_bytes)
             if text is None:
                 return
             await _handle_request(stream, state, text)

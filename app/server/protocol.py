@@ -1,6 +1,9 @@
-"""uvicorn's websockets-sansio protocol, plus one ASGI extension: `pricefeed.frames`, a way to
+"""uvicorn's websockets-sansio protocol, plus two ASGI extensions: `pricefeed.frames`, a way to
 write already-encoded WebSocket frames straight to the connection's transport (the app sees it
-only as `app.frames.FrameWriter`).
+only as `app.frames.FrameWriter`); and `pricefeed.control`, through which the app's message
+budget counts the client's pings and pongs (`app.frames.count_control_frames`), which
+websockets answers by itself: past the budget, or with its pongs piling up unread, the client
+is closed here.
 
 The hub encodes each tick's frame once and writes those same bytes to every subscriber: no
 per-connection encoding, no task switch, no ASGI message per tick. The extension is offered
@@ -25,13 +28,19 @@ from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
 from app.errors import CloseCode
-from app.frames import EXTENSION, Transport, frame_writer
+from app.frames import CONTROL_EXTENSION, EXTENSION, Transport, frame_writer
+from app.server.lean import LeanEvent, LeanQueue
 
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
+# Past this many unsent bytes after answering a ping, the client is closed 1013 (it does not read
+# what it asked for). The app never gets there: it stops writing at HIGH_WATER_BYTES and adds at
+# most one bounded outbox drain; only pongs, which websockets answers by itself, could.
+MAX_UNSENT_BYTES = 4 * HIGH_WATER_BYTES
 
 
 class SocketFrameWriter:
@@ -179,68 +188,6 @@ class WatchedTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
 
-class _LeanQueue:
-    """The protocol's queue of ASGI receive events: one consumer, a message or two at a time
-    (uvicorn pauses reading while one waits). asyncio.Queue costs ~2.3 KB per connection."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: list[Any] = []
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def empty(self) -> bool:
-        return not self._items
-
-    async def get(self) -> Any:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.pop(0)
-
-
-class _LeanEvent:
-    """asyncio.Event without its deque of waiters until someone waits (~0.7 KB saved)."""
-
-    __slots__ = ("_set", "_waiters")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        self._set = True
-        if self._waiters:
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._waiters = None
-
-    def clear(self) -> None:
-        self._set = False
-
-    async def wait(self) -> None:
-        if self._set:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        await waiter
-
-
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     # WS_SEND_BUFFER_BYTES (0: the kernel's autotuning); uvicorn instantiates the class.
     send_buffer_bytes = 0
@@ -252,9 +199,11 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Thousands of these live for hours: lighter stand-ins for two asyncio primitives.
-        self.queue = _LeanQueue()  # type: ignore[assignment]
-        self.writable = _LeanEvent()  # type: ignore[assignment]
+        self.queue = LeanQueue()  # type: ignore[assignment]
+        self.writable = LeanEvent()  # type: ignore[assignment]
         self.writable.set()
+        # The app's budget for the client's pings and pongs (app.frames.count_control_frames).
+        self.control: dict[str, Any] | None = None
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
@@ -327,9 +276,57 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
-        if scope is not None and not self.conn.extensions:
-            scope["extensions"][EXTENSION] = {"writer": SocketFrameWriter(self)}
+        if scope is not None:
+            self.control = scope["extensions"][CONTROL_EXTENSION] = {"allow": None}
+            if not self.conn.extensions:
+                scope["extensions"][EXTENSION] = {"writer": SocketFrameWriter(self)}
         self._forget_handshake_request()
+
+    # -- the client's pings and pongs: counted, and answered only while it reads them
+
+    def handle_ping(self) -> None:
+        """websockets has queued the pong already; uvicorn would write it unconditionally,
+        so 3,000,000 pings from a client that reads nothing would pile up 362 MB of pongs."""
+        if self._control_frame_refused():
+            return
+        super().handle_ping()
+        if self.raw_transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self._refuse(CloseCode.TRY_LATER, "reader too slow")
+
+    def handle_pong(self, event: Frame) -> None:
+        if not self._control_frame_refused():
+            super().handle_pong(event)
+
+    def _control_frame_refused(self) -> bool:
+        """Count one ping or pong against the app's message budget: True when it must not be
+        answered (over the budget: closed 1008; or this side is closing already)."""
+        if self.close_sent:
+            self.conn.data_to_send()  # websockets answers pings while closing too; we do not
+            return True
+        allow = self.control["allow"] if self.control is not None else None
+        if allow is None or allow():
+            return False
+        self._refuse(CloseCode.POLICY, "too many messages per second")
+        return True
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """Close from here, at once: nothing more is answered or read (the transport's close
+        stops reading), the close frame goes out behind what is buffered, the app gets the
+        disconnect, and a client that never takes it is aborted after `close_timeout`."""
+        self._leave_fast_path()
+        conn = self.conn
+        pending = conn.data_to_send()  # pongs of this read not yet written
+        if conn.state is State.OPEN:
+            conn.fail(code, reason)
+            pending = conn.data_to_send()
+        # else the client's own close came in this read: its echo is in `pending`
+        self.transport.write(b"".join(pending))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.close()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
 
     def _forget_handshake_request(self) -> None:
         """websockets' server-side parser is one generator for the whole connection: the

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 EXTENSION = "pricefeed.frames"
 # Offered by pricefeed's protocol on every connection, compressed or not: see count_control_frames.
 CONTROL_EXTENSION = "pricefeed.control"
+# Offered by pricefeed's HTTP protocol on every request: see request_transport.
+TRANSPORT_EXTENSION = "pricefeed.transport"
 
 Transport = asyncio.Transport
 
@@ -66,3 +68,11 @@ def count_control_frames(scope: Mapping[str, Any], allow: Callable[[], bool]) ->
         return False
     entry["allow"] = allow
     return True
+
+
+def request_transport(scope: Mapping[str, Any]) -> Transport | None:
+    """An HTTP request's connection transport, if its server offers it (pricefeed's does): for
+    a response that lasts (SSE) to bound its socket's send buffer, and to abort a reader that
+    is stuck (a close would wait for it to read what is buffered)."""
+    entry = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+    return entry["transport"] if entry else None

@@ -145,12 +145,14 @@ async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp
     """uvicorn on a free port in this event loop: a real server for WebSocket tests."""
     port = free_port()
     settings: Settings = app.state.settings
+    serving = guard.resolve(settings)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
             port=port,
-            ws=guard.resolve(settings).ws,
+            ws=serving.ws,
+            http=serving.http,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
             log_level="warning",

@@ -1,8 +1,15 @@
-"""Server-Sent Events: the stream for clients that cannot speak WebSocket."""
+"""Server-Sent Events: the stream for clients that cannot speak WebSocket.
+
+A stuck reader is treated as on a WebSocket: a bounded kernel send buffer
+(`WS_SEND_BUFFER_BYTES`), and a send stuck for `WS_SEND_TIMEOUT_SECONDS`, or past the token's
+expiry, ends the stream and aborts the connection (a close would wait for the reader).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -11,15 +18,19 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
 
 from app import metrics
 from app.deps import StateDep, authenticate_stream
-from app.errors import Forbidden, InvalidRequest, Unavailable
+from app.errors import CloseCode, Forbidden, InvalidRequest, Unavailable
+from app.frames import request_transport
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
 from app.prices.ticks import MAX_SEQ, normalise_symbol, parse_seq
 from app.security import Principal
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["streams"])
 
@@ -52,6 +63,61 @@ class EventStream:
                 return False
         self.wakeup.clear()
         return bool(len(self.outbox))
+
+
+class EventStreamResponse(StreamingResponse):
+    """The response of one EventStream, every send bounded by `send_timeout` and the token's
+    expiry. Past either, the stream ends and the connection is aborted, where the server
+    offers its transport (pricefeed's HTTP protocol; otherwise uvicorn closes it once the
+    reader has taken what is buffered)."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        stream: EventStream,
+        *,
+        send_timeout: float,
+        send_buffer_bytes: int,
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._stream = stream
+        self._send_timeout = send_timeout
+        self._send_buffer_bytes = send_buffer_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = request_transport(scope)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if self._send_buffer_bytes and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer_bytes)
+        stream = self._stream
+        stuck = False
+
+        async def bounded_send(message: Message) -> None:
+            nonlocal stuck
+            if stuck:
+                return
+            timeout = min(self._send_timeout, stream.deadline - time.time())
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await send(message)
+            except TimeoutError:
+                stuck = True
+                expired = time.time() >= stream.deadline
+                logger.info(
+                    "stream: SSE %s; closing", "token expired" if expired else "reader stuck"
+                )
+                await stream.close(
+                    CloseCode.TOKEN_EXPIRED if expired else CloseCode.TRY_LATER, "reader too slow"
+                )
+                if transport is not None:
+                    transport.abort()
+                    await asyncio.sleep(0)  # uvicorn hears of it: the response ends quietly
+
+        await super().__call__(scope, receive, bounded_send)
 
 
 def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
@@ -139,8 +205,9 @@ async def stream_events(
             state.hub.detach(stream.outbox, stream.outbox.symbols)
             await admission.__aexit__(None, None, None)
 
-    return StreamingResponse(
+    return EventStreamResponse(
         events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        stream,
+        send_timeout=state.settings.ws_send_timeout_seconds,
+        send_buffer_bytes=state.settings.ws_send_buffer_bytes,
     )

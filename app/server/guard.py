@@ -114,12 +114,14 @@ def fast_protocol() -> type[PricefeedWebSocketProtocol] | None:
 
 @dataclass(frozen=True)
 class Serving:
-    """The settings the service runs with, uvicorn's `ws` option for them (a protocol class,
-    or the name of one of uvicorn's), and whether `fast` had to give way to the stock one."""
+    """The settings the service runs with, uvicorn's `ws` and `http` options for them (a
+    protocol class, or the name of one of uvicorn's), and whether `fast` had to give way to
+    the stock one."""
 
     settings: Settings
     ws: type[asyncio.Protocol] | str
     fell_back: bool = False
+    http: type[asyncio.Protocol] | str = "auto"  # pricefeed's with `fast`: the transport in scope
 
 
 def resolve(settings: Settings) -> Serving:
@@ -131,4 +133,4 @@ def resolve(settings: Settings) -> Serving:
         stock = settings.model_copy(update={"ws_impl": STOCK, "fanout_direct_writes": False})
         return Serving(stock, STOCK, fell_back=True)
     protocol.configure(send_buffer_bytes=settings.ws_send_buffer_bytes)
-    return Serving(settings, protocol)
+    return Serving(settings, protocol, http=import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol)

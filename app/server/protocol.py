@@ -26,14 +26,15 @@ from asyncio import BaseTransport
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
 from app.errors import CloseCode
-from app.frames import CONTROL_EXTENSION, EXTENSION, Transport, frame_writer
+from app.frames import CONTROL_EXTENSION, EXTENSION, TRANSPORT_EXTENSION, Transport, frame_writer
 from app.server.lean import LeanEvent, LeanQueue
 
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
@@ -341,3 +342,28 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         parser = Protocol.parse(conn)
         next(parser)  # to where the old one waits: for the first frame's bytes
         conn.parser = parser
+
+
+class TransportInScope:
+    """For uvicorn's HTTP protocols: every request's scope carries the connection's transport
+    (`app.frames.request_transport`), so an SSE response can bound its socket's send buffer
+    and abort a stuck reader, as the WebSocket side does."""
+
+    app: Any
+    transport: Transport
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._inner_app = self.app
+        self.app = self._app_with_transport  # uvicorn calls `self.app` for each request
+
+    async def _app_with_transport(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        extensions: dict[str, Any] = cast(dict[str, Any], scope).setdefault("extensions", {})
+        extensions[TRANSPORT_EXTENSION] = {"transport": self.transport}
+        await self._inner_app(scope, receive, send)
+
+
+class PricefeedHTTPProtocol(TransportInScope, HttpToolsProtocol):
+    """uvicorn's httptools protocol (what its `auto` picks here), with the transport in scope."""

@@ -159,6 +159,7 @@ def main() -> None:
             port=settings.port,
             workers=settings.workers,
             ws=serving.ws,
+            http=serving.http,
             loop=settings.event_loop,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     stream_lease_seconds: float = Field(default=15.0, ge=1, le=300)
     ws_heartbeat_seconds: float = Field(default=15.0, gt=0)
     ws_send_timeout_seconds: float = Field(default=10.0, gt=0)
+    ws_subscribe_timeout_seconds: float = Field(default=30.0, gt=0)  # /v1/ws: subscribe by then
     ws_outbox_frames: int = Field(default=512, ge=16)
     ws_send_buffer_bytes: int = Field(default=131_072, ge=0)  # kernel send buffer; 0 = autotune
     ws_per_message_deflate: bool = False

@@ -148,6 +148,7 @@ class WebSocketStream:
         self._timer: asyncio.TimerHandle | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._subscribe_check: asyncio.TimerHandle | None = None
         self.principal = principal
 
     @property
@@ -168,8 +169,22 @@ class WebSocketStream:
     def start(self) -> None:
         self._arm_timer()
 
+    def require_subscription(self, within: float) -> None:
+        """Close 1008 unless the stream is subscribed to something `within` seconds from now:
+        an idle socket that subscribes to nothing only holds a slot."""
+        self._subscribe_check = asyncio.get_running_loop().call_later(
+            within, self._check_subscribed
+        )
+
+    def _check_subscribed(self) -> None:
+        self._subscribe_check = None
+        if not self.outbox.symbols:
+            self._close_soon(CloseCode.POLICY, "no subscription; subscribe after connecting")
+
     def stop(self) -> None:
         """The connection is over: drop timers and any drain still running."""
+        if self._subscribe_check is not None:
+            self._subscribe_check.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self._drainer is not None:
@@ -184,6 +199,8 @@ class WebSocketStream:
         self.hub.detach(self.outbox, self.outbox.symbols)
         if self._timer is not None:
             self._timer.cancel()
+        if self._subscribe_check is not None:
+            self._subscribe_check.cancel()
         metrics.CLOSES.labels(code=str(code)).inc()
         try:
             if self.websocket.application_state == WebSocketState.CONNECTED:

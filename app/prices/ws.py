@@ -151,6 +151,7 @@ async def stream_many(websocket: WebSocket) -> None:
     if principal is None:
         return
     stream = _new_stream(websocket, state, principal, heartbeat=True)
+    stream.require_subscription(state.settings.ws_subscribe_timeout_seconds)
     await _run(stream, state, _serve_requests(stream, state))
 
 

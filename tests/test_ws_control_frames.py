@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
 import time
 from typing import Any
@@ -36,7 +37,9 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 
 @FAST_VARIANTS
-async def test_a_ping_flooder_is_closed_1008_while_a_subscriber_keeps_its_ticks(live) -> None:
+async def test_a_ping_flooder_is_closed_1008_while_a_subscriber_keeps_its_ticks(
+    live, caplog: pytest.LogCaptureFixture
+) -> None:
     async with (
         live(feed_ticks_per_second=50) as server,
         open_stream(f"{server.ws}/v1/ws?token={token('calm')}") as calm,
@@ -71,6 +74,7 @@ async def test_a_ping_flooder_is_closed_1008_while_a_subscriber_keeps_its_ticks(
         seqs = [t["seq"] for t in ticks]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         await until(lambda: len(server.app.state.streams) == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "closed quietly"
 
 
 @FAST_VARIANTS

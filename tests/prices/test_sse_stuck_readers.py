@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import time
@@ -49,6 +50,13 @@ async def stuck_readers(
             sock.close()
 
 
+def server_http_protocols() -> list[Any]:
+    from app.server.protocol import PricefeedHTTPProtocol  # only where it is admitted
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, PricefeedHTTPProtocol)]
+
+
 async def until(predicate: Any, timeout: float) -> float:
     """Seconds until `predicate()` held."""
     started = time.monotonic()
@@ -77,6 +85,15 @@ async def test_stuck_sse_readers_are_closed_after_the_send_timeout(
         streams = server.app.state.streams
         async with stuck_readers(server, 5, token("stuck")) as socks:
             await until(lambda: len(streams) == 5, 5)
+            # The kernel holds at most WS_SEND_BUFFER_BYTES (Linux doubles what it is given)
+            # for each, not the megabytes its autotuning would grow to.
+            buffers = [
+                p.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                for p in server_http_protocols()
+                if not p.transport.is_closing()
+            ]
+            assert len(buffers) == 5
+            assert max(buffers) <= 2 * 8192
             # Each fills its buffers within a fraction of a second, then its send is stuck
             # for the timeout (1 s): closed well within the token's life (300 s).
             await until(lambda: not len(streams), 8)

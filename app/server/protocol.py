@@ -29,7 +29,7 @@ from typing import Any, cast
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import Frame
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 
@@ -42,6 +42,7 @@ HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and
 # what it asked for). The app never gets there: it stops writing at HIGH_WATER_BYTES and adds at
 # most one bounded outbox drain; only pongs, which websockets answers by itself, could.
 MAX_UNSENT_BYTES = 4 * HIGH_WATER_BYTES
+_CONTROL_OPCODES = (Opcode.PING, Opcode.PONG)
 
 
 class SocketFrameWriter:
@@ -285,30 +286,34 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     # -- the client's pings and pongs: counted, and answered only while it reads them
 
+    def handle_events(self) -> None:
+        """Count the pings and pongs of this read against the app's message budget before any
+        is answered (websockets has queued every pong already, and uvicorn's first
+        `handle_ping` writes them all): over it, none is, and the client is closed 1008."""
+        if not self.close_sent and self.control is not None:
+            allow = self.control["allow"]
+            frames = sum(
+                1
+                for event in self.conn.events
+                if isinstance(event, Frame) and event.opcode in _CONTROL_OPCODES
+            )
+            if allow is not None and frames and not all(allow() for _ in range(frames)):
+                self._refuse(CloseCode.POLICY, "too many messages per second")
+        super().handle_events()
+
     def handle_ping(self) -> None:
-        """websockets has queued the pong already; uvicorn would write it unconditionally,
-        so 3,000,000 pings from a client that reads nothing would pile up 362 MB of pongs."""
-        if self._control_frame_refused():
+        """Answered unless this side is closing; a client that does not read its pongs is
+        closed 1013 (uvicorn would pile them up: 3,000,000 pings once held 362 MB)."""
+        if self.close_sent:
+            self.conn.data_to_send()  # websockets answers pings while closing too; we do not
             return
         super().handle_ping()
         if self.raw_transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
             self._refuse(CloseCode.TRY_LATER, "reader too slow")
 
     def handle_pong(self, event: Frame) -> None:
-        if not self._control_frame_refused():
+        if not self.close_sent:
             super().handle_pong(event)
-
-    def _control_frame_refused(self) -> bool:
-        """Count one ping or pong against the app's message budget: True when it must not be
-        answered (over the budget: closed 1008; or this side is closing already)."""
-        if self.close_sent:
-            self.conn.data_to_send()  # websockets answers pings while closing too; we do not
-            return True
-        allow = self.control["allow"] if self.control is not None else None
-        if allow is None or allow():
-            return False
-        self._refuse(CloseCode.POLICY, "too many messages per second")
-        return True
 
     def _refuse(self, code: int, reason: str) -> None:
         """Close from here, at once: nothing more is answered or read (the transport's close

@@ -151,13 +151,15 @@ async def test_a_client_that_pings_but_never_reads_is_closed_1013(live) -> None:
             (protocol,) = [p for p in server_protocols() if not p.disconnected]
             protocol.close_timeout = 0.5
 
-            # Up to 4 MB of pings, never reading; once the server stops reading, the rest of
-            # them stays unsent on this side.
-            burst = PING * 1000
-            with contextlib.suppress(TimeoutError):
-                for _ in range(30):
-                    await asyncio.wait_for(loop.sock_sendall(sock, burst), 1)
-            await until(lambda: protocol.close_sent)
+            # Up to 4 MB of pings, never reading; once the server stops reading, the rest
+            # stays unsent on this side.
+            sending = asyncio.create_task(loop.sock_sendall(sock, PING * 30_000))
+            try:
+                await until(lambda: protocol.close_sent, timeout=10)
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
             unsent = protocol.raw_transport.get_write_buffer_size()
             assert unsent <= 2 * MAX_UNSENT_BYTES, f"{unsent} unsent bytes held for the client"
             assert protocol.conn.close_sent is not None

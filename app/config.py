@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     ws_outbox_frames: int = Field(default=512, ge=16)
     ws_send_buffer_bytes: int = Field(default=131_072, ge=0)  # kernel send buffer; 0 = autotune
     ws_per_message_deflate: bool = False
+    # Before the app: a request head not complete this long after the connection (or the first
+    # byte of a keep-alive connection's next request) is answered 408; a WebSocket handshake's
+    # request too.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
     # REST: a token bucket per token subject (before auth, per client address), shared by
     # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
     rest_rate_per_second: float = Field(default=50.0, gt=0)

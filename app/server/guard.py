@@ -121,7 +121,8 @@ class Serving:
     settings: Settings
     ws: type[asyncio.Protocol] | str
     fell_back: bool = False
-    http: type[asyncio.Protocol] | str = "auto"  # pricefeed's with `fast`: the transport in scope
+    # pricefeed's with `fast`: the transport in scope, bounded request heads
+    http: type[asyncio.Protocol] | str = "auto"
 
 
 def resolve(settings: Settings) -> Serving:
@@ -133,4 +134,6 @@ def resolve(settings: Settings) -> Serving:
         stock = settings.model_copy(update={"ws_impl": STOCK, "fanout_direct_writes": False})
         return Serving(stock, STOCK, fell_back=True)
     protocol.configure(send_buffer_bytes=settings.ws_send_buffer_bytes)
-    return Serving(settings, protocol, http=import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol)
+    http = import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol
+    http.configure(header_timeout=settings.http_header_timeout_seconds)
+    return Serving(settings, protocol, http=http)

@@ -75,8 +75,10 @@ class Settings(BaseSettings):
     ws_per_message_deflate: bool = False
     # Before the app: a request head not complete this long after the connection (or the first
     # byte of a keep-alive connection's next request) is answered 408; a WebSocket handshake's
-    # request too.
+    # request too. And open connections per instance past which requests are answered 503
+    # (not /healthz); 0: WS_MAX_CONNECTIONS + 1,000, room for REST and probes beside the streams.
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_open_connections: int = Field(default=0, ge=0)
     # REST: a token bucket per token subject (before auth, per client address), shared by
     # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
     rest_rate_per_second: float = Field(default=50.0, gt=0)
@@ -110,6 +112,11 @@ class Settings(BaseSettings):
         if self.env == "prod" and (self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32):
             raise ValueError("ENV=prod needs JWT_SECRET set to a random value of 32+ chars")
         return self
+
+    @property
+    def open_connection_cap(self) -> int:
+        """`MAX_OPEN_CONNECTIONS`, or its default beside `WS_MAX_CONNECTIONS`."""
+        return self.max_open_connections or self.ws_max_connections + 1_000
 
     @property
     def uses_redis(self) -> bool:

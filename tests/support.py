@@ -155,6 +155,7 @@ async def serve_in_process(app: FastAPI, **config: Any) -> AsyncIterator[LiveApp
             http=serving.http,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
+            limit_concurrency=settings.open_connection_cap,  # the stock protocols' cap
             log_level="warning",
             lifespan="on",
             **config,

@@ -1,19 +1,25 @@
 """app/server/protocol.py's `PricefeedHTTPProtocol`: what a client can hold before its request
 reaches the app. Request heads are bounded (414, 431) and timed (408), idle sockets are
-closed. Raw sockets against a real uvicorn server: the attack is on the wire."""
+closed, and past MAX_OPEN_CONNECTIONS requests get 503 while /healthz still answers. Raw
+sockets against a real uvicorn server: the attack is on the wire."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import httpx
+import pytest
 
 from app.server.protocol import MAX_HEADER_BYTES, MAX_URL_BYTES
-from tests.support import LiveApp, token
+from app.server.run import check_connection_cap
+from tests.support import LiveApp, make_settings, token
 
 Live = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
@@ -153,3 +159,63 @@ async def test_idle_sockets_are_closed_while_requests_are_served(live: Live) -> 
         finally:
             for _, writer in idle:
                 writer.close()
+
+
+async def test_past_the_connection_cap_requests_are_503_but_healthz_answers(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with live(max_open_connections=5) as server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+        try:
+            async with raw(server) as (reader, writer):
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = await answer(reader)
+            refused_with(reply, 503, "over_capacity")
+            assert reply[1]["retry-after"] == "1"
+            async with raw(server) as (reader, writer):  # a WebSocket handshake, the same
+                writer.write(
+                    b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                refused_with(await answer(reader), 503, "over_capacity")
+            async with raw(server) as (reader, writer):
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                status, _, _ = await answer(reader)
+            assert status == 200
+            assert any("MAX_OPEN_CONNECTIONS is 5" in r.getMessage() for r in caplog.records)
+        finally:
+            for _, writer in idle:
+                writer.close()
+        # Once they are gone, requests are served again.
+        await wait_for_status(server, "/readyz", (200, 503), refused=False)
+
+
+async def wait_for_status(
+    server: LiveApp, path: str, statuses: tuple[int, ...], *, refused: bool, timeout: float = 5
+) -> Any:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        while True:
+            response = await client.get(path, headers={"Connection": "close"})
+            over = response.headers.get("content-type") == "application/json" and (
+                response.json().get("code") == "over_capacity"
+            )
+            if response.status_code in statuses and over == refused:
+                return response
+            assert time.monotonic() < deadline, response.text
+            await asyncio.sleep(0.05)
+
+
+def test_a_cap_above_the_open_file_limit_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the open-file limit connections wait unaccepted, probes too, and nothing is logged
+    then: so startup says it, once."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    caplog.set_level(logging.WARNING, logger="app.server")
+    check_connection_cap(make_settings("sqlite+aiosqlite://", max_open_connections=soft // 2))
+    assert not caplog.records
+    check_connection_cap(make_settings("sqlite+aiosqlite://", max_open_connections=soft))
+    assert "exceeds the open-file limit" in caplog.records[0].getMessage()

@@ -121,7 +121,7 @@ class Serving:
     settings: Settings
     ws: type[asyncio.Protocol] | str
     fell_back: bool = False
-    # pricefeed's with `fast`: the transport in scope, bounded request heads
+    # pricefeed's with `fast`: the transport in scope, bounded request heads, the cap's probe
     http: type[asyncio.Protocol] | str = "auto"
 
 
@@ -135,5 +135,8 @@ def resolve(settings: Settings) -> Serving:
         return Serving(stock, STOCK, fell_back=True)
     protocol.configure(send_buffer_bytes=settings.ws_send_buffer_bytes)
     http = import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol
-    http.configure(header_timeout=settings.http_header_timeout_seconds)
+    http.configure(
+        header_timeout=settings.http_header_timeout_seconds,
+        max_connections=settings.open_connection_cap,
+    )
     return Serving(settings, protocol, http=http)

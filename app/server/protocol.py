@@ -382,7 +382,9 @@ MAX_HEADER_BYTES = 16 * 1024  # the headers, names and values together: more is 
 # httptools gathers an unfinished header inside itself (no callback until it ends), so bytes are
 # also counted as they arrive: a head this long without its end is 431 too.
 _MAX_HEAD_BYTES = MAX_URL_BYTES + MAX_HEADER_BYTES
+_PROBE_PATH = b"/healthz"  # answered at the connection cap too (see `_over_cap`)
 _LINGER_SECONDS = 2.0  # a refused connection is read (and discarded) this long, then closed
+_CAP_LOG_SECONDS = 10.0  # one log line per this long while requests are refused at the cap
 
 
 class _Refused(Exception):
@@ -398,19 +400,28 @@ class PricefeedHTTPProtocol(TransportInScope, HttpToolsProtocol):
       header once grew the process to ~1 GB);
     - a head not complete `header_timeout` seconds after the connection was made (or after the
       first byte of a keep-alive connection's next request) is answered 408, and a connection
-      that sent nothing at all by then is closed: idle and half-finished sockets do not stay.
+      that sent nothing at all by then is closed: idle and half-finished sockets do not stay;
+    - past `max_connections` open connections on this instance, a request (a WebSocket
+      upgrade too) is answered 503, except `GET /healthz`: the instance is alive, and a
+      probe that failed here would restart it and drop every stream. `/readyz` is refused,
+      so a load balancer sends new clients elsewhere.
 
     Each answer is a small JSON body `{"detail", "code"}` with `Connection: close`. The cost
     per connection is a counter and a timer; nothing is done per body byte."""
 
     header_timeout = 10.0  # HTTP_HEADER_TIMEOUT_SECONDS
+    max_connections: int | None = None  # MAX_OPEN_CONNECTIONS
+    _cap_logged_at = float("-inf")  # the last cap log line, for all connections
+    _cap_refused = 0  # requests refused at the cap since that line
 
     @classmethod
-    def configure(cls, *, header_timeout: float) -> None:
+    def configure(cls, *, header_timeout: float, max_connections: int | None) -> None:
         cls.header_timeout = header_timeout
+        cls.max_connections = max_connections
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.limit_concurrency = None  # uvicorn's own cap: replaced by `_over_cap`
         self._head_bytes = -1  # bytes of the current head, from its second read on; -1: none
         self._head_began = False  # a head began in the read being parsed
         self._header_bytes = 0
@@ -473,7 +484,29 @@ class PricefeedHTTPProtocol(TransportInScope, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_head_timer()
         self._head_bytes = -1
+        if self._over_cap():
+            self._refuse(503, "over_capacity", "too many connections, retry shortly")
         super().on_headers_complete()
+
+    def _over_cap(self) -> bool:
+        cap = self.max_connections
+        if cap is None or len(self.connections) <= cap:  # this connection is one of them
+            return False
+        if self.url.partition(b"?")[0] == _PROBE_PATH:
+            return False
+        cls = type(self)
+        cls._cap_refused += 1
+        now = self.loop.time()
+        if now - cls._cap_logged_at >= _CAP_LOG_SECONDS:
+            logger.warning(
+                "%d open connections, MAX_OPEN_CONNECTIONS is %d: refused %d request(s) with "
+                "503 (only /healthz is answered until connections close)",
+                len(self.connections),
+                cap,
+                cls._cap_refused,
+            )
+            cls._cap_logged_at, cls._cap_refused = now, 0
+        return True
 
     def _responding(self) -> bool:
         """A response is under way (the next request's head came early: pipelined)."""
@@ -519,6 +552,7 @@ class PricefeedHTTPProtocol(TransportInScope, HttpToolsProtocol):
                 b"content-type: application/json\r\n",
                 b"content-length: %d\r\n" % len(body),
                 b"connection: close\r\n",
+                b"retry-after: 1\r\n" if status == 503 else b"",
                 b"\r\n",
                 body,
             ]

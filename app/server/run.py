@@ -36,6 +36,7 @@ from app.server import guard
 
 logger = logging.getLogger("app.server")
 
+_FD_HEADROOM = 64  # descriptors beside the connections: listeners, database, Redis, logs
 # How a producer exits when asked to (its SIGTERM/SIGINT handler returns 0; or the signal
 # itself): no crash, whoever sent it, most likely a stop of the whole service.
 _ASKED_TO_STOP = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
@@ -118,6 +119,21 @@ def raise_fd_limit() -> None:
     logger.info("open-file limit: %d", soft)
 
 
+def check_connection_cap(settings: Settings) -> None:
+    """Warn when MAX_OPEN_CONNECTIONS does not fit under the open-file limit: past that limit,
+    connections are left unaccepted, probes too, before any answer or log line."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = settings.open_connection_cap
+    if soft != resource.RLIM_INFINITY and cap + _FD_HEADROOM > soft:
+        logger.warning(
+            "MAX_OPEN_CONNECTIONS (%d) + %d for everything else exceeds the open-file limit "
+            "(%d): at the limit connections are left unaccepted; lower it or raise the limit",
+            cap,
+            _FD_HEADROOM,
+            soft,
+        )
+
+
 def _stop_before_dying_of(signum: int, producer: ProducerProcess) -> None:
     """Once uvicorn has shut down after a signal, it raises that signal again for the handler
     it found; for SIGTERM that was the default, which ends the process on the spot, before
@@ -136,6 +152,7 @@ def main() -> None:
     settings = get_settings()
     logging.config.dictConfig(logging_config(settings.log_level))
     raise_fd_limit()
+    check_connection_cap(settings)
     serving = guard.resolve(settings)
     if serving.fell_back:
         # The workers (this process too, importing app.main) read the settings again: they
@@ -163,6 +180,7 @@ def main() -> None:
             loop=settings.event_loop,
             ws_max_size=settings.ws_max_message_bytes,
             ws_per_message_deflate=settings.ws_per_message_deflate,
+            limit_concurrency=settings.open_connection_cap,  # the stock protocols' cap
             log_config=logging_config(settings.log_level),
             log_level=settings.log_level,
             proxy_headers=True,

@@ -7,9 +7,9 @@ so that the fuzzer meets the routes, not the 429s (tests/test_ratelimit.py cover
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tests.support import make_settings, token
 # schemathesis's pytest integration reads the schema at collection time (its from_fixture does
 # not run on this pytest); the app is built then, and its database filled before the test runs.
 DATABASE = Path(tempfile.mkdtemp(prefix="pricefeed-schemathesis-")) / "pricefeed.db"
+atexit.register(shutil.rmtree, DATABASE.parent, ignore_errors=True)
 APP = create_app(
     make_settings(
         f"sqlite+aiosqlite:///{DATABASE}",
@@ -48,10 +49,8 @@ schema.location = "/openapi.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def database(migrated_db_template: Path) -> Iterator[None]:
+def database(migrated_db_template: Path) -> None:
     shutil.copy(migrated_db_template, DATABASE)
-    yield
-    shutil.rmtree(DATABASE.parent, ignore_errors=True)
 
 
 @schema.parametrize()

@@ -65,4 +65,4 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) pricefeed.db .pytest_cache .mypy_cache .ruff_cache build app/prices/_fanout.*.so
+	rm -rf $(VENV) $(TOOLS) pricefeed.db .pytest_cache .mypy_cache .ruff_cache .hypothesis build app/prices/_fanout.*.so

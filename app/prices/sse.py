@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app import metrics
 from app.deps import StateDep, authenticate_stream
-from app.errors import CloseCode, Forbidden, InvalidRequest, Unavailable
+from app.errors import CloseCode, ErrorOutDoc, Forbidden, InvalidRequest, Unavailable
 from app.frames import request_transport
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub
@@ -137,7 +137,14 @@ def _error_event(code: str, message: str) -> str:
 @router.get(
     "/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "An event stream"},
+        401: {**ErrorOutDoc, "description": "No token, or a bad or expired one"},
+        403: {**ErrorOutDoc, "description": "Origin not allowed, or a symbol not entitled"},
+        404: {**ErrorOutDoc, "description": "Unknown symbol"},
+        429: {**ErrorOutDoc, "description": "Too many streams for the token's subject"},
+        503: {**ErrorOutDoc, "description": "Price store unavailable, or the instance is full"},
+    },
 )
 async def stream_events(
     principal: Annotated[Principal, Depends(authenticate_stream)],

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # byte of a keep-alive connection's next request) is answered 408; a WebSocket handshake's
     # request too. And open connections per instance past which requests are answered 503
     # (not /healthz); 0: WS_MAX_CONNECTIONS + 1,000, room for REST and probes beside the streams.
-    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    ws_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
     max_open_connections: int = Field(default=0, ge=0)
     # REST: a token bucket per token subject (before auth, per client address), shared by
     # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).

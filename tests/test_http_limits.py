@@ -106,7 +106,7 @@ async def test_large_but_legal_heads_are_served(live: Live) -> None:
 
 
 async def test_a_half_sent_request_line_is_408_after_the_timeout(live: Live) -> None:
-    async with live(http_header_timeout_seconds=1.0) as server, raw(server) as (reader, writer):
+    async with live(ws_handshake_timeout_seconds=1.0) as server, raw(server) as (reader, writer):
         started = time.monotonic()
         writer.write(b"GET /heal")
         refused_with(await answer(reader), 408, "request_timeout")
@@ -115,7 +115,7 @@ async def test_a_half_sent_request_line_is_408_after_the_timeout(live: Live) -> 
 
 async def test_a_keep_alive_request_that_never_ends_is_408(live: Live) -> None:
     """The timer starts again for a connection's next request (slowloris on keep-alive)."""
-    async with live(http_header_timeout_seconds=1.0) as server, raw(server) as (reader, writer):
+    async with live(ws_handshake_timeout_seconds=1.0) as server, raw(server) as (reader, writer):
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert first.startswith(b"HTTP/1.1 200")
@@ -127,7 +127,7 @@ async def test_a_keep_alive_request_that_never_ends_is_408(live: Live) -> None:
 async def test_a_head_pipelined_behind_a_stream_is_not_answered_into_it(live: Live) -> None:
     """The next request's head may wait while a response is under way (an SSE stream, here):
     no 408 is written into the middle of the stream."""
-    async with live(http_header_timeout_seconds=0.5) as server, raw(server) as (reader, writer):
+    async with live(ws_handshake_timeout_seconds=0.5) as server, raw(server) as (reader, writer):
         writer.write(
             b"GET /v1/stream?symbols=AAPL HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer " + token().encode() + b"\r\n\r\nGET /hea"
@@ -145,7 +145,7 @@ async def test_a_head_pipelined_behind_a_stream_is_not_answered_into_it(live: Li
 
 
 async def test_idle_sockets_are_closed_while_requests_are_served(live: Live) -> None:
-    async with live(http_header_timeout_seconds=1.0) as server:
+    async with live(ws_handshake_timeout_seconds=1.0) as server:
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(100)]
         try:
             async with httpx.AsyncClient(base_url=server.http) as client:

@@ -136,7 +136,7 @@ def resolve(settings: Settings) -> Serving:
     protocol.configure(send_buffer_bytes=settings.ws_send_buffer_bytes)
     http = import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol
     http.configure(
-        header_timeout=settings.http_header_timeout_seconds,
+        header_timeout=settings.ws_handshake_timeout_seconds,
         max_connections=settings.open_connection_cap,
     )
     return Serving(settings, protocol, http=http)

@@ -409,7 +409,7 @@ class PricefeedHTTPProtocol(TransportInScope, HttpToolsProtocol):
     Each answer is a small JSON body `{"detail", "code"}` with `Connection: close`. The cost
     per connection is a counter and a timer; nothing is done per body byte."""
 
-    header_timeout = 10.0  # HTTP_HEADER_TIMEOUT_SECONDS
+    header_timeout = 10.0  # WS_HANDSHAKE_TIMEOUT_SECONDS
     max_connections: int | None = None  # MAX_OPEN_CONNECTIONS
     _cap_logged_at = float("-inf")  # the last cap log line, for all connections
     _cap_refused = 0  # requests refused at the cap since that line

@@ -1,5 +1,5 @@
-"""app/server/protocol.py's `PricefeedHTTPProtocol`: what a client can hold before its request
-reaches the app. Request heads are bounded (414, 431) and timed (408), idle sockets are
+"""`PricefeedHTTPProtocol` (app/server/http_protocol.py): what a client can hold before its
+request reaches the app. Request heads are bounded (414, 431) and timed (408), idle sockets are
 closed, and past MAX_OPEN_CONNECTIONS requests get 503 while /healthz still answers. Raw
 sockets against a real uvicorn server: the attack is on the wire."""
 
@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.server.protocol import MAX_HEADER_BYTES, MAX_URL_BYTES
+from app.server.http_protocol import MAX_HEADER_BYTES, MAX_URL_BYTES
 from app.server.run import check_connection_cap
 from tests.support import LiveApp, make_settings, token
 

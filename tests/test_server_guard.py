@@ -138,7 +138,8 @@ class TestResolve:
         assert (serving.ws, serving.fell_back) == ("websockets-sansio", True)
         assert not serving.settings.fanout_direct_writes
         (warning,) = warnings_of(caplog)
-        assert "importing app.server.no_such_protocol failed (ModuleNotFoundError" in warning
+        assert "importing pricefeed's protocols failed (ModuleNotFoundError" in warning
+        assert "app.server.no_such_protocol" in warning
 
 
 async def test_a_too_new_uvicorn_serves_ticks_on_the_stock_protocol_and_says_why_once(

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 STOCK = "websockets-sansio"
 PROTOCOL_MODULE = "app.server.protocol"
+HTTP_PROTOCOL_MODULE = "app.server.http_protocol"
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,12 @@ def fast_protocol() -> type[PricefeedWebSocketProtocol] | None:
         try:
             protocol: type[PricefeedWebSocketProtocol]
             protocol = import_module(PROTOCOL_MODULE).PricefeedWebSocketProtocol
+            import_module(HTTP_PROTOCOL_MODULE)  # its HTTP side (`resolve`) goes with it
             return protocol
         except Exception as exc:  # any failure means: not this protocol
             # Inside the tested range this is a bug: its traceback goes to the log (debug).
-            logger.debug("importing %s failed", PROTOCOL_MODULE, exc_info=True)
-            why = f"importing {PROTOCOL_MODULE} failed ({type(exc).__name__}: {exc})"
+            logger.debug("importing pricefeed's protocols failed", exc_info=True)
+            why = f"importing pricefeed's protocols failed ({type(exc).__name__}: {exc})"
     logger.warning(
         "WS_IMPL=fast unavailable: %s; serving WebSockets with uvicorn's %s protocol and "
         "no direct writes",
@@ -134,7 +136,7 @@ def resolve(settings: Settings) -> Serving:
         stock = settings.model_copy(update={"ws_impl": STOCK, "fanout_direct_writes": False})
         return Serving(stock, STOCK, fell_back=True)
     protocol.configure(send_buffer_bytes=settings.ws_send_buffer_bytes)
-    http = import_module(PROTOCOL_MODULE).PricefeedHTTPProtocol
+    http = import_module(HTTP_PROTOCOL_MODULE).PricefeedHTTPProtocol
     http.configure(
         header_timeout=settings.ws_handshake_timeout_seconds,
         max_connections=settings.open_connection_cap,

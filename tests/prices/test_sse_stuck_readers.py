@@ -51,7 +51,7 @@ async def stuck_readers(
 
 
 def server_http_protocols() -> list[Any]:
-    from app.server.protocol import PricefeedHTTPProtocol  # only where it is admitted
+    from app.server.http_protocol import PricefeedHTTPProtocol  # only where it is admitted
 
     gc.collect()
     return [o for o in gc.get_objects() if isinstance(o, PricefeedHTTPProtocol)]

@@ -13,7 +13,10 @@ the ticks before it go on, the sequencer refetches the missing ones from the sto
 producer wrote them first, and passes them on before the tick that revealed the gap. While
 that refetch awaits the store, later bursts wait in a bounded backlog behind it (the oldest
 leave when it overflows, and the jump they leave behind is refetched in turn). A refetch that
-fails leaves a visible `seq` jump.
+fails leaves a visible `seq` jump. A seq more than the retention ahead of the last passed on
+is checked with the store first: one the store does not have (a forged or corrupt message,
+say `seq: 10**15` published by hand) is dropped and counted, not taken as the new last seq,
+which would make every real tick after it look like a redelivery and freeze the symbol.
 
 It owns `last_seq`, the newest seq passed on per symbol, and knows nothing of connections.
 """
@@ -180,8 +183,10 @@ class Sequencer:
         for tick in ticks:
             if newest[tick.symbol] - tick.ts <= self._max_lag_ms:
                 kept.append(tick)
-            elif tick.seq > self._last_seq.get(tick.symbol, -1):
-                self._last_seq[tick.symbol] = tick.seq  # skipped on purpose: not a gap to repair
+            elif 0 < tick.seq - self._last_seq.get(tick.symbol, -1) <= self._retention:
+                # Skipped on purpose: not a gap to repair. Not so a seq implausibly far ahead
+                # (it is checked with the store if it ever comes back as the newest).
+                self._last_seq[tick.symbol] = tick.seq
         if len(kept) < len(ticks):
             metrics.HUB_SKIPPED.inc(len(ticks) - len(kept))
         return kept
@@ -208,6 +213,8 @@ class Sequencer:
                 try:
                     last = self._last_seq.get(tick.symbol)
                     if last is not None and tick.seq > last + 1:
+                        if tick.seq > last + self._retention and not await self._stored(tick):
+                            continue  # forged or corrupt: passing it on would freeze the symbol
                         await self._repair_gap(tick.symbol, last, tick.seq, run)
                     self._take(tick, run)  # refetched or not: no retry loop
                 finally:
@@ -224,6 +231,32 @@ class Sequencer:
             if self._backlog is backlog:
                 self._backlog = None
                 self._repair_task = None
+
+    async def _stored(self, tick: Tick) -> bool:
+        """Whether the store holds `tick`'s seq (its symbol's latest is at or past it): asked
+        of a tick more than the retention ahead of what was passed on. One the store does not
+        have was never written by the producer (a forged or corrupt message): taken, it would
+        raise `last_seq` so far that every real tick after it looks like a redelivery. It is
+        dropped and counted. A store that cannot answer keeps the tick (a seq jump, as when a
+        refetch fails): an outage must not stop the feed."""
+        try:
+            latest = await asyncio.wait_for(
+                self._store.read_latest([tick.symbol]), _REPAIR_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # noqa: BLE001 - the store is down: trust the broker
+            logger.warning("hub: could not check %s seq %d: %s", tick.symbol, tick.seq, exc)
+            return True
+        stored = latest.get(tick.symbol)
+        if stored is not None and stored.seq >= tick.seq:
+            return True
+        metrics.BROKER_DROPPED.labels(reason="implausible_seq").inc()
+        logger.warning(
+            "hub: dropped %s seq %d, %d past the last passed on and not in the store",
+            tick.symbol,
+            tick.seq,
+            tick.seq - self._last_seq.get(tick.symbol, 0),
+        )
+        return False
 
     async def _repair_gap(self, symbol: str, last: int, upto: int, run: list[Tick]) -> None:
         """The broker skipped seqs after `last`, up to `upto`: refetch them from the store,

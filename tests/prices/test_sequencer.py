@@ -230,7 +230,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
         async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.produce("MSFT", [1, 2, 3])
             for seq in (4, 5):  # the broker lost these
                 await store.append(tick("MSFT", seq), {}, fence=None)
@@ -246,7 +246,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
         async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.produce("MSFT", [1])
             await store.append(tick("MSFT", 2), {}, fence=None)  # lost by the broker
             await fanout.produce("MSFT", range(3, 41))  # 38 more during the refetch
@@ -259,7 +259,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)
         async with consuming_hub("MSFT", store=store, max_lag_ms=50) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             start = int(time.time() * 1000)
             first = tick("MSFT", 1, ts=start)
             await store.append(first, {}, fence=None)

@@ -16,7 +16,8 @@ leave when it overflows, and the jump they leave behind is refetched in turn). A
 fails leaves a visible `seq` jump. A seq more than the retention ahead of the last passed on
 is checked with the store first: one the store does not have (a forged or corrupt message,
 say `seq: 10**15` published by hand) is dropped and counted, not taken as the new last seq,
-which would make every real tick after it look like a redelivery and freeze the symbol.
+which would make every real tick after it look like a redelivery and freeze the symbol. A
+symbol's first tick is held to the store's latest seq (read at `start`) plus the retention.
 
 It owns `last_seq`, the newest seq passed on per symbol, and knows nothing of connections.
 """
@@ -57,6 +58,10 @@ class Sequencer:
         self.deliver = deliver
         self._max_lag_ms = max_lag_ms
         self._last_seq: dict[str, int] = {}
+        # Before a symbol's first tick: the highest plausible seq (the store's latest at
+        # `start`, plus the retention); see `_prime`.
+        self._ceiling: dict[str, int] = {}
+        self._prime_task: asyncio.Task[None] | None = None
         self._channels: dict[str, str] = {}  # broker channel -> symbol, of what `start` took
         # While a gap is refetched: the ticks that came after it, in order (None otherwise).
         self._backlog: deque[Tick] | None = None
@@ -79,11 +84,18 @@ class Sequencer:
         a fresh `start` goes on from the seqs already passed on."""
         self._channels = {price_channel(s): s for s in symbols}
         self._backlog = None
-        self._failed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()
+        unseen = [s for s in symbols if s not in self._last_seq]
+        if unseen:
+            self._prime_task = loop.create_task(self._prime(unseen), name="hub-prime")
         return self._failed
 
     def stop(self) -> None:
         self._failed = None
+        if self._prime_task is not None:
+            self._prime_task.cancel()
+            self._prime_task = None
         if self._repair_task is not None:
             self._repair_task.cancel()
             self._repair_task = None
@@ -141,6 +153,8 @@ class Sequencer:
                         return ticks[i:]  # what came before the gap goes now (finally)
                     if tick.seq <= last:
                         continue  # passed on already: a redelivery
+                elif tick.seq > self._ceiling.get(symbol, tick.seq):
+                    return ticks[i:]  # a first tick far past the store: checked there
                 last_seq[symbol] = tick.seq
                 run.append(tick)
             return []
@@ -212,9 +226,9 @@ class Sequencer:
                 tick = backlog.popleft()
                 try:
                     last = self._last_seq.get(tick.symbol)
+                    if self._implausible(tick, last) and not await self._stored(tick):
+                        continue  # forged or corrupt: passing it on would freeze the symbol
                     if last is not None and tick.seq > last + 1:
-                        if tick.seq > last + self._retention and not await self._stored(tick):
-                            continue  # forged or corrupt: passing it on would freeze the symbol
                         await self._repair_gap(tick.symbol, last, tick.seq, run)
                     self._take(tick, run)  # refetched or not: no retry loop
                 finally:
@@ -231,6 +245,28 @@ class Sequencer:
             if self._backlog is backlog:
                 self._backlog = None
                 self._repair_task = None
+
+    async def _prime(self, symbols: list[str]) -> None:
+        """Learn how far the first tick of each symbol may plausibly be: the store's latest
+        seq plus the retention (the retention alone for a symbol the store has not seen).
+        Until this answers, and if it fails, first ticks are taken as they come."""
+        try:
+            latest = await asyncio.wait_for(
+                self._store.read_latest(symbols), _REPAIR_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # noqa: BLE001 - then first ticks go unchecked, as before
+            logger.warning("hub: could not read the latest seqs: %s", exc)
+            return
+        for symbol in symbols:
+            stored = latest.get(symbol)
+            self._ceiling[symbol] = (stored.seq if stored else 0) + self._retention
+
+    def _implausible(self, tick: Tick, last: int | None) -> bool:
+        """Whether `tick`'s seq is more than the retention past the last passed on (before a
+        symbol's first tick: past its ceiling), so it must be checked with the store."""
+        if last is not None:
+            return tick.seq > last + self._retention
+        return tick.seq > self._ceiling.get(tick.symbol, tick.seq)
 
     async def _stored(self, tick: Tick) -> bool:
         """Whether the store holds `tick`'s seq (its symbol's latest is at or past it): asked

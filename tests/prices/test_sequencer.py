@@ -164,6 +164,18 @@ class TestSequencer:
             assert not failed.done()
         assert counter("pricefeed_broker_dropped_total", reason="implausible_seq") == dropped + 1
 
+    async def test_a_forged_first_tick_after_start_is_dropped_too(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 4))
+        dropped = counter("pricefeed_broker_dropped_total", reason="implausible_seq")
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            await asyncio.sleep(0.01)  # `start` read the store's latest seqs (at once, here)
+            sequencer.on_burst([message(tick("MSFT", 10**15))])  # before any real tick
+            for t in ticks:
+                sequencer.on_burst([message(t)])
+            assert await runs.until(3) == [1, 2, 3]
+        assert counter("pricefeed_broker_dropped_total", reason="implausible_seq") == dropped + 1
+
     async def test_a_forged_seq_skipped_as_stale_does_not_become_the_last_seq(self) -> None:
         store = MemoryTickStore(retention=1000, candles_kept=10)
         ticks = await stored(store, range(1, 4))

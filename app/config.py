@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # (not /healthz); 0: WS_MAX_CONNECTIONS + 1,000, room for REST and probes beside the streams.
     ws_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
     max_open_connections: int = Field(default=0, ge=0)
+    # `since` resumes (WS `since`, SSE Last-Event-ID): retained ticks one resume may replay,
+    # and a token subject's resumes a minute on this instance; past them, a snapshot
+    # instead (app/prices/replays.py).
+    ws_replay_ticks_per_subscribe: int = Field(default=1000, ge=0)
+    ws_replay_ticks_per_minute: int = Field(default=20_000, ge=0)
     # REST: a token bucket per token subject (before auth, per client address), shared by
     # every instance through Redis; past it, 429 with Retry-After (app/ratelimit.py).
     rest_rate_per_second: float = Field(default=50.0, gt=0)

@@ -37,6 +37,7 @@ from app.ops import router as ops_router
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
 from app.prices.leases import StreamLeases
+from app.prices.replays import ReplayBudget
 from app.prices.routes import router as prices_router
 from app.prices.sse import router as sse_router
 from app.prices.store import create_tick_store
@@ -100,6 +101,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         max_lag_ms=settings.fanout_max_lag_ms,
         direct_writes=settings.fanout_direct_writes,
         max_connections=settings.ws_max_connections,
+        replays=ReplayBudget(
+            per_subscribe=settings.ws_replay_ticks_per_subscribe,
+            per_minute=settings.ws_replay_ticks_per_minute,
+        ),
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))

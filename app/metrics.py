@@ -86,7 +86,8 @@ PRODUCER_LEADER = Gauge(
 )
 REFUSED = Counter(
     "pricefeed_requests_refused_total",
-    "Requests refused by a limit: rest, token-address, token-client (429), token-checks (503)",
+    "Requests refused by a limit: rest, token-address, token-client (429), token-checks (503),"
+    " replay (a since resume answered with a snapshot)",
     ["limit"],
 )
 TASK_FAILURES = Counter("pricefeed_task_failures_total", "Background task failures", ["task"])

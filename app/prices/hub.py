@@ -31,6 +31,7 @@ from app import metrics
 from app.broker import Broker
 from app.prices.lanes import Lanes
 from app.prices.outbox import Frame, Outbox
+from app.prices.replays import ReplayBudget
 from app.prices.sequencer import Sequencer
 from app.prices.store import TickStore
 from app.prices.ticks import Tick
@@ -49,10 +50,12 @@ class FanoutHub:
         max_lag_ms: int = 50,
         direct_writes: bool = True,
         max_connections: int = 10_000,
+        replays: ReplayBudget | None = None,
     ) -> None:
         self._broker = broker
         self._store = store
         self._retention = retention
+        self.replays = replays or ReplayBudget()
         self.sequencer = Sequencer(
             store=store, retention=retention, max_lag_ms=max_lag_ms, deliver=self.deliver
         )
@@ -159,9 +162,10 @@ class FanoutHub:
         """`Lanes.leave`'s callback: `outbox` is offered every tick of `symbol` again."""
         self._streams.setdefault(symbol, set()).add(outbox)
 
-    async def attach(self, outbox: Outbox, symbol: str, *, since: int | None) -> None:
-        """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`),
-        then every live tick, with no gap and no duplicate between the two."""
+    async def attach(self, outbox: Outbox, symbol: str, *, since: int | None, subject: str) -> None:
+        """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`,
+        if token subject `subject`'s replay budget allows them: app/prices/replays.py), then
+        every live tick, with no gap and no duplicate between the two."""
         if outbox.closed:
             return
         outbox.leave_lane()  # a second symbol: its ticks are corked together from now on
@@ -179,8 +183,14 @@ class FanoutHub:
             if latest is None or (since is not None and since > latest.seq):
                 latest = (await self._store.read_latest([symbol])).get(symbol) or latest
             if latest is not None:
+                if since is not None and since < latest.seq:
+                    # Priced before the store is read: past the budget, a snapshot instead.
+                    owed = min(latest.seq - since, self._retention)
+                    if not self.replays.take(subject, owed):
+                        since = None
                 if since is None or since > latest.seq:
-                    # No resume point, or one from a future we never produced: start afresh.
+                    # No resume point (or no budget for it), or one from a future we never
+                    # produced: start afresh.
                     initial = [Frame(symbol, latest.seq, latest.snapshot_frame, "snapshot")]
                     floor, first_live_is_snapshot = 0, False
                 elif since < latest.seq:

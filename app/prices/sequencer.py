@@ -13,7 +13,11 @@ the ticks before it go on, the sequencer refetches the missing ones from the sto
 producer wrote them first, and passes them on before the tick that revealed the gap. While
 that refetch awaits the store, later bursts wait in a bounded backlog behind it (the oldest
 leave when it overflows, and the jump they leave behind is refetched in turn). A refetch that
-fails leaves a visible `seq` jump.
+fails leaves a visible `seq` jump. A seq more than the retention ahead of the last passed on
+is checked with the store first: one the store does not have (a forged or corrupt message,
+say `seq: 10**15` published by hand) is dropped and counted, not taken as the new last seq,
+which would make every real tick after it look like a redelivery and freeze the symbol. A
+symbol's first tick is held to the store's latest seq (read at `start`) plus the retention.
 
 It owns `last_seq`, the newest seq passed on per symbol, and knows nothing of connections.
 """
@@ -54,6 +58,10 @@ class Sequencer:
         self.deliver = deliver
         self._max_lag_ms = max_lag_ms
         self._last_seq: dict[str, int] = {}
+        # Before a symbol's first tick: the highest plausible seq (the store's latest at
+        # `start`, plus the retention); see `_prime`.
+        self._ceiling: dict[str, int] = {}
+        self._prime_task: asyncio.Task[None] | None = None
         self._channels: dict[str, str] = {}  # broker channel -> symbol, of what `start` took
         # While a gap is refetched: the ticks that came after it, in order (None otherwise).
         self._backlog: deque[Tick] | None = None
@@ -76,11 +84,18 @@ class Sequencer:
         a fresh `start` goes on from the seqs already passed on."""
         self._channels = {price_channel(s): s for s in symbols}
         self._backlog = None
-        self._failed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()
+        unseen = [s for s in symbols if s not in self._last_seq]
+        if unseen:
+            self._prime_task = loop.create_task(self._prime(unseen), name="hub-prime")
         return self._failed
 
     def stop(self) -> None:
         self._failed = None
+        if self._prime_task is not None:
+            self._prime_task.cancel()
+            self._prime_task = None
         if self._repair_task is not None:
             self._repair_task.cancel()
             self._repair_task = None
@@ -138,6 +153,8 @@ class Sequencer:
                         return ticks[i:]  # what came before the gap goes now (finally)
                     if tick.seq <= last:
                         continue  # passed on already: a redelivery
+                elif tick.seq > self._ceiling.get(symbol, tick.seq):
+                    return ticks[i:]  # a first tick far past the store: checked there
                 last_seq[symbol] = tick.seq
                 run.append(tick)
             return []
@@ -180,8 +197,10 @@ class Sequencer:
         for tick in ticks:
             if newest[tick.symbol] - tick.ts <= self._max_lag_ms:
                 kept.append(tick)
-            elif tick.seq > self._last_seq.get(tick.symbol, -1):
-                self._last_seq[tick.symbol] = tick.seq  # skipped on purpose: not a gap to repair
+            elif 0 < tick.seq - self._last_seq.get(tick.symbol, -1) <= self._retention:
+                # Skipped on purpose: not a gap to repair. Not so a seq implausibly far ahead
+                # (it is checked with the store if it ever comes back as the newest).
+                self._last_seq[tick.symbol] = tick.seq
         if len(kept) < len(ticks):
             metrics.HUB_SKIPPED.inc(len(ticks) - len(kept))
         return kept
@@ -207,6 +226,8 @@ class Sequencer:
                 tick = backlog.popleft()
                 try:
                     last = self._last_seq.get(tick.symbol)
+                    if self._implausible(tick, last) and not await self._stored(tick):
+                        continue  # forged or corrupt: passing it on would freeze the symbol
                     if last is not None and tick.seq > last + 1:
                         await self._repair_gap(tick.symbol, last, tick.seq, run)
                     self._take(tick, run)  # refetched or not: no retry loop
@@ -224,6 +245,54 @@ class Sequencer:
             if self._backlog is backlog:
                 self._backlog = None
                 self._repair_task = None
+
+    async def _prime(self, symbols: list[str]) -> None:
+        """Learn how far the first tick of each symbol may plausibly be: the store's latest
+        seq plus the retention (the retention alone for a symbol the store has not seen).
+        Until this answers, and if it fails, first ticks are taken as they come."""
+        try:
+            latest = await asyncio.wait_for(
+                self._store.read_latest(symbols), _REPAIR_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # noqa: BLE001 - then first ticks go unchecked, as before
+            logger.warning("hub: could not read the latest seqs: %s", exc)
+            return
+        for symbol in symbols:
+            stored = latest.get(symbol)
+            self._ceiling[symbol] = (stored.seq if stored else 0) + self._retention
+
+    def _implausible(self, tick: Tick, last: int | None) -> bool:
+        """Whether `tick`'s seq is more than the retention past the last passed on (before a
+        symbol's first tick: past its ceiling), so it must be checked with the store."""
+        if last is not None:
+            return tick.seq > last + self._retention
+        return tick.seq > self._ceiling.get(tick.symbol, tick.seq)
+
+    async def _stored(self, tick: Tick) -> bool:
+        """Whether the store holds `tick`'s seq (its symbol's latest is at or past it): asked
+        of a tick more than the retention ahead of what was passed on. One the store does not
+        have was never written by the producer (a forged or corrupt message): taken, it would
+        raise `last_seq` so far that every real tick after it looks like a redelivery. It is
+        dropped and counted. A store that cannot answer keeps the tick (a seq jump, as when a
+        refetch fails): an outage must not stop the feed."""
+        try:
+            latest = await asyncio.wait_for(
+                self._store.read_latest([tick.symbol]), _REPAIR_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # noqa: BLE001 - the store is down: trust the broker
+            logger.warning("hub: could not check %s seq %d: %s", tick.symbol, tick.seq, exc)
+            return True
+        stored = latest.get(tick.symbol)
+        if stored is not None and stored.seq >= tick.seq:
+            return True
+        metrics.BROKER_DROPPED.labels(reason="implausible_seq").inc()
+        logger.warning(
+            "hub: dropped %s seq %d, %d past the last passed on and not in the store",
+            tick.symbol,
+            tick.seq,
+            tick.seq - self._last_seq.get(tick.symbol, 0),
+        )
+        return False
 
     async def _repair_gap(self, symbol: str, last: int, upto: int, run: list[Tick]) -> None:
         """The broker skipped seqs after `last`, up to `upto`: refetch them from the store,

@@ -175,7 +175,7 @@ async def stream_events(
     try:  # subscribe before answering: a store outage is a 503, not a broken 200
         for symbol in resolved:
             since = resume[1] if resume is not None and resume[0] == symbol else None
-            await state.hub.attach(stream.outbox, symbol, since=since)
+            await state.hub.attach(stream.outbox, symbol, since=since, subject=principal.subject)
     except Exception as exc:
         stream.outbox.closed = True
         state.hub.detach(stream.outbox, stream.outbox.symbols)

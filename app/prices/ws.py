@@ -72,7 +72,12 @@ async def _run(
         async with state.streams.admit(stream, stream.principal.subject, "websocket"):
             if subscribe is not None:
                 try:
-                    await state.hub.attach(stream.outbox, subscribe[0], since=subscribe[1])
+                    await state.hub.attach(
+                        stream.outbox,
+                        subscribe[0],
+                        since=subscribe[1],
+                        subject=stream.principal.subject,
+                    )
                 except Exception:  # the store is down: come back later
                     logger.exception("stream: could not load %s", subscribe[0])
                     reader.close()
@@ -262,7 +267,12 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
         if stream.closed:  # closed (expiry, shutdown…) while an earlier symbol loaded
             return
         try:
-            await state.hub.attach(stream.outbox, symbol, since=since.get(symbol))
+            await state.hub.attach(
+                stream.outbox,
+                symbol,
+                since=since.get(symbol),
+                subject=stream.principal.subject,
+            )
         except Exception:  # the store is down
             logger.exception("stream: could not load %s", symbol)
             state.hub.detach(stream.outbox, [symbol])

@@ -233,7 +233,7 @@ async def consuming_hub(
     try:
         for outbox in attach_first:
             for symbol in symbols:
-                await hub.attach(outbox, symbol, since=None)
+                await hub.attach(outbox, symbol, since=None, subject="tester")
         await fanout.restart()
         yield fanout
     finally:
@@ -267,5 +267,5 @@ async def direct_subscriber(
     protocol = protocol or FakeProtocol()
     outbox = direct_outbox(protocol, **outbox_kw)
     for symbol in symbols:
-        await hub.attach(outbox, symbol, since=None)
+        await hub.attach(outbox, symbol, since=None, subject="tester")
     return protocol, outbox

@@ -48,8 +48,8 @@ class TestFanoutHub:
             protocols = [FakeProtocol(), FakeProtocol()]
             for protocol in protocols:  # watchlists: the corked path, one write per burst
                 outbox = direct_outbox(protocol)
-                await hub.attach(outbox, "MSFT", since=None)
-                await hub.attach(outbox, "AAPL", since=None)
+                await hub.attach(outbox, "MSFT", since=None, subject="tester")
+                await hub.attach(outbox, "AAPL", since=None, subject="tester")
             await fanout.publish("MSFT", [2])
             join_lane, calls = hub.lanes.join, []
 
@@ -75,7 +75,7 @@ class TestFanoutHub:
                     await asyncio.wait_for(fanout.consumer, 5)
             await fanout.restart()  # what the supervisor does
             outbox = Outbox(limit=64, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.produce("MSFT", [2, 3])
             assert await received(outbox, 3) == [1, 2, 3]  # 1: the snapshot
 
@@ -95,7 +95,7 @@ class TestFanoutHub:
         outbox = FailsOnce(limit=64, on_queued=lambda: None)
         async with consuming_hub("MSFT") as fanout:
             await fanout.produce("MSFT", [1])
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.send(tick("MSFT", 2), tick("MSFT", 3), tick("MSFT", 4))  # one burst
             with pytest.raises(RuntimeError):
                 await asyncio.wait_for(fanout.consumer, 5)
@@ -111,13 +111,15 @@ class TestAttach:
         await store.append(tick("AAPL", 1), {}, fence=None)
         hub = FanoutHub(broker=Broker("memory://"), store=store, retention=100)
         outbox = Outbox(limit=16, on_queued=lambda: None)
-        loading = asyncio.create_task(hub.attach(outbox, "AAPL", since=None))
+        loading = asyncio.create_task(hub.attach(outbox, "AAPL", since=None, subject="tester"))
         await asyncio.sleep(0.02)
         outbox.closed = True  # what WebSocketStream.close does
         hub.detach(outbox, outbox.symbols)
         await loading
         assert hub.subscription_count == 0
-        await hub.attach(outbox, "MSFT", since=None)  # and a closed outbox is never attached
+        await hub.attach(
+            outbox, "MSFT", since=None, subject="tester"
+        )  # and a closed outbox is never attached
         assert hub.subscription_count == 0
 
     async def test_resume_ahead_of_this_hub_replays_nothing_twice(self) -> None:
@@ -129,7 +131,7 @@ class TestAttach:
             for seq in range(2, 6):  # in the store, not yet through this hub
                 await fanout.store.append(tick("AAPL", seq), {}, fence=None)
             outbox = Outbox(limit=16, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "AAPL", since=4)
+            await fanout.hub.attach(outbox, "AAPL", since=4, subject="tester")
             for seq in range(2, 6):  # through the broker now, and then a new one
                 await fanout.broker.publish(price_channel("AAPL"), tick("AAPL", seq).frame)
             await fanout.send(tick("AAPL", 6))

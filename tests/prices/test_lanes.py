@@ -59,7 +59,9 @@ class TestLanes:
             await publish("MSFT", [2])
             assert first.lane is not None and second.lane is not None
             assert members() == before + 2
-            await hub.attach(second, "AAPL", since=None)  # a watchlist: off the fast path
+            await hub.attach(
+                second, "AAPL", since=None, subject="tester"
+            )  # a watchlist: off the fast path
             assert members() == before + 1
             hub.detach(first, ["AAPL"])
             assert members() == before
@@ -125,7 +127,7 @@ class TestLanes:
             protocol, outbox = await direct_subscriber(hub, publish, "AAPL")
             await publish("AAPL", range(2, 30))
             assert outbox.lane is not None
-            await hub.attach(outbox, "MSFT", since=None)
+            await hub.attach(outbox, "MSFT", since=None, subject="tester")
             assert outbox.lane is None
             await publish("AAPL", range(30, 60))
             await publish("MSFT", range(2, 30))
@@ -231,7 +233,7 @@ async def socket_subscriber(
     """An outbox written to `protocol`'s connection, subscribed to AAPL after its first tick."""
     outbox = direct_outbox(protocol, **outbox_kw)  # type: ignore[arg-type]
     await publish("AAPL", [1])
-    await hub.attach(outbox, "AAPL", since=None)
+    await hub.attach(outbox, "AAPL", since=None, subject="tester")
     return outbox
 
 

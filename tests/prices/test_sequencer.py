@@ -150,6 +150,51 @@ class TestSequencer:
             assert await runs.until(6) == [1, 5, 6]
             assert not failed.done()
 
+    async def test_a_seq_far_ahead_that_the_store_lacks_is_dropped_and_counted(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 6))
+        dropped = counter("pricefeed_broker_dropped_total", reason="implausible_seq")
+        async with started(store, "MSFT") as (sequencer, runs, failed):
+            sequencer.on_burst([message(ticks[0])])
+            sequencer.on_burst([message(tick("MSFT", 10**15))])  # forged: never stored
+            for t in ticks[1:]:
+                sequencer.on_burst([message(t)])
+            assert await runs.until(5) == [1, 2, 3, 4, 5], "the symbol goes on, not frozen"
+            assert sequencer.last_seq["MSFT"] == 5
+            assert not failed.done()
+        assert counter("pricefeed_broker_dropped_total", reason="implausible_seq") == dropped + 1
+
+    async def test_a_forged_first_tick_after_start_is_dropped_too(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 4))
+        dropped = counter("pricefeed_broker_dropped_total", reason="implausible_seq")
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            await asyncio.sleep(0.01)  # `start` read the store's latest seqs (at once, here)
+            sequencer.on_burst([message(tick("MSFT", 10**15))])  # before any real tick
+            for t in ticks:
+                sequencer.on_burst([message(t)])
+            assert await runs.until(3) == [1, 2, 3]
+        assert counter("pricefeed_broker_dropped_total", reason="implausible_seq") == dropped + 1
+
+    async def test_a_forged_seq_skipped_as_stale_does_not_become_the_last_seq(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 4))
+        async with started(store, "MSFT", max_lag_ms=50) as (sequencer, runs, _):
+            sequencer.on_burst([message(ticks[0])])
+            forged = tick("MSFT", 10**15, ts=ticks[0].ts - 1_000)  # old: skipped as stale
+            sequencer.on_burst([message(forged), message(ticks[1])])
+            sequencer.on_burst([message(ticks[2])])
+            assert await runs.until(3) == [1, 2, 3]
+
+    async def test_a_real_jump_past_the_retention_is_passed_on(self) -> None:
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        await stored(store, range(1, 2))
+        far = await stored(store, range(5_000, 5_002))  # the store has them: real ticks
+        async with started(store, "MSFT") as (sequencer, runs, _):
+            sequencer.on_burst([message(tick("MSFT", 1))])
+            sequencer.on_burst([message(t) for t in far])
+            assert (await runs.until(5_001))[-2:] == [5_000, 5_001]
+
     async def test_a_failing_deliver_ends_the_run_with_its_error(self) -> None:
         store = MemoryTickStore(retention=1000, candles_kept=10)
         async with started(store, "MSFT") as (sequencer, runs, failed):
@@ -197,7 +242,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
         async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.produce("MSFT", [1, 2, 3])
             for seq in (4, 5):  # the broker lost these
                 await store.append(tick("MSFT", seq), {}, fence=None)
@@ -213,7 +258,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)  # every read takes 0.1 s
         async with consuming_hub("MSFT", store=store) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             await fanout.produce("MSFT", [1])
             await store.append(tick("MSFT", 2), {}, fence=None)  # lost by the broker
             await fanout.produce("MSFT", range(3, 41))  # 38 more during the refetch
@@ -226,7 +271,7 @@ class TestRefetch:
         store = SlowStore(retention=1000, candles_kept=10)
         async with consuming_hub("MSFT", store=store, max_lag_ms=50) as fanout:
             outbox = Outbox(limit=256, on_queued=lambda: None)
-            await fanout.hub.attach(outbox, "MSFT", since=None)
+            await fanout.hub.attach(outbox, "MSFT", since=None, subject="tester")
             start = int(time.time() * 1000)
             first = tick("MSFT", 1, ts=start)
             await store.append(first, {}, fence=None)

@@ -44,7 +44,7 @@ from app.prices.streams import StreamRegistry
 from app.prices.ws import serve_websocket
 from app.ratelimit import RateLimiter, create_buckets
 from app.redis_client import create_redis
-from app.security import TokenSigner
+from app.security import TokenSigner, TokenVerifier, load_public_keys
 from app.server import guard
 from app.shutdown import close_streams_on_exit_signal
 from app.supervisor import Supervisor
@@ -64,6 +64,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     streams: StreamRegistry = app.state.streams
     instance = instance_name(settings)
 
+    signer = TokenSigner(
+        secret=settings.jwt_secret,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.jwt_ttl_seconds,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+    verifier = TokenVerifier(
+        signer=signer,
+        public_keys=tuple(
+            load_public_keys(
+                pem_file=settings.jwt_public_key_file, jwks_file=settings.jwt_jwks_file
+            )
+        ),
+        issuer=settings.jwt_issuer,
+    )
     engine = create_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     sessions = create_session_factory(engine)
     try:
@@ -131,12 +146,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         settings=settings,
         engine=engine,
         sessions=sessions,
-        signer=TokenSigner(
-            secret=settings.jwt_secret,
-            audience=settings.jwt_audience,
-            ttl_seconds=settings.jwt_ttl_seconds,
-            leeway_seconds=settings.jwt_leeway_seconds,
-        ),
+        signer=signer,
+        verifier=verifier,
         catalog=Catalog(instruments),
         store=store,
         broker=broker,

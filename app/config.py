@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     jwt_public_key_file: str = ""
     jwt_jwks_file: str = ""
     jwt_issuer: str = ""
+    # Revoked tokens (`python -m app.admin revoke`): each instance reads the list this often,
+    # and closes the streams of newly revoked tokens with 4401.
+    revocation_poll_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # The demo client, seeded in dev only; ignored in prod.
     demo_client_id: str = "demo"

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.auth.revocations import Revocations
 from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import Settings
@@ -36,6 +37,7 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     signer: TokenSigner  # issues ours
     verifier: TokenVerifier  # verifies ours and an external issuer's
+    revocations: Revocations
     catalog: Catalog
     store: TickStore
     broker: Broker
@@ -93,6 +95,8 @@ def verify_token(state: AppState, token: str | None) -> Principal:
         raise Unauthenticated("the token has expired") from exc
     except InvalidToken as exc:
         raise Unauthenticated("the token is not valid") from exc
+    if state.revocations.is_revoked(principal):
+        raise Unauthenticated("the token has been revoked")
     return principal
 
 

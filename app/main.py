@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
+from app.auth.revocations import Revocations
 from app.auth.routes import router as auth_router
 from app.auth.service import disable_client, upsert_client
 from app.auth.throttle import TokenThrottle
@@ -81,8 +82,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     )
     engine = create_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     sessions = create_session_factory(engine)
+    revocations = Revocations(
+        sessions,
+        poll_seconds=settings.revocation_poll_seconds,
+        on_revoked=partial(streams.close_where, code=CloseCode.BAD_TOKEN, reason="token revoked"),
+    )
     try:
         instruments = await load_instruments(sessions)
+        await revocations.refresh()  # no revoked token gets in before the first poll
         async with sessions() as session:
             if settings.env == "dev":
                 await upsert_client(
@@ -118,6 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    supervisor.spawn("revocations", revocations.run)
     leases: StreamLeases | None = None
     if redis is not None:  # the per-subject stream limit counts every instance's streams
         leases = StreamLeases(
@@ -148,6 +156,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         sessions=sessions,
         signer=signer,
         verifier=verifier,
+        revocations=revocations,
         catalog=Catalog(instruments),
         store=store,
         broker=broker,

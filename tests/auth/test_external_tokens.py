@@ -4,6 +4,8 @@ nothing else does: the key's type fixes the one algorithm it verifies."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -21,7 +23,7 @@ from app.security import (
     load_public_keys,
 )
 from tests.auth import keys
-from tests.support import LiveApp, open_stream, signer, token
+from tests.support import ROOT, LiveApp, open_stream, signer, token
 
 RSA, EC = keys.rsa_key(), keys.ec_key()  # made once: an RSA key takes a while
 
@@ -170,3 +172,46 @@ async def test_external_tokens_on_rest_and_websocket(
         ):
             assert (await _rest(server, bad)).status_code == 401
             assert await _ws_close(server, bad) == 4401
+
+
+def test_keys_verify_without_cryptography(tmp_path: Path) -> None:
+    """The image installs no `cryptography`: python-jose verifies with its rsa and ecdsa
+    backends there, and the key types still fix the algorithms."""
+    pem = keys.write_pem(tmp_path / "ec.pem", EC)
+    jwks = keys.write_jwks(tmp_path / "jwks.json", {"r1": RSA})
+    tokens = {
+        "es": keys.sign(EC),
+        "rs": keys.sign(RSA, kid="r1"),
+        "hs-ec-pem": keys.sign_hmac(keys.public_pem(EC)),
+        "hs-rsa-pem": keys.sign_hmac(keys.public_pem(RSA)),
+    }
+    script = f"""
+import json, sys
+sys.modules["cryptography"] = None
+from jose import jwk
+assert "rsa_backend" in jwk.get_key("RS256").__module__, jwk.get_key("RS256")
+from app.security import InvalidToken, TokenVerifier, load_public_keys
+from tests.support import signer
+check = TokenVerifier(
+    signer=signer(),
+    public_keys=tuple(load_public_keys(pem_file={pem!r}, jwks_file={jwks!r})),
+    issuer={keys.ISSUER!r},
+)
+verdicts = {{}}
+for name, token in {tokens!r}.items():
+    try:
+        verdicts[name] = check.verify(token).subject
+    except InvalidToken:
+        verdicts[name] = None
+print(json.dumps(verdicts))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "es": "partner",
+        "rs": "partner",
+        "hs-ec-pem": None,
+        "hs-rsa-pem": None,
+    }

@@ -4,6 +4,9 @@ python -m app.admin token --sub alice --symbols AAPL,MSFT [--ttl 300]
     print an access token signed with JWT_SECRET (for operators and tests)
 python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
     create or update an API client; prints its new secret once (only its hash is kept)
+python -m app.admin revoke --jti <jti> | --sub alice [--keep-seconds 86400]
+    revoke one token, or every token of a subject issued until now; every instance refuses
+    them and closes their streams with 4401 within REVOCATION_POLL_SECONDS
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import secrets
 import sys
 
+from app.auth.revocations import DEFAULT_KEEP_SECONDS, revoke
 from app.auth.service import upsert_client
 from app.config import get_settings
 from app.db import create_engine, create_session_factory
@@ -42,6 +46,15 @@ async def _add_client(client_id: str, name: str, symbols: list[str]) -> str:
     return secret
 
 
+async def _revoke(jti: str | None, subject: str | None, keep_seconds: float) -> None:
+    engine = create_engine(get_settings().database_url)
+    try:
+        async with create_session_factory(engine)() as session:
+            await revoke(session, jti=jti, subject=subject, keep_seconds=keep_seconds)
+    finally:
+        await engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app.admin",
@@ -58,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--id", required=True, dest="client_id")
     add.add_argument("--name", default=None)
     add.add_argument("--symbols", type=_symbols, required=True, help="AAPL,MSFT or '*'")
+    revoked = commands.add_parser("revoke", help="revoke a token, or a subject's tokens so far")
+    which = revoked.add_mutually_exclusive_group(required=True)
+    which.add_argument("--jti", help="the token's `jti` claim")
+    which.add_argument("--sub", help="every token of this subject issued until now")
+    revoked.add_argument(
+        "--keep-seconds",
+        type=float,
+        default=DEFAULT_KEEP_SECONDS,
+        help="how long the revocation is kept: at least the tokens' lifetime (default a day)",
+    )
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -73,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             leeway_seconds=settings.jwt_leeway_seconds,
         )
         print(signer.issue(subject=args.sub, symbols=args.symbols, ttl_seconds=args.ttl))
+    elif args.command == "revoke":
+        asyncio.run(_revoke(args.jti, args.sub, args.keep_seconds))
+        print(f"revoked {'jti ' + args.jti if args.jti else 'subject ' + args.sub}")
     else:
         secret = asyncio.run(_add_client(args.client_id, args.name or args.client_id, args.symbols))
         print(f"client_id={args.client_id}")

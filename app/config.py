@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     jwt_audience: str = "pricefeed"
     jwt_ttl_seconds: int = Field(default=900, ge=30, le=86400)
     jwt_leeway_seconds: int = Field(default=5, ge=0, le=60)
+    # An external issuer's tokens (RS256 or ES256, by key type): its public key as a PEM file
+    # and/or a JWK Set file, and the `iss` its tokens must carry (required with either file).
+    jwt_public_key_file: str = ""
+    jwt_jwks_file: str = ""
+    jwt_issuer: str = ""
+    # Revoked tokens (`python -m app.admin revoke`): each instance reads the list this often,
+    # and closes the streams of newly revoked tokens with 4401.
+    revocation_poll_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # The demo client, seeded in dev only; ignored in prod.
     demo_client_id: str = "demo"
@@ -108,6 +116,12 @@ class Settings(BaseSettings):
     def _workers_need_redis(self) -> Settings:
         if self.workers > 1 and not self.uses_redis:
             raise ValueError("WORKERS > 1 needs BROADCAST_URL=redis://… (memory:// is one process)")
+        return self
+
+    @model_validator(mode="after")
+    def _external_keys_need_issuer(self) -> Settings:
+        if (self.jwt_public_key_file or self.jwt_jwks_file) and not self.jwt_issuer:
+            raise ValueError("JWT_PUBLIC_KEY_FILE / JWT_JWKS_FILE need JWT_ISSUER")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.auth.revocations import Revocations
 from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import Settings
@@ -25,7 +26,7 @@ from app.prices.hub import FanoutHub
 from app.prices.store import TickStore
 from app.prices.streams import StreamRegistry
 from app.ratelimit import RateLimiter
-from app.security import ExpiredToken, InvalidToken, Principal, TokenSigner
+from app.security import ExpiredToken, InvalidToken, Principal, TokenSigner, TokenVerifier
 from app.supervisor import Supervisor
 
 
@@ -34,7 +35,9 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    signer: TokenSigner
+    signer: TokenSigner  # issues ours
+    verifier: TokenVerifier  # verifies ours and an external issuer's
+    revocations: Revocations
     catalog: Catalog
     store: TickStore
     broker: Broker
@@ -87,11 +90,14 @@ def verify_token(state: AppState, token: str | None) -> Principal:
     if not token:
         raise Unauthenticated("a bearer token is required")
     try:
-        return state.signer.verify(token)
+        principal = state.verifier.verify(token)
     except ExpiredToken as exc:
         raise Unauthenticated("the token has expired") from exc
     except InvalidToken as exc:
         raise Unauthenticated("the token is not valid") from exc
+    if state.revocations.is_revoked(principal):
+        raise Unauthenticated("the token has been revoked")
+    return principal
 
 
 def client_address(conn: HTTPConnection) -> str:

@@ -2,7 +2,7 @@
 with (close code); one handler turns them into responses.
 
     PricefeedError            500 / 1011
-    ├── Unauthenticated       401 / 4401   no token, bad token
+    ├── Unauthenticated       401 / 4401   no token, bad or revoked token
     ├── Forbidden             403 / 4403   symbol not entitled
     ├── UnknownSymbol         404 / 4404
     ├── InvalidRequest        422 / 1008
@@ -65,7 +65,9 @@ _CLOSE_MEANINGS = {
     CloseCode.TRY_LATER: (
         "overloaded, or this client read too slowly (a send stuck 10 s): reconnect later"
     ),
-    CloseCode.BAD_TOKEN: "no token, bad token (also a bad token in an `auth` request)",
+    CloseCode.BAD_TOKEN: (
+        "no token, bad token (also a bad token in an `auth` request); a revoked token's streams"
+    ),
     CloseCode.NOT_ENTITLED: "symbol not entitled",
     CloseCode.UNKNOWN_SYMBOL: "unknown symbol (per-symbol route)",
     CloseCode.TOKEN_EXPIRED: "token expired while connected",

@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
+from app.auth.revocations import Revocations
 from app.auth.routes import router as auth_router
 from app.auth.service import disable_client, upsert_client
 from app.auth.throttle import TokenThrottle
@@ -45,7 +46,7 @@ from app.prices.streams import StreamRegistry
 from app.prices.ws import serve_websocket
 from app.ratelimit import RateLimiter, create_buckets
 from app.redis_client import create_redis
-from app.security import TokenSigner
+from app.security import TokenSigner, TokenVerifier, load_public_keys
 from app.server import guard
 from app.shutdown import close_streams_on_exit_signal
 from app.supervisor import Supervisor
@@ -65,10 +66,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     streams: StreamRegistry = app.state.streams
     instance = instance_name(settings)
 
+    signer = TokenSigner(
+        secret=settings.jwt_secret,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.jwt_ttl_seconds,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+    verifier = TokenVerifier(
+        signer=signer,
+        public_keys=tuple(
+            load_public_keys(
+                pem_file=settings.jwt_public_key_file, jwks_file=settings.jwt_jwks_file
+            )
+        ),
+        issuer=settings.jwt_issuer,
+    )
     engine = create_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     sessions = create_session_factory(engine)
+    revocations = Revocations(
+        sessions,
+        poll_seconds=settings.revocation_poll_seconds,
+        on_revoked=partial(streams.close_where, code=CloseCode.BAD_TOKEN, reason="token revoked"),
+    )
     try:
         instruments = await load_instruments(sessions)
+        await revocations.refresh()  # no revoked token gets in before the first poll
         async with sessions() as session:
             if settings.env == "dev":
                 await upsert_client(
@@ -108,6 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     )
     supervisor = Supervisor()
     supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    supervisor.spawn("revocations", revocations.run)
     leases: StreamLeases | None = None
     if redis is not None:  # the per-subject stream limit counts every instance's streams
         leases = StreamLeases(
@@ -136,12 +159,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         settings=settings,
         engine=engine,
         sessions=sessions,
-        signer=TokenSigner(
-            secret=settings.jwt_secret,
-            audience=settings.jwt_audience,
-            ttl_seconds=settings.jwt_ttl_seconds,
-            leeway_seconds=settings.jwt_leeway_seconds,
-        ),
+        signer=signer,
+        verifier=verifier,
+        revocations=revocations,
         catalog=Catalog(instruments),
         store=store,
         broker=broker,

@@ -2,6 +2,11 @@
 
 Every decode names its algorithm list and requires `exp`, `aud` and `sub`: python-jose
 otherwise accepts whatever algorithm the token header claims and skips `aud`/`exp`.
+
+Two kinds of token verify: ours (HS256 with `JWT_SECRET`) and an external issuer's (RS256 or
+ES256 with a configured public key, `iss` required). Each key verifies one algorithm, the one
+its type fixes (the shared secret HS256, an RSA key RS256, an EC P-256 key ES256), so a public
+key can never verify an HMAC token made with its own bytes as the secret.
 """
 
 from __future__ import annotations
@@ -9,13 +14,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from jose import jwt
+from jose import jwk, jwt
 
 ALGORITHM = "HS256"
+EXTERNAL_ALGORITHMS = ("RS256", "ES256")  # an RSA key verifies RS256, an EC P-256 key ES256
 MAX_TOKEN_LENGTH = 4096  # ours are ~300 bytes; anything far larger is not worth parsing
 
 # scrypt work factors: ~40 ms and 16 MiB per check; only the token endpoint pays it.
@@ -37,6 +47,8 @@ class Principal:
     subject: str
     symbols: frozenset[str]
     expires_at: float  # Unix seconds
+    token_id: str | None = None  # the `jti`, which a revocation names
+    issued_at: float | None = None  # the `iat`, if the token has one
 
     @property
     def all_symbols(self) -> bool:
@@ -61,44 +73,156 @@ class TokenSigner:
             "iat": now,
             "exp": now + (ttl_seconds if ttl_seconds is not None else self.ttl_seconds),
             "symbols": symbols,
+            "jti": secrets.token_urlsafe(16),  # what `python -m app.admin revoke` names
         }
         return str(jwt.encode(claims, self.secret, algorithm=ALGORITHM))
 
     def verify(self, token: str) -> Principal:
+        return _decode(token, self.secret, ALGORITHM, self.audience, None, self.leeway_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    """An external issuer's verification key and the one algorithm its type allows."""
+
+    algorithm: str  # RS256 or ES256
+    key: Any  # a python-jose Key
+    kid: str | None = None
+
+
+def _public_key(source: str | dict[str, Any], kid: str | None = None) -> PublicKey:
+    """A PEM text or a JWK; the algorithm follows from the key type, never from the token
+    (nor from a JWK's `alg`, which may only agree with it)."""
+    for algorithm in EXTERNAL_ALGORITHMS:
+        try:
+            key = jwk.construct(source, algorithm)
+            fields = key.to_dict()
+        except Exception:  # noqa: BLE001 - not a key of this type: try the next
+            continue
+        if not key.is_public():
+            raise ValueError("a private key where a public key belongs: give its public half")
+        kind = fields.get("kty"), fields.get("crv")
+        if (algorithm, kind) in (("RS256", ("RSA", None)), ("ES256", ("EC", "P-256"))):
+            if isinstance(source, dict) and source.get("alg", algorithm) != algorithm:
+                raise ValueError(f"JWK alg {source['alg']!r} does not match its key type")
+            return PublicKey(algorithm=algorithm, key=key, kid=kid)
+    raise ValueError("not an RSA or EC P-256 public key")
+
+
+def load_public_keys(*, pem_file: str = "", jwks_file: str = "") -> list[PublicKey]:
+    """The keys of JWT_PUBLIC_KEY_FILE (one PEM) and JWT_JWKS_FILE (a JWK Set)."""
+    keys: list[PublicKey] = []
+    if pem_file:
+        keys.append(_public_key(Path(pem_file).read_text(encoding="ascii")))
+    if jwks_file:
+        document = json.loads(Path(jwks_file).read_text(encoding="utf-8"))
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{jwks_file}: not a JWK Set with keys")
+        for entry in entries:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue  # encryption keys verify nothing
+            keys.append(_public_key(entry, kid=entry.get("kid")))
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVerifier:
+    """Verifies ours (HS256, `signer`) and, if keys are configured, an external issuer's."""
+
+    signer: TokenSigner
+    public_keys: tuple[PublicKey, ...] = ()
+    issuer: str = ""
+
+    def verify(self, token: str) -> Principal:
+        if not self.public_keys:  # ours alone: no header to read first
+            return self.signer.verify(token)
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("token too long")
         try:
-            claims = jwt.decode(
-                token,
-                self.secret,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                options={
-                    "require_exp": True,
-                    "require_aud": True,
-                    "require_sub": True,
-                    "verify_exp": True,
-                    "verify_aud": True,
-                    "leeway": self.leeway_seconds,
-                },
-            )
-        except jwt.ExpiredSignatureError as exc:
-            raise ExpiredToken("token expired") from exc
-        except Exception as exc:  # any parse failure (a crafted header can
-            # even exhaust the JSON parser's recursion) is simply a bad token
+            header = jwt.get_unverified_header(token)
+        except Exception as exc:
             raise InvalidToken("invalid token") from exc
-        symbols = claims.get("symbols")
-        subject = claims.get("sub")
-        exp = claims.get("exp")
-        if (
-            not isinstance(subject, str)
-            or not subject
-            or not isinstance(symbols, list)
-            or not all(isinstance(s, str) for s in symbols)
-            or not isinstance(exp, int | float)
-        ):
-            raise InvalidToken("invalid token claims")
-        return Principal(subject=subject, symbols=frozenset(symbols), expires_at=float(exp))
+        alg = header.get("alg") if isinstance(header, dict) else None
+        if alg == ALGORITHM:
+            return self.signer.verify(token)
+        kid = header.get("kid")
+        # Only the keys whose type allows the header's algorithm (and, if named, its kid).
+        keys = [k for k in self._keys_for(alg) if kid is None or k.kid in (None, kid)]
+        if not keys:
+            raise InvalidToken("no key for this token")
+        last: InvalidToken = InvalidToken("invalid token")
+        for key in keys:
+            try:
+                return _decode(
+                    token,
+                    key.key,
+                    key.algorithm,
+                    self.signer.audience,
+                    self.issuer,
+                    self.signer.leeway_seconds,
+                )
+            except ExpiredToken:
+                raise
+            except InvalidToken as exc:
+                last = exc
+        raise last
+
+    def _keys_for(self, alg: object) -> Iterable[PublicKey]:
+        return (k for k in self.public_keys if k.algorithm == alg)
+
+
+def _decode(
+    token: str, key: Any, algorithm: str, audience: str, issuer: str | None, leeway: int
+) -> Principal:
+    """One key, one algorithm; `exp`, `aud`, `sub` (and, given an issuer, `iss`) required."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken("token too long")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=audience,
+            issuer=issuer,
+            options={
+                "require_exp": True,
+                "require_aud": True,
+                "require_sub": True,
+                "require_iss": issuer is not None,
+                "verify_exp": True,
+                "verify_aud": True,
+                "verify_iss": issuer is not None,
+                "leeway": leeway,
+            },
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise ExpiredToken("token expired") from exc
+    except Exception as exc:  # any parse failure (a crafted header can
+        # even exhaust the JSON parser's recursion) is simply a bad token
+        raise InvalidToken("invalid token") from exc
+    symbols = claims.get("symbols")
+    subject = claims.get("sub")
+    exp = claims.get("exp")
+    jti = claims.get("jti")
+    iat = claims.get("iat")
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or not isinstance(symbols, list)
+        or not all(isinstance(s, str) for s in symbols)
+        or not isinstance(exp, int | float)
+        or not isinstance(jti, str | None)
+        or not isinstance(iat, int | float | None)
+    ):
+        raise InvalidToken("invalid token claims")
+    return Principal(
+        subject=subject,
+        symbols=frozenset(symbols),
+        expires_at=float(exp),
+        token_id=jti,
+        issued_at=float(iat) if iat is not None else None,
+    )
 
 
 def hash_secret(secret: str) -> str:

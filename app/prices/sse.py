@@ -189,7 +189,9 @@ async def stream_events(
                 timeout = min(_KEEPALIVE_SECONDS, stream.deadline - time.time())
                 ready = await stream.wait(max(timeout, 0.0))
                 if stream.ended is not None:
-                    yield _error_event("going_away", stream.ended[1] or "server going away")
+                    code, reason = stream.ended
+                    kind = "unauthenticated" if code == CloseCode.BAD_TOKEN else "going_away"
+                    yield _error_event(kind, reason or "server going away")
                     return
                 if time.time() >= stream.deadline:
                     yield _error_event("token_expired", "token expired; reconnect with a new one")

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -81,6 +81,17 @@ class StreamRegistry:
         await asyncio.gather(
             *(s.close(code, reason) for s in list(self._open)), return_exceptions=True
         )
+
+    async def close_where(self, picked: Callable[[Principal], bool], code: int, reason: str) -> int:
+        """Close the streams whose current principal `picked` chooses (a revoked token's);
+        how many. A stream without a principal is left alone."""
+        doomed = [
+            s
+            for s in list(self._open)
+            if (principal := getattr(s, "principal", None)) is not None and picked(principal)
+        ]
+        await asyncio.gather(*(s.close(code, reason) for s in doomed), return_exceptions=True)
+        return len(doomed)
 
 
 class RateLimiter:

@@ -8,7 +8,10 @@ from tests.support import free_port, token
 
 pytestmark = pytest.mark.redis
 
-AUTH = {"Authorization": f"Bearer {token()}"}
+
+def auth() -> dict[str, str]:
+    """A fresh token: one minted at import would expire in a suite that runs past its TTL."""
+    return {"Authorization": f"Bearer {token()}"}
 
 
 @pytest.mark.parametrize(
@@ -23,7 +26,7 @@ AUTH = {"Authorization": f"Bearer {token()}"}
 )
 async def test_store_down_is_503(api, path: str) -> None:
     async with api(broadcast_url=f"redis://127.0.0.1:{free_port()}/0") as client:
-        response = await client.get(path, headers=AUTH)
+        response = await client.get(path, headers=auth())
         assert response.status_code == 503
         assert response.json()["code"] == "unavailable"
         assert (await client.get("/readyz")).status_code == 503

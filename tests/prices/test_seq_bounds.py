@@ -20,14 +20,18 @@ LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
 MAX = 2**63 - 1
 BEYOND = [2**63, 2**64 - 1, 2**64, 10**30]
-AUTH = {"Authorization": f"Bearer {token()}"}
+
+
+def auth() -> dict[str, str]:
+    """A fresh token: one minted at import would expire in a suite that runs past its TTL."""
+    return {"Authorization": f"Bearer {token()}"}
 
 
 class TestRest:
     @pytest.mark.parametrize("since", BEYOND)
     async def test_history_since_beyond_is_422(self, api: ApiFactory, since: int) -> None:
         async with api() as client:
-            response = await client.get(f"/v1/prices/AAPL/history?since={since}", headers=AUTH)
+            response = await client.get(f"/v1/prices/AAPL/history?since={since}", headers=auth())
 
         assert response.status_code == 422
         assert response.json()["code"] == "invalid_request"
@@ -40,15 +44,15 @@ class TestRest:
     ) -> None:
         """What Redis refuses as a stream ID answered 503 "retry shortly" before."""
         async with api(broadcast_url=redis.url) as client:
-            response = await client.get(f"/v1/prices/AAPL/history?since={since}", headers=AUTH)
-            largest = await client.get(f"/v1/prices/AAPL/history?since={MAX}", headers=AUTH)
+            response = await client.get(f"/v1/prices/AAPL/history?since={since}", headers=auth())
+            largest = await client.get(f"/v1/prices/AAPL/history?since={MAX}", headers=auth())
 
         assert response.status_code == 422
         assert (largest.status_code, largest.json()) == (200, [])
 
     async def test_the_largest_seq_is_accepted(self, api: ApiFactory) -> None:
         async with api() as client:
-            response = await client.get(f"/v1/prices/AAPL/history?since={MAX}", headers=AUTH)
+            response = await client.get(f"/v1/prices/AAPL/history?since={MAX}", headers=auth())
 
         assert (response.status_code, response.json()) == (200, [])
 
@@ -58,14 +62,14 @@ class TestServerSentEvents:
     async def test_last_event_id_beyond_is_422(self, live: LiveFactory, seq: int) -> None:
         async with live() as server, httpx.AsyncClient(base_url=server.http) as http:
             response = await http.get(
-                "/v1/stream?symbols=AAPL", headers={**AUTH, "Last-Event-ID": f"AAPL:{seq}"}
+                "/v1/stream?symbols=AAPL", headers={**auth(), "Last-Event-ID": f"AAPL:{seq}"}
             )
 
         assert response.status_code == 422
         assert response.json()["code"] == "invalid_request"
 
     async def test_the_largest_seq_resumes(self, live: LiveFactory) -> None:
-        headers = {**AUTH, "Last-Event-ID": f"AAPL:{MAX}"}
+        headers = {**auth(), "Last-Event-ID": f"AAPL:{MAX}"}
         async with (
             live() as server,
             httpx.AsyncClient(base_url=server.http) as http,

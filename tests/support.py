@@ -404,3 +404,14 @@ async def open_stream(url: str, **kwargs: Any) -> AsyncIterator[Stream]:
     kwargs.setdefault("max_queue", None)
     async with connect(url, open_timeout=5, **kwargs) as conn:
         yield Stream(conn)
+
+
+async def scrape_sample(server: LiveApp, sample: str) -> float:
+    """The value of one sample (`name{labels}` as /metrics writes it) on a live server; 0 while
+    it has not been counted yet."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{server.http}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0

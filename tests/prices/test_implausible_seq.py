@@ -15,7 +15,7 @@ import pytest
 from app.broker import price_channel
 from app.redis_client import create_redis
 from tests.prices.fanout_support import tick
-from tests.support import LiveApp, RedisServer, free_port, open_stream, token
+from tests.support import LiveApp, RedisServer, free_port, open_stream, scrape_sample, token
 
 pytestmark = pytest.mark.redis
 
@@ -23,12 +23,7 @@ LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
 
 async def dropped_implausible(server: LiveApp) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{server.http}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith('pricefeed_broker_dropped_total{reason="implausible_seq"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return await scrape_sample(server, 'pricefeed_broker_dropped_total{reason="implausible_seq"}')
 
 
 async def test_a_forged_seq_on_redis_does_not_freeze_the_symbol(

@@ -14,7 +14,7 @@ import pytest
 
 from app.prices.replays import ReplayBudget
 from tests.prices.test_sse import open_events, wait_for_seq
-from tests.support import LiveApp, Stream, open_stream, token
+from tests.support import LiveApp, Stream, open_stream, scrape_sample, token
 
 LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
@@ -32,12 +32,7 @@ async def unsubscribe(stream: Stream) -> None:
 
 
 async def refused_replays(server: LiveApp) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{server.http}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith('pricefeed_requests_refused_total{limit="replay"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return await scrape_sample(server, 'pricefeed_requests_refused_total{limit="replay"}')
 
 
 async def test_a_since_0_loop_gets_snapshots_past_its_budget(live: LiveFactory) -> None:

@@ -57,9 +57,17 @@ class Settings(BaseSettings):
     docs_public: bool = True
 
     producer: Literal["on", "off"] = "on"
-    feed_source: Literal["simulated"] = "simulated"
+    # Where prices come from (app/feed/sources/); pushed quotes (POST /v1/ingest) go out
+    # whatever the source, and `ingest` is only them.
+    feed_source: Literal["simulated", "replay", "coinbase", "ingest"] = "simulated"
     feed_ticks_per_second: float = Field(default=2.0, gt=0, le=1000)
     feed_seed: int | None = None
+    feed_replay_path: str = ""
+    feed_replay_speed: float = Field(default=1.0, ge=0, le=1_000_000)  # 0: as fast as taken
+    feed_replay_loop: bool = False
+    feed_upstream_url: str = "wss://ws-feed.exchange.coinbase.com"
+    # A source silent this long is reconnected; /readyz reports the feed `stale` past it.
+    feed_stale_seconds: float = Field(default=10.0, gt=0, le=3600)
     leader_lease_ms: int = Field(default=3000, ge=500, le=60000)
 
     retention_ticks: int = Field(default=1000, ge=10, le=1_000_000)
@@ -116,6 +124,12 @@ class Settings(BaseSettings):
     def _workers_need_redis(self) -> Settings:
         if self.workers > 1 and not self.uses_redis:
             raise ValueError("WORKERS > 1 needs BROADCAST_URL=redis://… (memory:// is one process)")
+        return self
+
+    @model_validator(mode="after")
+    def _replay_needs_a_file(self) -> Settings:
+        if self.feed_source == "replay" and not self.feed_replay_path:
+            raise ValueError("FEED_SOURCE=replay needs FEED_REPLAY_PATH (a CSV file)")
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from app.broker import Broker
 from app.config import Settings
 from app.errors import Unauthenticated
 from app.feed.producer import Producer
+from app.feed.stats import FeedCounts
 from app.instruments.catalog import Catalog
 from app.logs import OncePer
 from app.prices.hub import FanoutHub
@@ -49,6 +50,7 @@ class AppState:
     redis: Redis | None
     rest_limit: RateLimiter  # REST requests per token subject (or client address)
     token_throttle: TokenThrottle  # the token endpoint's limits
+    feed_counts: FeedCounts  # the producer's counts, wherever it runs (app/feed/stats.py)
     # A database outage fails every request that needs it: one log line a minute says so.
     database_outages: OncePer = field(
         default_factory=lambda: OncePer(logging.getLogger("app.db"), seconds=60)

@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
+from app import metrics
 from app.auth.revocations import Revocations
 from app.auth.routes import router as auth_router
 from app.auth.service import disable_client, upsert_client
@@ -31,6 +32,7 @@ from app.errors import CloseCode, close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
+from app.feed.stats import create_feed_counts
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
 from app.logs import install_client_error_filter, install_redaction
@@ -142,15 +144,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         streams.count_across_instances(leases)
         supervisor.spawn("stream-leases", leases.run)
+    catalog = Catalog(instruments)
+    feed_counts = create_feed_counts(redis, prefix=settings.redis_key_prefix)
+    metrics.FEED.last_tick_age = hub.last_tick_age
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
             settings,
-            instruments=instruments,
+            instruments=catalog,
             store=store,
             broker=broker,
             lease=lease,
             checkpoints=SeqCheckpoints(sessions) if settings.uses_redis else None,
+            counts=feed_counts,
         )
         supervisor.spawn("producer", producer.run)
 
@@ -162,7 +168,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         signer=signer,
         verifier=verifier,
         revocations=revocations,
-        catalog=Catalog(instruments),
+        catalog=catalog,
+        feed_counts=feed_counts,
         store=store,
         broker=broker,
         hub=hub,

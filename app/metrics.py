@@ -9,10 +9,15 @@ prometheus_client's own take a lock and walk several Python calls per update, wh
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 
@@ -96,3 +101,42 @@ FANOUT_LAG = LoopHistogram(
     "Age of a tick (producer ts to now) when the hub passes it on: how far behind fan-out is",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+
+
+class FeedCollector(Collector):
+    """The feed's counts (app/feed/stats.py, read from where the producer adds them when
+    /metrics is scraped) and the age of the newest tick this instance passed on."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.last_tick_age: Callable[[], float | None] = lambda: None
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        rejected = CounterMetricFamily(
+            "pricefeed_feed_rejected",
+            "Source records skipped (bad replay rows, malformed upstream messages), cluster-wide",
+            labels=["source", "reason"],
+        )
+        gaps = CounterMetricFamily(
+            "pricefeed_feed_upstream_gaps",
+            "Gaps in an upstream's own sequence numbers, cluster-wide",
+            labels=["source"],
+        )
+        for field, value in sorted(self.counts.items()):
+            kind, *labels = field.split("|")
+            if kind == "rejected" and len(labels) == 2:
+                rejected.add_metric(labels, value)
+            elif kind == "gaps" and len(labels) == 1:
+                gaps.add_metric(labels, value)
+        yield rejected
+        yield gaps
+        age = self.last_tick_age()
+        yield GaugeMetricFamily(
+            "pricefeed_feed_last_tick_age_seconds",
+            "Seconds since this instance last passed on a tick (NaN: none yet)",
+            value=float("nan") if age is None else age,
+        )
+
+
+FEED = FeedCollector()

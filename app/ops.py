@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import metrics
 from app.db import ping_database
 from app.deps import AppState, StateDep
 from app.errors import ErrorOutDoc, Unauthenticated
 from app.feed.leader import read_leader
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 _CHECK_TIMEOUT_SECONDS = 2.0
@@ -61,8 +64,20 @@ async def read_readiness(state: StateDep) -> JSONResponse:
         checks[f"task:{task}"] = f"down: {reason}"
     checks["producer"] = await _producer_role(state)
     ready = all(not v.startswith("down") for v in checks.values())
+    # A quiet feed is not a reason to take the instance out of rotation: it says so instead.
+    age = state.hub.last_tick_age()
+    fresh = age is not None and age <= state.settings.feed_stale_seconds
+    checks["feed"] = "ok" if fresh else "stale"
     return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
+        {
+            "status": "ready" if ready else "unavailable",
+            "checks": checks,
+            "feed": {
+                "source": state.settings.feed_source,
+                "status": checks["feed"],
+                "last_tick_age_seconds": None if age is None else round(age, 3),
+            },
+        },
         status_code=200 if ready else 503,
     )
 
@@ -75,4 +90,8 @@ async def read_metrics(request: Request, state: StateDep) -> Response:
     given = request.headers.get("authorization", "")  # not a parameter: nothing to 422
     if expected and not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
         raise Unauthenticated("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
+    try:  # the producer's counts, from wherever it runs
+        metrics.FEED.counts = await asyncio.wait_for(state.feed_counts.read(), 1.0)
+    except Exception as exc:  # noqa: BLE001 - the store check in /readyz reports Redis down
+        logger.debug("feed counts unavailable (%s); /metrics shows the last ones", exc)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

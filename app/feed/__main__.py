@@ -22,6 +22,8 @@ from app.db import create_engine, create_session_factory
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import create_producer
+from app.feed.stats import create_feed_counts
+from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
 from app.logs import logging_config
 from app.prices.store import create_tick_store
@@ -67,11 +69,12 @@ async def run_producer() -> None:
     await broker.connect()
     producer = create_producer(
         settings,
-        instruments=instruments,
+        instruments=Catalog(instruments),
         store=store,
         broker=broker,
         lease=lease,
         checkpoints=SeqCheckpoints(sessions),
+        counts=create_feed_counts(redis, prefix=settings.redis_key_prefix),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,8 @@
 """The producer loop: quotes from a source become ticks (ts, seq, candles), are kept in the
-store, then published on `prices:{SYMBOL}` through the broker. Only the lease holder runs it."""
+store, then published on `prices:{SYMBOL}` through the broker. Only the lease holder runs it.
+
+Whatever the source (app/feed/sources/), this is the one writer of `seq`: a batch's quotes go
+out in order per symbol, and the symbols of a batch concurrently."""
 
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from app.backoff import Backoff
 from app.broker import Broker, price_channel
 from app.config import Settings
 from app.feed.checkpoints import SeqCheckpoints
-from app.feed.sources import Quote, SimulatedSource, TickSource
-from app.instruments.repository import InstrumentInfo
+from app.feed.sources import Instruments, Quote, TickSource, create_source
+from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
 from app.prices.store import NotLeader, TickStore
 from app.prices.ticks import encode_tick
@@ -44,6 +47,10 @@ class Lease(Protocol):
 
 CHECKPOINT_SECONDS = 2.0
 RETRY_CAP_SECONDS = 5.0
+STATS_SECONDS = 1.0
+
+
+_ZERO = Decimal(0)
 
 
 class LostLease(Exception):
@@ -55,18 +62,22 @@ class Producer:
         self,
         *,
         source: TickSource,
-        instruments: Sequence[InstrumentInfo],
+        instruments: Instruments,
         store: TickStore,
         broker: Broker,
         lease: Lease,
         checkpoints: SeqCheckpoints | None = None,
         checkpoint_margin: int = 0,
+        stats: FeedStats | None = None,
+        counts: FeedCounts | None = None,
     ) -> None:
         self._source = source
         self._checkpoints = checkpoints
         # Ticks that may have gone out after the last checkpoint: skipped over on resume.
         self._checkpoint_margin = checkpoint_margin
-        self._instruments = list(instruments)
+        self._instruments = instruments  # live: instruments come and go while it runs
+        self._stats = stats or FeedStats(source.name)
+        self._counts = counts or MemoryFeedCounts()
         self._store = store
         self._broker = broker
         self._lease = lease
@@ -75,7 +86,15 @@ class Producer:
         self._ts: dict[str, int] = {}
         self._prices: dict[str, Decimal] = {}
         self._candles: dict[tuple[str, str], Candle] = {}
+        # Symbols whose seq was read from the store in this leadership term.
+        self._resumed: set[str] = set()
+        # One batch at a time (the source's and, later, pushed ones): seq order per symbol.
+        self._emitting = asyncio.Lock()
         self.is_leader = False
+
+    @property
+    def stats(self) -> FeedStats:
+        return self._stats
 
     async def run(self) -> None:
         # Waiting for another instance's lease to lapse is polling, every renew_interval: a
@@ -105,7 +124,9 @@ class Producer:
             self.is_leader = True
             metrics.PRODUCER_LEADER.set(1)
             logger.info(
-                "producer: this instance leads; publishing %d symbols", len(self._instruments)
+                "producer: this instance leads; source %s, %d symbols",
+                self._source.name,
+                len(list(self._instruments)),
             )
             led_from = time.monotonic()
             try:
@@ -121,12 +142,33 @@ class Producer:
             await lead_again.sleep(ran_for=time.monotonic() - led_from)
 
     async def _lead(self) -> None:
-        await self._resume_from_store()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._keep_lease(), name="producer-lease")
-            group.create_task(self._publish_forever(), name="producer-publish")
-            if self._checkpoints is not None:
-                group.create_task(self._checkpoint_forever(), name="producer-checkpoint")
+        self._resumed.clear()  # another leader may have published since this one last led
+        await self._resume([i.symbol for i in self._instruments])
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._keep_lease(), name="producer-lease")
+                group.create_task(self._publish_forever(), name="producer-publish")
+                group.create_task(self._report_forever(), name="producer-stats")
+                if self._checkpoints is not None:
+                    group.create_task(self._checkpoint_forever(), name="producer-checkpoint")
+        finally:
+            await self._report()
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_SECONDS)
+            await self._report()
+
+    async def _report(self) -> None:
+        """Hand the source's counts on to where every instance's /metrics reads them."""
+        counts = self._stats.drain()
+        if not counts:
+            return
+        try:
+            await self._counts.add(counts)
+        except Exception as exc:  # noqa: BLE001 - kept, and added with the next ones
+            logger.debug("producer: feed counts not reported yet (%s)", exc)
+            self._stats.restore(counts)
 
     async def _checkpoint_forever(self) -> None:
         assert self._checkpoints is not None
@@ -147,8 +189,11 @@ class Producer:
             if not renewed:
                 raise LostLease
 
-    async def _resume_from_store(self) -> None:
-        symbols = [i.symbol for i in self._instruments]
+    async def _resume(self, symbols: list[str]) -> None:
+        """Take up `symbols` where the store (or, if it lost them, the checkpoint) left them."""
+        symbols = [s for s in symbols if s not in self._resumed]
+        if not symbols:
+            return
         latest = await self._store.read_latest(symbols)
         for symbol, tick in latest.items():
             if tick.seq > self._seq.get(symbol, 0):
@@ -179,11 +224,24 @@ class Producer:
                     or kept[-1].start >= self._candles[(symbol, interval)].start
                 ):
                     self._candles[(symbol, interval)] = kept[-1]
+        self._resumed.update(symbols)
 
     async def _publish_forever(self) -> None:
         async for batch in self._source.stream(self._instruments, dict(self._prices)):
-            # One tick per symbol per batch, so the symbols may go out concurrently.
-            await asyncio.gather(*(self._emit(quote) for quote in batch))
+            await self.emit_batch(batch)
+
+    async def emit_batch(self, quotes: Sequence[Quote]) -> None:
+        """Stamp, store and publish `quotes`: in order within a symbol, symbols concurrently."""
+        by_symbol: dict[str, list[Quote]] = {}
+        for quote in quotes:
+            by_symbol.setdefault(quote.symbol, []).append(quote)
+        async with self._emitting:
+            await self._resume(list(by_symbol))  # an instrument added since the term began
+            await asyncio.gather(*(self._emit_in_order(run) for run in by_symbol.values()))
+
+    async def _emit_in_order(self, quotes: list[Quote]) -> None:
+        for quote in quotes:
+            await self._emit(quote)
 
     async def _emit(self, quote: Quote) -> None:
         symbol = quote.symbol
@@ -197,14 +255,18 @@ class Producer:
             bid=quote.bid,
             ask=quote.ask,
             volume=quote.volume,
+            size=quote.size,
+            side=quote.side,
+            source_ts=quote.source_ts,
         )
+        traded = quote.traded or _ZERO
         candles = {
             interval: fold_tick(
                 self._candles.get((symbol, interval)),
                 interval_ms=interval_ms,
                 ts=now,
                 price=quote.price,
-                volume=quote.volume,
+                volume=traded,
             )
             for interval, interval_ms in INTERVALS_MS.items()
         }
@@ -221,16 +283,16 @@ class Producer:
 def create_producer(
     settings: Settings,
     *,
-    instruments: Sequence[InstrumentInfo],
+    instruments: Instruments,
     store: TickStore,
     broker: Broker,
     lease: Lease,
     checkpoints: SeqCheckpoints | None = None,
+    counts: FeedCounts | None = None,
 ) -> Producer:
-    """The producer FEED_SOURCE names (so far: the simulated feed)."""
-    source = SimulatedSource(
-        ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed
-    )
+    """The producer of the source FEED_SOURCE names; SourceNotReady if it cannot start."""
+    stats = FeedStats(settings.feed_source)
+    source = create_source(settings, stats)
     # At most this many ticks of a symbol can follow its last checkpoint before a successor
     # takes over: two checkpoint periods and a lease.
     window = 2 * CHECKPOINT_SECONDS + settings.leader_lease_ms / 1000
@@ -242,4 +304,6 @@ def create_producer(
         lease=lease,
         checkpoints=checkpoints,
         checkpoint_margin=math.ceil(settings.feed_ticks_per_second * window) + 1,
+        stats=stats,
+        counts=counts,
     )

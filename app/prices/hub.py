@@ -69,6 +69,11 @@ class FanoutHub:
         # Per symbol, every subscriber not on a lane: each is offered every tick.
         self._streams: dict[str, set[Outbox]] = {}
         self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
+        self._last_delivery: float | None = None  # monotonic time of the newest
+
+    def last_tick_age(self) -> float | None:
+        """Seconds since a tick was last passed on (None: none yet): the feed's pulse."""
+        return None if self._last_delivery is None else time.monotonic() - self._last_delivery
 
     @property
     def subscription_count(self) -> int:
@@ -98,6 +103,7 @@ class FanoutHub:
         what the run gave each connection."""
         dirty: list[Outbox] = []
         pending: dict[str, list[tuple[Tick, bytes]]] = {}
+        self._last_delivery = time.monotonic()
         streams, lanes, latest = self._streams, self.lanes.by_symbol, self._latest
         try:
             for tick in ticks:

@@ -73,23 +73,34 @@ def encode_tick(
     price: Decimal,
     ts: int,
     seq: int,
-    bid: Decimal,
-    ask: Decimal,
-    volume: Decimal,
+    bid: Decimal | None = None,
+    ask: Decimal | None = None,
+    volume: Decimal | None = None,
+    size: Decimal | None = None,
+    side: str | None = None,
+    source_ts: int | None = None,
 ) -> Tick:
-    frame = orjson.dumps(
-        {
-            "type": "tick",
-            "symbol": symbol,
-            "price": str(price),
-            "ts": ts,
-            "seq": seq,
-            "bid": str(bid),
-            "ask": str(ask),
-            "volume": str(volume),
-        }
-    ).decode()
-    return Tick(symbol=symbol, seq=seq, ts=ts, frame=frame)
+    """The tick's frame: the contract's fields, then those of the optional ones it has."""
+    body: dict[str, object] = {
+        "type": "tick",
+        "symbol": symbol,
+        "price": str(price),
+        "ts": ts,
+        "seq": seq,
+    }
+    if bid is not None:
+        body["bid"] = str(bid)
+    if ask is not None:
+        body["ask"] = str(ask)
+    if volume is not None:
+        body["volume"] = str(volume)
+    if size is not None:
+        body["size"] = str(size)
+    if side is not None:
+        body["side"] = side
+    if source_ts is not None:
+        body["source_ts"] = source_ts
+    return Tick(symbol=symbol, seq=seq, ts=ts, frame=orjson.dumps(body).decode())
 
 
 def decode_tick(frame: str) -> Tick:

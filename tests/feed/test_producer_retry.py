@@ -14,7 +14,8 @@ from redis.exceptions import ResponseError
 
 from app.broker import Broker
 from app.feed.producer import Producer
-from app.feed.sources import SimulatedSource
+from app.feed.sources.simulated import SimulatedSource
+from app.instruments.catalog import Catalog
 from app.instruments.repository import InstrumentInfo
 from app.prices.store import TickStore
 from app.prices.ticks import Tick
@@ -62,7 +63,7 @@ class FailingStore:
 async def run_until(lease: ScriptedLease, attempts: int, store: object = None) -> None:
     producer = Producer(
         source=SimulatedSource(ticks_per_second=10, seed=1),
-        instruments=[AAPL],
+        instruments=Catalog([AAPL]),
         store=cast(TickStore, store or FailingStore()),
         broker=cast(Broker, None),  # never reached: nothing is published
         lease=lease,

@@ -1,41 +1,35 @@
-"""Tick sources: where prices come from. The producer stamps `ts` and `seq`; a source only
-says what the price is. Add a replay file or a real upstream by implementing `TickSource`."""
+"""FEED_SOURCE=simulated: a geometric random walk per instrument (the default, for a bare
+machine, demos and tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import random
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Protocol
+from typing import TYPE_CHECKING
 
+from app.feed.sources import Instruments, Quote
 from app.instruments.repository import InstrumentInfo
 
-
-@dataclass(frozen=True, slots=True)
-class Quote:
-    symbol: str
-    price: Decimal
-    bid: Decimal
-    ask: Decimal
-    volume: Decimal
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.feed.stats import FeedStats
 
 
-class TickSource(Protocol):
-    def stream(
-        self, instruments: Sequence[InstrumentInfo], start_prices: dict[str, Decimal]
-    ) -> AsyncIterator[list[Quote]]:
-        """Yield batches of quotes, forever; `start_prices` continues a previous run."""
-        ...
+def create(settings: Settings, stats: FeedStats) -> SimulatedSource:
+    return SimulatedSource(ticks_per_second=settings.feed_ticks_per_second, seed=settings.feed_seed)
 
 
 class SimulatedSource:
     """A geometric random walk per instrument, at the instrument's price precision.
 
     Every instrument quotes `ticks_per_second` times a second. With a seed, the walk is the
-    same on every run (for tests)."""
+    same on every run (for tests). An instrument added while it runs starts at its reference
+    price on the next round."""
+
+    name = "simulated"
 
     # Per-tick volatility by asset class: roughly what a second of trading looks like.
     _SIGMA = {"equity": 0.0004, "crypto": 0.0008, "fx": 0.00005}
@@ -68,13 +62,13 @@ class SimulatedSource:
         )
 
     async def stream(
-        self, instruments: Sequence[InstrumentInfo], start_prices: dict[str, Decimal]
+        self, instruments: Instruments, start_prices: dict[str, Decimal]
     ) -> AsyncIterator[list[Quote]]:
-        last = {i.symbol: start_prices.get(i.symbol, i.reference_price) for i in instruments}
+        last = dict(start_prices)
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            batch = [self.quote(i, last[i.symbol]) for i in instruments]
+            batch = [self.quote(i, last.get(i.symbol, i.reference_price)) for i in instruments]
             for quote in batch:
                 last[quote.symbol] = quote.price
             yield batch

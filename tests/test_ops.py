@@ -193,3 +193,52 @@ class TestProbesIgnoreAuth:
             response = await client.get(path, headers={"Authorization": "Bearer garbage"})
 
         assert response.status_code == 200
+
+
+class TestFeedHealth:
+    async def test_a_ticking_feed_is_ok(self, api: ApiFactory) -> None:
+        async with api() as client:
+            response = await poll(
+                client, "/readyz", lambda r: r.json()["checks"].get("feed") == "ok"
+            )
+            metrics = await client.get("/metrics")
+
+        body = response.json()
+        assert body["checks"]["feed"] == "ok"
+        assert body["feed"]["source"] == "simulated"
+        assert 0 <= body["feed"]["last_tick_age_seconds"] < 10
+        assert 0 <= scraped(metrics, "pricefeed_feed_last_tick_age_seconds") < 10
+
+    async def test_a_silent_feed_is_stale_but_still_ready(self, api: ApiFactory) -> None:
+        # Nothing is pushed in, so no tick ever comes: say so, but keep serving snapshots.
+        async with api(feed_source="ingest") as client:
+            response = await client.get("/readyz")
+            metrics = await client.get("/metrics")
+
+        assert response.status_code == 200
+        assert response.json()["status"] == "ready"
+        assert response.json()["checks"]["feed"] == "stale"
+        assert response.json()["feed"] == {
+            "source": "ingest",
+            "status": "stale",
+            "last_tick_age_seconds": None,
+        }
+        age = scraped(metrics, "pricefeed_feed_last_tick_age_seconds")
+        assert age != age  # NaN: no tick yet
+
+    async def test_the_producers_counts_reach_metrics(self, build_app: Any) -> None:
+        async with serve_with_state(build_app()) as (client, state):
+            await state.feed_counts.add(
+                {"rejected|replay|bad_price": 3, "gaps|coinbase": 2, "junk": 1}
+            )
+            metrics = await client.get("/metrics")
+
+        families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+        rejected = [s for s in families["pricefeed_feed_rejected"].samples]
+        assert [(s.labels, s.value) for s in rejected if s.name.endswith("_total")] == [
+            ({"source": "replay", "reason": "bad_price"}, 3.0)
+        ]
+        gaps = [s for s in families["pricefeed_feed_upstream_gaps"].samples]
+        assert [(s.labels, s.value) for s in gaps if s.name.endswith("_total")] == [
+            ({"source": "coinbase"}, 2.0)
+        ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -160,7 +161,9 @@ class CoinbaseSource:
 
     def refuse(self, reason: str, subscribed: set[str]) -> None:
         """An `error` naming products we asked for: leave them out from now on."""
-        named = sorted(p for p in subscribed if p in reason)
+        named = sorted(
+            p for p in subscribed if re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", reason)
+        )
         if named:
             self._refused.update(named)
             logger.warning(
@@ -247,19 +250,21 @@ class _Session:
                 return None
             if self._instruments.version != self._version and not await self._follow_catalog():
                 return None
-            silent_for = loop.time() - self._heard_at
-            if silent_for >= self._stale_seconds:
-                raise UpstreamLost(f"upstream silent for {silent_for:.1f}s")
-            try:
-                async with asyncio.timeout(
-                    min(self._stale_seconds - silent_for, CATALOG_POLL_SECONDS)
-                ):
-                    frames = [await self._inbox.get()]
-            except TimeoutError:
-                continue
+            if self._inbox.empty():
+                silent_for = loop.time() - self._heard_at
+                if silent_for >= self._stale_seconds:
+                    raise UpstreamLost(f"upstream silent for {silent_for:.1f}s")
+                try:
+                    async with asyncio.timeout(
+                        min(self._stale_seconds - silent_for, CATALOG_POLL_SECONDS)
+                    ):
+                        frames = [await self._inbox.get()]
+                except TimeoutError:
+                    continue
+            else:
+                frames = [self._inbox.get_nowait()]
             while not self._inbox.empty():
                 frames.append(self._inbox.get_nowait())
-            self._heard_at = loop.time()
             return self._quotes(frames)
 
     def _quotes(self, frames: list[str | bytes | _Closed]) -> list[Quote]:
@@ -279,8 +284,12 @@ class _Session:
         return quotes
 
     async def _read(self, conn: ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
         try:
             async for frame in conn:
+                # When it came, not when the producer took it: a producer held up (a slow
+                # store) must not make a talking upstream look silent.
+                self._heard_at = loop.time()
                 await self._inbox.put(frame)
             reason = f"upstream closed the connection (code {conn.close_code})"
         except ConnectionClosed as exc:

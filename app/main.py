@@ -130,8 +130,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             per_minute=settings.ws_replay_ticks_per_minute,
         ),
     )
+    catalog = Catalog(instruments)
+    await hub.follow(catalog.symbols)
+
     supervisor = Supervisor()
-    supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    supervisor.spawn("fanout", hub.consume)
     supervisor.spawn("revocations", revocations.run)
     leases: StreamLeases | None = None
     if redis is not None:  # the per-subject stream limit counts every instance's streams
@@ -144,7 +147,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         streams.count_across_instances(leases)
         supervisor.spawn("stream-leases", leases.run)
-    catalog = Catalog(instruments)
     feed_counts = create_feed_counts(redis, prefix=settings.redis_key_prefix)
     metrics.FEED.last_tick_age = hub.last_tick_age
     producer: Producer | None = None

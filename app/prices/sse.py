@@ -35,6 +35,7 @@ from app.frames import request_transport
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
+from app.prices.streams import no_longer_available
 from app.prices.ticks import MAX_SEQ, normalise_symbol, parse_seq
 from app.security import Principal
 
@@ -72,7 +73,7 @@ class EventStream:
         if not gone or self.ended is not None:
             return False
         self.hub.detach(self.outbox, gone)  # their queued frames go too
-        message = f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} no longer available"
+        message = no_longer_available(gone)
         self._notices.append(_error_event("unknown_symbol", message, symbols=gone))
         if not self.outbox.symbols:
             await self.close(CloseCode.UNKNOWN_SYMBOL, message)

@@ -140,6 +140,11 @@ class TokenExpiredWhileSending(Exception):
     """The token expired while a send waited for the socket: nothing more may go out."""
 
 
+def no_longer_available(symbols: list[str]) -> str:
+    """What a stream is told of withdrawn symbols (instruments disabled)."""
+    return f"{', '.join(symbols)} {'is' if len(symbols) == 1 else 'are'} no longer available"
+
+
 def control(kind: str, **fields: object) -> str:
     return orjson.dumps({"type": kind, **fields}).decode()
 
@@ -253,7 +258,7 @@ class WebSocketStream:
         gone = sorted(self.outbox.symbols & symbols)
         if not gone or self._closing:
             return False
-        message = f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} no longer available"
+        message = no_longer_available(gone)
         if self._single_symbol:
             await self.close(CloseCode.UNKNOWN_SYMBOL, message)
             return True

@@ -74,7 +74,7 @@ class CatalogWatcher:
                     logger.warning(
                         "instruments: cannot read them (%s); keeping the %d known, retrying "
                         "every %gs",
-                        exc,
+                        str(exc).splitlines()[0][:200],  # not the whole SQL statement
                         len(self._catalog),
                         self._poll_seconds,
                     )

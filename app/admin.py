@@ -7,6 +7,14 @@ python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
 python -m app.admin revoke --jti <jti> | --sub alice [--keep-seconds 86400]
     revoke one token, or every token of a subject issued until now; every instance refuses
     them and closes their streams with 4401 within REVOCATION_POLL_SECONDS
+python -m app.admin add-instrument --symbol XRP-USD --name "XRP / US Dollar" \
+        --asset-class crypto --decimals 4 [--reference-price 0.5123]
+    create an instrument, or update one and make it active again; every instance lists,
+    routes and produces it within INSTRUMENT_POLL_SECONDS (the simulated source starts at the
+    reference price: 1 for a new instrument without one; an existing one keeps its own)
+python -m app.admin disable-instrument --symbol XRP-USD
+    make an instrument inactive: every instance answers 404 for it and ends or drops its
+    streams (WebSocket close 4404; app/prices/protocol.md) within INSTRUMENT_POLL_SECONDS
 """
 
 from __future__ import annotations
@@ -15,11 +23,21 @@ import argparse
 import asyncio
 import secrets
 import sys
+from decimal import Decimal
 
 from app.auth.revocations import DEFAULT_KEEP_SECONDS, revoke
 from app.auth.service import upsert_client
-from app.config import get_settings
-from app.db import create_engine, create_session_factory
+from app.config import Settings, get_settings
+from app.db import DATABASE_ERRORS, create_engine, create_session_factory
+from app.feed.quotes import QuoteError, parse_amount
+from app.instruments.repository import (
+    ASSET_CLASSES,
+    MAX_DECIMALS,
+    MAX_NAME_LENGTH,
+    UnknownInstrument,
+    disable_instrument,
+    upsert_instrument,
+)
 from app.prices.ticks import normalise_symbol
 from app.security import TokenSigner
 
@@ -31,6 +49,71 @@ def _symbols(raw: str) -> list[str]:
     if not symbols or any(s is None for s in symbols):
         raise argparse.ArgumentTypeError(f"not a list of symbols: {raw!r}")
     return [s for s in symbols if s is not None]
+
+
+def _symbol(raw: str) -> str:
+    symbol = normalise_symbol(raw)
+    if symbol is None:
+        raise argparse.ArgumentTypeError(
+            f"not a symbol: {raw[:40]!r} (1 to 16 of A-Z, 0-9, '.', '-', starting with a "
+            "letter or digit)"
+        )
+    return symbol
+
+
+def _name(raw: str) -> str:
+    name = raw.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"a name is 1 to {MAX_NAME_LENGTH} printable characters, not {raw[:40]!r}"
+        )
+    return name
+
+
+def _decimals(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_DECIMALS:
+        raise argparse.ArgumentTypeError(
+            f"decimals is a whole number from 0 to {MAX_DECIMALS}, not {raw[:20]!r}"
+        )
+    return int(raw)
+
+
+def _reference_price(raw: str | None, decimals: int) -> Decimal | None:
+    """A positive decimal with at most `decimals` places, checked as every quote's price is."""
+    if raw is None:
+        return None
+    try:
+        return parse_amount(raw, "reference price", decimals=decimals)
+    except QuoteError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _add_instrument(
+    symbol: str, name: str, asset_class: str, decimals: int, reference_price: Decimal | None
+) -> str:
+    engine = create_engine(get_settings().database_url)
+    try:
+        async with create_session_factory(engine)() as session:
+            write = await upsert_instrument(
+                session,
+                symbol=symbol,
+                name=name,
+                asset_class=asset_class,
+                price_decimals=decimals,
+                reference_price=reference_price,
+            )
+    finally:
+        await engine.dispose()
+    return write.describe()
+
+
+async def _disable_instrument(symbol: str) -> bool:
+    engine = create_engine(get_settings().database_url)
+    try:
+        async with create_session_factory(engine)() as session:
+            return await disable_instrument(session, symbol)
+    finally:
+        await engine.dispose()
 
 
 async def _add_client(client_id: str, name: str, symbols: list[str]) -> str:
@@ -81,6 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_KEEP_SECONDS,
         help="how long the revocation is kept: at least the tokens' lifetime (default a day)",
     )
+    instrument = commands.add_parser(
+        "add-instrument", help="create an instrument, or update and re-activate one"
+    )
+    instrument.add_argument("--symbol", type=_symbol, required=True, help="e.g. XRP-USD")
+    instrument.add_argument("--name", type=_name, required=True, help='e.g. "XRP / US Dollar"')
+    instrument.add_argument("--asset-class", required=True, choices=ASSET_CLASSES)
+    instrument.add_argument(
+        "--decimals", type=_decimals, required=True, help=f"price places, 0 to {MAX_DECIMALS}"
+    )
+    instrument.add_argument(
+        "--reference-price",
+        default=None,
+        help="where the simulated source starts: a positive decimal with at most --decimals "
+        "places (a new instrument without one starts at 1; an existing one keeps its own)",
+    )
+    disable = commands.add_parser("disable-instrument", help="make an instrument inactive")
+    disable.add_argument("--symbol", type=_symbol, required=True)
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -88,6 +188,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.client_id == settings.demo_client_id:
             # prod disables this client at every start (app/main.py): it would not last.
             parser.error(f"--id {args.client_id} is DEMO_CLIENT_ID, disabled in prod: pick another")
+    price: Decimal | None = None  # add-instrument's, checked against its --decimals
+    if args.command == "add-instrument":
+        try:
+            price = _reference_price(args.reference_price, args.decimals)
+        except argparse.ArgumentTypeError as exc:
+            instrument.error(f"argument --reference-price: {exc}")
+    try:
+        return _run(args, settings, price)
+    except DATABASE_ERRORS as exc:
+        print(
+            f"error: cannot use the database ({str(exc).splitlines()[0][:200]}); "
+            "is DATABASE_URL right, and has `alembic upgrade head` run?",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings, price: Decimal | None) -> int:
+    """Carry out the parsed command; its exit status."""
     if args.command == "token":
         signer = TokenSigner(
             secret=settings.jwt_secret,
@@ -96,6 +215,19 @@ def main(argv: list[str] | None = None) -> int:
             leeway_seconds=settings.jwt_leeway_seconds,
         )
         print(signer.issue(subject=args.sub, symbols=args.symbols, ttl_seconds=args.ttl))
+    elif args.command == "add-instrument":
+        print(
+            asyncio.run(
+                _add_instrument(args.symbol, args.name, args.asset_class, args.decimals, price)
+            )
+        )
+    elif args.command == "disable-instrument":
+        try:
+            disabled = asyncio.run(_disable_instrument(args.symbol))
+        except UnknownInstrument:
+            print(f"error: no instrument {args.symbol}; nothing disabled", file=sys.stderr)
+            return 1
+        print(f"disabled {args.symbol}" if disabled else f"{args.symbol} was disabled already")
     elif args.command == "revoke":
         asyncio.run(_revoke(args.jti, args.sub, args.keep_seconds))
         print(f"revoked {'jti ' + args.jti if args.jti else 'subject ' + args.sub}")

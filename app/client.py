@@ -4,7 +4,8 @@ Env: `PRICEFEED_URL` (default http://127.0.0.1:8000), `PRICEFEED_CLIENT_ID`,
 `PRICEFEED_CLIENT_SECRET` (default: the dev demo client). `watch` yields each tick of each
 symbol once, in `seq` order, across reconnects (it resumes with `since`) and conflation (it
 refills a `seq` jump from the history route); a gap beyond the retention window, and every
-reconnect, is logged on the `app.client` logger.
+reconnect, is logged on the `app.client` logger. An instrument disabled while watched is
+dropped (logged) and the others watched on.
 
     PricefeedError
     ├── ApiError        a REST answer other than 2xx (`status`, `detail`)
@@ -194,7 +195,11 @@ class PricefeedClient:
                     while True:
                         for frame in await self._receive(ws):
                             if frame.get("type") not in ("tick", "snapshot"):
-                                _check_control(frame)
+                                gone = _withdrawn(frame)
+                                if gone is None:
+                                    _check_control(frame)
+                                else:  # the server watches the rest, and so does this
+                                    wanted = _watch_the_rest(wanted, gone, frame)
                                 continue
                             if refill:
                                 for old in await self._refill(frame, last):
@@ -295,6 +300,29 @@ def _admit(frame: Tick, last: dict[str, int]) -> bool:
         )
     last[symbol] = seq
     return True
+
+
+def _withdrawn(frame: Tick) -> list[str] | None:
+    """The symbols an `unknown_symbol` error names: instruments disabled while watched, which
+    the server dropped, going on with the rest. None for any other frame (a subscribe refused
+    outright names none)."""
+    gone = frame.get("symbols")
+    if frame.get("type") != "error" or frame.get("code") != "unknown_symbol":
+        return None
+    if not isinstance(gone, list):
+        return None
+    return [str(s) for s in gone]
+
+
+def _watch_the_rest(wanted: list[str], gone: list[str], frame: Tick) -> list[str]:
+    """`wanted` without `gone` (a reconnect no longer asks for them); StreamRefused once
+    nothing is left."""
+    rest = [s for s in wanted if s not in gone]
+    message = str(frame.get("message", ""))
+    if not rest:
+        raise StreamRefused(CloseCode.UNKNOWN_SYMBOL, message)
+    logger.warning("%s; watching %s", message, ", ".join(rest))
+    return rest
 
 
 def _check_control(frame: Tick) -> None:

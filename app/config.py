@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Revoked tokens (`python -m app.admin revoke`): each instance reads the list this often,
     # and closes the streams of newly revoked tokens with 4401.
     revocation_poll_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Instruments added or disabled (`python -m app.admin add-instrument`, `disable-instrument`):
+    # every server and producer reads the active ones this often (2: seen within 5 s).
+    instrument_poll_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # The demo client, seeded in dev only; ignored in prod.
     demo_client_id: str = "demo"

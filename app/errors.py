@@ -69,7 +69,7 @@ _CLOSE_MEANINGS = {
         "no token, bad token (also a bad token in an `auth` request); a revoked token's streams"
     ),
     CloseCode.NOT_ENTITLED: "symbol not entitled",
-    CloseCode.UNKNOWN_SYMBOL: "unknown symbol (per-symbol route)",
+    CloseCode.UNKNOWN_SYMBOL: "unknown symbol, or its instrument disabled (per-symbol route)",
     CloseCode.TOKEN_EXPIRED: "token expired while connected",
 }
 

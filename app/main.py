@@ -33,8 +33,9 @@ from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
 from app.feed.producer import Producer, create_producer
 from app.feed.stats import create_feed_counts
-from app.instruments.catalog import Catalog
+from app.instruments.catalog import Catalog, CatalogChange
 from app.instruments.repository import load_instruments
+from app.instruments.watcher import CatalogWatcher
 from app.logs import install_client_error_filter, install_redaction
 from app.ops import router as ops_router
 from app.prices.board import router as board_router
@@ -130,9 +131,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             per_minute=settings.ws_replay_ticks_per_minute,
         ),
     )
+    catalog = Catalog(instruments)
+    await hub.follow(catalog.symbols)
+
+    async def follow_catalog(change: CatalogChange) -> None:
+        """Instruments added: the hub passes their ticks on. Disabled: it stops, and their
+        streams end or drop them (app/prices/protocol.md)."""
+        await hub.follow(i.symbol for i in change.added)
+        gone = [i.symbol for i in change.removed]
+        await hub.unfollow(gone)
+        await streams.withdraw(gone)
+
     supervisor = Supervisor()
-    supervisor.spawn("fanout", partial(hub.consume, [i.symbol for i in instruments]))
+    supervisor.spawn("fanout", hub.consume)
     supervisor.spawn("revocations", revocations.run)
+    supervisor.spawn(
+        "instruments",
+        CatalogWatcher(
+            sessions,
+            catalog,
+            poll_seconds=settings.instrument_poll_seconds,
+            on_change=follow_catalog,
+        ).run,
+    )
     leases: StreamLeases | None = None
     if redis is not None:  # the per-subject stream limit counts every instance's streams
         leases = StreamLeases(
@@ -144,7 +165,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         )
         streams.count_across_instances(leases)
         supervisor.spawn("stream-leases", leases.run)
-    catalog = Catalog(instruments)
     feed_counts = create_feed_counts(redis, prefix=settings.redis_key_prefix)
     metrics.FEED.last_tick_age = hub.last_tick_age
     producer: Producer | None = None

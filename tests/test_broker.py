@@ -347,3 +347,48 @@ async def test_burst_subscribers_on_the_memory_backend(caplog) -> None:
         await broker.publish("prices:A", "next")
         await wait_until(lambda: sink.messages[-1] == ("prices:A", "next"))
         assert len(sink.messages) == 51
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_a_subscription_takes_channels_on_and_off_while_the_others_flow(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """An instrument added, then disabled, while ticks of another flow: the new channel is
+    delivered from `add` until `remove`, and the other one loses nothing and doubles nothing."""
+    url = request.getfixturevalue("redis").url if backend == "redis" else "memory://"
+    sink = Bursts()
+    async with connected(url) as broker, broker.subscribe_bursts(["prices:A"], sink) as sub:
+        await wait_until(lambda: broker.connected)
+        sent = 0
+
+        async def publish_a(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                await broker.publish("prices:A", str(sent))
+                sent += 1
+                await asyncio.sleep(0)
+
+        await publish_a(20)
+        adding = asyncio.create_task(sub.add(["prices:B"]))
+        await publish_a(20)  # while B is subscribed
+        await adding
+        assert sub.channels == ["prices:A", "prices:B"]
+        await broker.publish("prices:B", "b1")
+        await publish_a(20)
+        await wait_until(lambda: ("prices:B", "b1") in sink.messages)
+
+        await sub.remove(["prices:B"])
+        assert sub.channels == ["prices:A"]
+        await broker.publish("prices:B", "after remove")
+        await publish_a(20)
+        await wait_until(lambda: sink.texts.count(str(sent - 1)) == 1)
+        if backend == "redis":
+            raw = Redis.from_url(url)
+            assert await raw.pubsub_numsub("prices:A", "prices:B") == [
+                (b"prices:A", 1),
+                (b"prices:B", 0),
+            ]
+            await raw.aclose()
+
+    assert [m for c, m in sink.messages if c == "prices:A"] == [str(i) for i in range(sent)]
+    assert [m for c, m in sink.messages if c == "prices:B"] == ["b1"]

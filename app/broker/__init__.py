@@ -2,7 +2,8 @@
 
 Ticks go out with `Broker.publish` on `prices:{SYMBOL}` (`price_channel`) and come back to
 the fan-out hub through `Broker.subscribe_bursts`: a `BurstSink` called with each read's
-messages, from the read itself.
+messages, from the read itself. The `BurstSubscription` it yields takes channels on and off
+while it runs (an instrument added or disabled), the others' delivery untouched.
 
 What is broadcaster's. Only its public names (`broadcaster/__init__.py` exports `Broadcast`,
 `BroadcastBackend` and `Event`, in 0.3.1 and on its main branch alike): our backends implement
@@ -40,7 +41,7 @@ past which Redis drops the connection and we resubscribe (the hub refetches the 
 store). memory:// holds at most `queue_size` messages; past it `publish` waits.
 """
 
-from app.broker.broker import Broker, price_channel
+from app.broker.broker import Broker, BurstSubscription, price_channel
 from app.broker.fanout import BurstSink
 
-__all__ = ["Broker", "BurstSink", "price_channel"]
+__all__ = ["Broker", "BurstSink", "BurstSubscription", "price_channel"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
@@ -67,28 +67,88 @@ class Broker:
         await self._broadcast.publish(channel, message)
 
     @asynccontextmanager
-    async def subscribe_bursts(self, channels: list[str], sink: BurstSink) -> AsyncIterator[None]:
+    async def subscribe_bursts(
+        self, channels: list[str], sink: BurstSink
+    ) -> AsyncIterator[BurstSubscription]:
         """Call `sink` with every message on `channels`, as (channel, message) pairs in order,
         a burst at a time: on Redis from the read that brought them (one read's worth), on
         memory:// what waited in its queue. Entered, the subscription is in place: what is
         published after it is delivered. `sink` must not block; what it raises is logged and
-        counted, and the subscription goes on. One sink takes a channel once (ValueError)."""
-        taken: list[str] = []
+        counted, and the subscription goes on. One sink takes a channel once (ValueError).
+        The subscription it yields takes more channels, or leaves some, while it lasts."""
+        subscription = BurstSubscription(
+            sink, fanout=self._fanout, backend=self._backend, locks=self._locks
+        )
         try:
-            for channel in channels:
-                # Serialised per channel: a second subscriber to a channel being subscribed
-                # returns only once the first's SUBSCRIBE is in place.
-                async with self._locks.setdefault(channel, asyncio.Lock()):
-                    # Registered before SUBSCRIBE: nothing Redis sends after it is missed.
-                    first = self._fanout.add(channel, sink)
-                    taken.append(channel)
-                    if first:
-                        await self._backend.subscribe(channel)
-            yield
+            await subscription.add(channels)
+            yield subscription
         finally:
-            # Unregistered at once, before any await (a second cancellation cannot leave it).
-            idle = [channel for channel in taken if self._fanout.remove(channel, sink)]
-            for channel in idle:
-                async with self._locks[channel]:
-                    if not self._fanout.takes(channel):
-                        await self._backend.unsubscribe(channel)
+            await subscription.close()
+
+
+class BurstSubscription:
+    """The channels one sink takes, for as long as `Broker.subscribe_bursts` lasts. `add` and
+    `remove` change them while it runs (instruments added or disabled): a channel is
+    subscribed on the backend when its first sink takes it and left when its last goes, and
+    the delivery of every other channel goes on untouched, with no gap and no duplicate
+    (Redis SUBSCRIBE and UNSUBSCRIBE name single channels; nothing is resubscribed)."""
+
+    def __init__(
+        self,
+        sink: BurstSink,
+        *,
+        fanout: Fanout,
+        backend: ResilientRedisBackend | BoundedMemoryBackend,
+        locks: dict[str, asyncio.Lock],
+    ) -> None:
+        self._sink = sink
+        self._fanout = fanout
+        self._backend = backend
+        self._locks = locks  # the broker's: subscribes and unsubscribes, per channel
+        self._taken: list[str] = []
+        self._closed = False
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self._taken)
+
+    async def add(self, channels: Iterable[str]) -> None:
+        """Take `channels` too; returns once what is published on them is delivered. A
+        channel taken already is left as it is."""
+        for channel in channels:
+            if channel in self._taken:
+                continue
+            # Serialised per channel: a second subscriber to a channel being subscribed
+            # returns only once the first's SUBSCRIBE is in place.
+            async with self._locks.setdefault(channel, asyncio.Lock()):
+                if self._closed:  # ended while this waited for the lock
+                    return
+                # Registered before SUBSCRIBE: nothing Redis sends after it is missed.
+                first = self._fanout.add(channel, self._sink)
+                self._taken.append(channel)
+                if first:
+                    await self._backend.subscribe(channel)
+
+    async def remove(self, channels: Iterable[str]) -> None:
+        """Stop taking `channels`: nothing more of them reaches the sink from this call on."""
+        idle = []
+        for channel in channels:
+            if channel in self._taken:
+                self._taken.remove(channel)
+                if self._fanout.remove(channel, self._sink):
+                    idle.append(channel)
+        await self._leave(idle)
+
+    async def close(self) -> None:
+        self._closed = True
+        taken, self._taken = self._taken, []
+        # Unregistered at once, before any await (a second cancellation cannot leave it).
+        idle = [channel for channel in taken if self._fanout.remove(channel, self._sink)]
+        await self._leave(idle)
+
+    async def _leave(self, idle: list[str]) -> None:
+        """Unsubscribe the channels no sink takes any more (unless one took them meanwhile)."""
+        for channel in idle:
+            async with self._locks[channel]:
+                if not self._fanout.takes(channel):
+                    await self._backend.unsubscribe(channel)

@@ -3,7 +3,8 @@
 With Redis, `python -m app` starts one of these beside its uvicorn workers (which then run
 `PRODUCER=off`), so a fan-out loop saturated by clients can never delay a tick: the producer
 keeps its own core time. It can also run as a separate service. Leadership is the usual lease:
-any number may run, one publishes.
+any number may run, one publishes. Instruments added or disabled while it runs are read every
+INSTRUMENT_POLL_SECONDS (app/instruments/watcher.py) and quoted from the next round on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.feed.producer import create_producer
 from app.feed.stats import create_feed_counts
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
+from app.instruments.watcher import CatalogWatcher
 from app.logs import logging_config
 from app.prices.store import create_tick_store
 from app.redis_client import create_redis
@@ -67,9 +69,11 @@ async def run_producer() -> None:
     lease = create_lease(settings, redis, store, instance=instance_name(settings))
     broker = Broker(settings.broadcast_url)
     await broker.connect()
+    catalog = Catalog(instruments)  # the producer quotes what it holds on each round
+    watcher = CatalogWatcher(sessions, catalog, poll_seconds=settings.instrument_poll_seconds)
     producer = create_producer(
         settings,
-        instruments=Catalog(instruments),
+        instruments=catalog,
         store=store,
         broker=broker,
         lease=lease,
@@ -80,7 +84,11 @@ async def run_producer() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watchers = [asyncio.create_task(producer.run()), asyncio.create_task(stop.wait())]
+    watchers = [
+        asyncio.create_task(producer.run()),
+        asyncio.create_task(watcher.run()),
+        asyncio.create_task(stop.wait()),
+    ]
     parent = os.environ.get("PRICEFEED_PARENT_PID")
     if parent:
         watchers.append(asyncio.create_task(_exit_with_parent(int(parent))))

@@ -1,5 +1,7 @@
 """The fan-out hub: one broker subscription per symbol per process, shared by every local
-stream. It owns who is subscribed to what (`attach`, `detach`) and wires the parts together.
+stream. It owns which symbols it passes on (`follow`, `unfollow`: instruments come and go
+while it runs) and who is subscribed to what (`attach`, `detach`), and wires the parts
+together.
 
 Where a tick goes: broker → `Sequencer.on_burst` (app/prices/sequencer.py), called by the
 broker with every message of one read from Redis, in that read (no queue, no task switch:
@@ -24,11 +26,13 @@ in order, and each outbox keeps a per-symbol floor and never enqueues a seq at o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
 from app import metrics
-from app.broker import Broker
+from app.broker import Broker, BurstSubscription, price_channel
+from app.errors import UnknownSymbol
 from app.prices.lanes import Lanes
 from app.prices.outbox import Frame, Outbox
 from app.prices.replays import ReplayBudget
@@ -69,6 +73,9 @@ class FanoutHub:
         # Per symbol, every subscriber not on a lane: each is offered every tick.
         self._streams: dict[str, set[Outbox]] = {}
         self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
+        self._followed: dict[str, None] = {}  # the symbols passed on, in the order followed
+        self._subscription: BurstSubscription | None = None  # while `consume` runs
+        self._reconciling = asyncio.Lock()  # one change of the subscription at a time
         self._last_delivery: float | None = None  # monotonic time of the newest
 
     def last_tick_age(self) -> float | None:
@@ -84,19 +91,68 @@ class FanoutHub:
         """Subscriptions on the fast path."""
         return self.lanes.member_count
 
-    async def consume(self, symbols: list[str]) -> None:
-        """Pass every tick of `symbols` from the broker to the local streams, until cancelled.
+    @property
+    def symbols(self) -> list[str]:
+        """The symbols this hub passes on (`follow`, `unfollow`)."""
+        return list(self._followed)
+
+    async def consume(self) -> None:
+        """Pass every tick of the followed symbols from the broker to the local streams, until
+        cancelled; symbols followed or unfollowed meanwhile are taken on or off as it runs.
 
         What goes wrong while passing ticks on ends this coroutine with its exception, so its
         supervisor logs it and subscribes afresh."""
-        failed = self.sequencer.start(symbols)
+        failed = self.sequencer.start(self.symbols)
         try:
             async with self._broker.subscribe_bursts(
                 self.sequencer.channels, self.sequencer.on_burst
-            ):
+            ) as subscription:
+                self._subscription = subscription
+                await self._reconcile()  # what was (un)followed while it subscribed
                 await failed
         finally:
+            self._subscription = None
             self.sequencer.stop()
+
+    async def follow(self, symbols: Iterable[str]) -> None:
+        """Pass `symbols` on too (at startup; then instruments added while running). While
+        `consume` runs they are subscribed on the broker before this returns, one channel
+        each: the symbols followed already go on untouched, with no gap and no duplicate."""
+        new = [s for s in symbols if s not in self._followed]
+        if new:
+            self._followed.update(dict.fromkeys(new))
+            await self._reconcile()
+
+    async def unfollow(self, symbols: Iterable[str]) -> None:
+        """Pass nothing more of `symbols` on, from before this first awaits (an instrument
+        disabled); `attach` refuses them from then on. The streams subscribed to them are
+        their owners' to end (`StreamRegistry.withdraw`, app/prices/streams.py)."""
+        gone = [s for s in symbols if s in self._followed]
+        if not gone:
+            return
+        for symbol in gone:
+            del self._followed[symbol]
+            self._latest.pop(symbol, None)  # not a snapshot for a later re-activation
+        self.sequencer.drop(gone)
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Bring the live broker subscription to the followed symbols: take on the new ones
+        (the sequencer first, so their first message is not refused), leave the gone ones.
+        Without one, `consume` subscribes to them all when it (re)starts."""
+        async with self._reconciling:
+            subscription = self._subscription
+            if subscription is None:
+                return
+            wanted = {price_channel(s): s for s in self._followed}
+            taken = set(subscription.channels)
+            new = [s for channel, s in wanted.items() if channel not in taken]
+            if new:
+                self.sequencer.take(new)
+                await subscription.add([price_channel(s) for s in new])
+            gone = [channel for channel in taken if channel not in wanted]
+            if gone:
+                await subscription.remove(gone)
 
     def deliver(self, ticks: list[Tick]) -> None:
         """Hand new ticks, in order, to every subscriber (the sequencer's callback); then write
@@ -171,9 +227,12 @@ class FanoutHub:
     async def attach(self, outbox: Outbox, symbol: str, *, since: int | None, subject: str) -> None:
         """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`,
         if token subject `subject`'s replay budget allows them: app/prices/replays.py), then
-        every live tick, with no gap and no duplicate between the two."""
+        every live tick, with no gap and no duplicate between the two. UnknownSymbol for a
+        symbol this hub does not follow (one disabled since the caller resolved it)."""
         if outbox.closed:
             return
+        if symbol not in self._followed:  # disabled after the caller resolved it
+            raise UnknownSymbol(f"unknown symbol: {symbol!r}")
         outbox.leave_lane()  # a second symbol: its ticks are corked together from now on
         outbox.begin_sync(symbol)
         self._streams.setdefault(symbol, set()).add(outbox)

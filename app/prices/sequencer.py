@@ -19,7 +19,9 @@ say `seq: 10**15` published by hand) is dropped and counted, not taken as the ne
 which would make every real tick after it look like a redelivery and freeze the symbol. A
 symbol's first tick is held to the store's latest seq (read at `start`) plus the retention.
 
-It owns `last_seq`, the newest seq passed on per symbol, and knows nothing of connections.
+The symbols it takes can change while it runs (`take`, `drop`: instruments added or
+disabled); the others' ticks go on as before. It owns `last_seq`, the newest seq passed on per
+symbol, and knows nothing of connections.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class Sequencer:
         # Before a symbol's first tick: the highest plausible seq (the store's latest at
         # `start`, plus the retention); see `_prime`.
         self._ceiling: dict[str, int] = {}
-        self._prime_task: asyncio.Task[None] | None = None
-        self._channels: dict[str, str] = {}  # broker channel -> symbol, of what `start` took
+        self._prime_tasks: set[asyncio.Task[None]] = set()
+        # broker channel -> symbol, of what `start` and `take` took and `drop` did not end
+        self._channels: dict[str, str] = {}
         # While a gap is refetched: the ticks that came after it, in order (None otherwise).
         self._backlog: deque[Tick] | None = None
         self._repair_task: asyncio.Task[None] | None = None
@@ -75,7 +78,7 @@ class Sequencer:
 
     @property
     def channels(self) -> list[str]:
-        """The broker channels of the symbols `start` took."""
+        """The broker channels of the symbols taken (`start`, `take`), in that order."""
         return list(self._channels)
 
     def start(self, symbols: list[str]) -> asyncio.Future[None]:
@@ -84,18 +87,41 @@ class Sequencer:
         a fresh `start` goes on from the seqs already passed on."""
         self._channels = {price_channel(s): s for s in symbols}
         self._backlog = None
-        loop = asyncio.get_running_loop()
-        self._failed = loop.create_future()
+        self._failed = asyncio.get_running_loop().create_future()
+        self._prime_unseen(symbols)
+        return self._failed
+
+    def take(self, symbols: list[str]) -> None:
+        """Take `symbols`' channels too, while running (an instrument added): called before
+        the broker delivers them. The symbols taken already go on untouched."""
+        new = [s for s in symbols if price_channel(s) not in self._channels]
+        for symbol in new:
+            self._channels[price_channel(symbol)] = symbol
+        if self._failed is not None:
+            self._prime_unseen(new)
+
+    def drop(self, symbols: list[str]) -> None:
+        """Pass nothing more of `symbols` on, from this call (an instrument disabled): their
+        messages are ignored and their ticks held behind a refetch let go. Their last seqs
+        are kept: taken again, a symbol goes on from there (the lanes read them too)."""
+        gone = {s for s in symbols if self._channels.pop(price_channel(s), None) is not None}
+        backlog = self._backlog
+        if gone and backlog:
+            kept = [t for t in backlog if t.symbol not in gone]
+            backlog.clear()
+            backlog.extend(kept)
+
+    def _prime_unseen(self, symbols: list[str]) -> None:
         unseen = [s for s in symbols if s not in self._last_seq]
         if unseen:
-            self._prime_task = loop.create_task(self._prime(unseen), name="hub-prime")
-        return self._failed
+            task = asyncio.get_running_loop().create_task(self._prime(unseen), name="hub-prime")
+            self._prime_tasks.add(task)
+            task.add_done_callback(self._prime_tasks.discard)
 
     def stop(self) -> None:
         self._failed = None
-        if self._prime_task is not None:
-            self._prime_task.cancel()
-            self._prime_task = None
+        for task in list(self._prime_tasks):
+            task.cancel()
         if self._repair_task is not None:
             self._repair_task.cancel()
             self._repair_task = None
@@ -122,13 +148,16 @@ class Sequencer:
     def _decode(messages: list[tuple[str, str]], channels: dict[str, str]) -> list[Tick]:
         ticks = []
         for channel, text in messages:
+            expected = channels.get(channel)
+            if expected is None:
+                continue  # a channel dropped while its message was on its way
             try:
                 tick = decode_tick(text)
             except MalformedTick as exc:
                 metrics.BROKER_DROPPED.labels(reason="malformed").inc()
                 logger.warning("hub: dropped a malformed message on %s: %s", channel, exc)
                 continue
-            if tick.symbol != channels.get(channel):
+            if tick.symbol != expected:
                 metrics.BROKER_DROPPED.labels(reason="wrong_channel").inc()
                 continue
             ticks.append(tick)
@@ -174,8 +203,10 @@ class Sequencer:
 
     def _take(self, tick: Tick, run: list[Tick]) -> None:
         """Add `tick` to `run` unless it was passed on already (a redelivery, or a refetch that
-        raced the live tick)."""
+        raced the live tick), or its symbol was dropped meanwhile."""
         symbol = tick.symbol
+        if price_channel(symbol) not in self._channels:
+            return  # dropped while it was refetched
         last = self._last_seq.get(symbol)
         if last is None or tick.seq > last:
             self._last_seq[symbol] = tick.seq

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from typing import Annotated
 
 import orjson
@@ -22,11 +23,19 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app import metrics
 from app.deps import StateDep, authenticate_stream
-from app.errors import CloseCode, ErrorOutDoc, Forbidden, InvalidRequest, Unavailable
+from app.errors import (
+    CloseCode,
+    ErrorOutDoc,
+    Forbidden,
+    InvalidRequest,
+    Unavailable,
+    UnknownSymbol,
+)
 from app.frames import request_transport
 from app.origins import origin_allowed
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
+from app.prices.streams import no_longer_available
 from app.prices.ticks import MAX_SEQ, normalise_symbol, parse_seq
 from app.security import Principal
 
@@ -49,20 +58,41 @@ class EventStream:
         self.outbox = Outbox(limit=outbox_frames, on_queued=self.wakeup.set)
         self.deadline = principal.expires_at + leeway
         self.ended: tuple[int, str] | None = None
+        self._notices: list[str] = []  # `error` events to send before the next frames
 
     async def close(self, code: int, reason: str) -> None:
         self.ended = (code, reason)
         self.wakeup.set()
 
+    async def withdraw(self, symbols: AbstractSet[str]) -> bool:
+        """`symbols` are no longer served (instruments disabled): an `error` event
+        (`unknown_symbol`) names them, and nothing of them follows. The stream goes on with
+        its other symbols; if none is left, it ends there (a browser's EventSource then
+        reconnects, gets 404 and stops: no retry loop on a symbol that is gone)."""
+        gone = sorted(self.outbox.symbols & symbols)
+        if not gone or self.ended is not None:
+            return False
+        self.hub.detach(self.outbox, gone)  # their queued frames go too
+        message = no_longer_available(gone)
+        self._notices.append(_error_event("unknown_symbol", message, symbols=gone))
+        if not self.outbox.symbols:
+            await self.close(CloseCode.UNKNOWN_SYMBOL, message)
+        self.wakeup.set()
+        return True
+
+    def take_notices(self) -> str:
+        notices, self._notices = self._notices, []
+        return "".join(notices)
+
     async def wait(self, timeout: float) -> bool:
-        """Until frames are queued (True) or `timeout` passes (False)."""
-        if not len(self.outbox):
+        """Until frames or notices are queued (True) or `timeout` passes (False)."""
+        if not len(self.outbox) and not self._notices:
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout)
             except TimeoutError:
                 return False
         self.wakeup.clear()
-        return bool(len(self.outbox))
+        return bool(len(self.outbox) or self._notices)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -130,8 +160,9 @@ def _parse_last_event_id(value: str | None) -> tuple[str, int] | None:
     return normalised, seq
 
 
-def _error_event(code: str, message: str) -> str:
-    return f"event: error\ndata: {orjson.dumps({'code': code, 'message': message}).decode()}\n\n"
+def _error_event(code: str, message: str, **fields: object) -> str:
+    data = orjson.dumps({"code": code, "message": message, **fields}).decode()
+    return f"event: error\ndata: {data}\n\n"
 
 
 @router.get(
@@ -180,6 +211,8 @@ async def stream_events(
         stream.outbox.closed = True
         state.hub.detach(stream.outbox, stream.outbox.symbols)
         await admission.__aexit__(None, None, None)
+        if isinstance(exc, UnknownSymbol):  # disabled since it was resolved: 404
+            raise
         raise Unavailable("prices unavailable; retry shortly") from exc
 
     async def events() -> AsyncIterator[str]:
@@ -188,8 +221,13 @@ async def stream_events(
             while True:
                 timeout = min(_KEEPALIVE_SECONDS, stream.deadline - time.time())
                 ready = await stream.wait(max(timeout, 0.0))
+                notices = stream.take_notices()
+                if notices:
+                    yield notices
                 if stream.ended is not None:
                     code, reason = stream.ended
+                    if code == CloseCode.UNKNOWN_SYMBOL:
+                        return  # its last symbol was withdrawn: the notice said so
                     kind = "unauthenticated" if code == CloseCode.BAD_TOKEN else "going_away"
                     yield _error_event(kind, reason or "server going away")
                     return
@@ -199,6 +237,8 @@ async def stream_events(
                 if not ready:
                     yield ": keep-alive\n\n"
                     continue
+                if not len(stream.outbox):
+                    continue  # only notices, sent above
                 frames = stream.outbox.drain()
                 stream.outbox.flushed()
                 metrics.MESSAGES_SENT.inc(len(frames))

@@ -1,4 +1,5 @@
-"""Open streams on this instance: admission limits, the per-connection writer, and closing.
+"""Open streams on this instance: admission limits, the per-connection writer, closing, and
+withdrawing the symbols of instruments disabled while they run.
 
 A WebSocket stream owns an `Outbox` (app/prices/outbox.py); its writer drains it, batches when
 the client asked for it, sends heartbeats when idle, closes with 4408 the moment the token
@@ -11,7 +12,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -30,8 +32,15 @@ from app.security import Principal
 logger = logging.getLogger(__name__)
 
 
-class Closable(Protocol):
+class OpenStream(Protocol):
+    """What the registry asks of a stream: WebSocketStream here, EventStream (app/prices/sse.py)."""
+
     async def close(self, code: int, reason: str) -> None: ...
+
+    async def withdraw(self, symbols: AbstractSet[str]) -> bool:
+        """Stop sending `symbols` (instruments disabled), as the stream's protocol says;
+        whether it had any of them."""
+        ...
 
 
 class StreamRegistry:
@@ -41,7 +50,7 @@ class StreamRegistry:
         self._max_total = max_total
         self._max_per_subject = max_per_subject
         self._per_subject: Counter[str] = Counter()
-        self._open: set[Closable] = set()
+        self._open: set[OpenStream] = set()
         self._leases: StreamLeases | None = None
 
     def count_across_instances(self, leases: StreamLeases) -> None:
@@ -51,11 +60,11 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
-    def __iter__(self) -> Iterator[Closable]:
+    def __iter__(self) -> Iterator[OpenStream]:
         return iter(list(self._open))
 
     @asynccontextmanager
-    async def admit(self, stream: Closable, subject: str, transport: str) -> AsyncIterator[None]:
+    async def admit(self, stream: OpenStream, subject: str, transport: str) -> AsyncIterator[None]:
         if len(self._open) >= self._max_total:
             raise Unavailable("server at capacity; retry later")
         if self._per_subject[subject] >= self._max_per_subject:
@@ -81,6 +90,20 @@ class StreamRegistry:
         await asyncio.gather(
             *(s.close(code, reason) for s in list(self._open)), return_exceptions=True
         )
+
+    async def withdraw(self, symbols: Iterable[str]) -> int:
+        """Symbols no longer served (instruments disabled): every open stream drops them as
+        its protocol says (app/prices/protocol.md); how many streams had any."""
+        gone = frozenset(symbols)
+        if not gone:
+            return 0
+        results = await asyncio.gather(
+            *(s.withdraw(gone) for s in list(self._open)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                logger.warning("stream: could not withdraw %s: %r", sorted(gone), result)
+        return sum(1 for result in results if result is True)
 
     async def close_where(self, picked: Callable[[Principal], bool], code: int, reason: str) -> int:
         """Close the streams whose current principal `picked` chooses (a revoked token's);
@@ -117,6 +140,11 @@ class TokenExpiredWhileSending(Exception):
     """The token expired while a send waited for the socket: nothing more may go out."""
 
 
+def no_longer_available(symbols: list[str]) -> str:
+    """What a stream is told of withdrawn symbols (instruments disabled)."""
+    return f"{', '.join(symbols)} {'is' if len(symbols) == 1 else 'are'} no longer available"
+
+
 def control(kind: str, **fields: object) -> str:
     return orjson.dumps({"type": kind, **fields}).decode()
 
@@ -140,9 +168,13 @@ class WebSocketStream:
         send_timeout: float,
         heartbeat: float | None,
         max_messages_per_second: float,
+        single_symbol: bool = False,
     ) -> None:
+        """`single_symbol`: the per-symbol route's stream, closed (not just unsubscribed)
+        when its symbol is withdrawn."""
         self.websocket = websocket
         self.hub = hub
+        self._single_symbol = single_symbol
         # Every frame from the client spends from it: messages (app/prices/ws.py), and pings
         # and pongs where the server counts them for us (pricefeed's protocol).
         self.limiter = RateLimiter(max_messages_per_second)
@@ -218,6 +250,24 @@ class WebSocketStream:
                 await self.websocket.close(code, reason)
         except Exception:  # noqa: BLE001 - the peer may be gone already
             pass
+
+    async def withdraw(self, symbols: AbstractSet[str]) -> bool:
+        """`symbols` are no longer served (instruments disabled). The per-symbol route closes
+        4404; the multiplexed one drops them, says so with an `error` frame (`unknown_symbol`)
+        and an `unsubscribed` frame, and goes on with the rest. Nothing of them follows."""
+        gone = sorted(self.outbox.symbols & symbols)
+        if not gone or self._closing:
+            return False
+        message = no_longer_available(gone)
+        if self._single_symbol:
+            await self.close(CloseCode.UNKNOWN_SYMBOL, message)
+            return True
+        self.hub.detach(self.outbox, gone)  # their queued frames go too
+        self.outbox.push_control(
+            control("error", code="unknown_symbol", message=message, symbols=gone)
+        )
+        self.outbox.push_control(control("unsubscribed", symbols=gone))
+        return True
 
     def _close_soon(self, code: int, reason: str) -> None:
         if not self._closing and self._closer is None:

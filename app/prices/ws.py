@@ -11,7 +11,14 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from app.deps import AppState, read_app_state, read_stream_token, verify_token
-from app.errors import CloseCode, Forbidden, InvalidRequest, PricefeedError, Unauthenticated
+from app.errors import (
+    CloseCode,
+    Forbidden,
+    InvalidRequest,
+    PricefeedError,
+    Unauthenticated,
+    UnknownSymbol,
+)
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
 from app.prices.streams import RateLimiter, WebSocketStream, control
@@ -44,8 +51,10 @@ async def _accept(websocket: WebSocket, state: AppState) -> Principal | None:
 
 
 def _new_stream(
-    websocket: WebSocket, state: AppState, principal: Principal, *, heartbeat: bool
+    websocket: WebSocket, state: AppState, principal: Principal, *, multiplexed: bool
 ) -> WebSocketStream:
+    """The multiplexed route sends heartbeats; the per-symbol one lives and dies with its
+    symbol."""
     settings = state.settings
     return WebSocketStream(
         websocket,
@@ -54,8 +63,9 @@ def _new_stream(
         leeway=settings.jwt_leeway_seconds,
         outbox_frames=settings.ws_outbox_frames,
         send_timeout=settings.ws_send_timeout_seconds,
-        heartbeat=settings.ws_heartbeat_seconds if heartbeat else None,
+        heartbeat=settings.ws_heartbeat_seconds if multiplexed else None,
         max_messages_per_second=settings.ws_max_messages_per_second,
+        single_symbol=not multiplexed,
     )
 
 
@@ -78,6 +88,10 @@ async def _run(
                         since=subscribe[1],
                         subject=stream.principal.subject,
                     )
+                except UnknownSymbol as exc:  # disabled since it was resolved
+                    reader.close()
+                    await stream.close(exc.close_code, exc.message)
+                    return
                 except Exception:  # the store is down: come back later
                     logger.exception("stream: could not load %s", subscribe[0])
                     reader.close()
@@ -123,7 +137,7 @@ async def stream_symbol(websocket: WebSocket) -> None:
     principal = await _accept(websocket, state)
     if principal is None:
         return
-    stream = _new_stream(websocket, state, principal, heartbeat=False)
+    stream = _new_stream(websocket, state, principal, multiplexed=False)
     try:
         resolved = state.catalog.resolve(symbol)
         if not principal.may_read(resolved):
@@ -155,7 +169,7 @@ async def stream_many(websocket: WebSocket) -> None:
     principal = await _accept(websocket, state)
     if principal is None:
         return
-    stream = _new_stream(websocket, state, principal, heartbeat=True)
+    stream = _new_stream(websocket, state, principal, multiplexed=True)
     stream.require_subscription(state.settings.ws_subscribe_timeout_seconds)
     await _run(stream, state, _serve_requests(stream, state))
 
@@ -273,6 +287,11 @@ async def _subscribe(stream: WebSocketStream, state: AppState, request: dict[str
                 since=since.get(symbol),
                 subject=stream.principal.subject,
             )
+        except UnknownSymbol as exc:  # disabled since it was resolved: the others go on
+            stream.outbox.push_control(
+                control("error", code=exc.code, message=exc.message, symbols=[symbol])
+            )
+            stream.outbox.push_control(control("unsubscribed", symbols=[symbol]))
         except Exception:  # the store is down
             logger.exception("stream: could not load %s", symbol)
             state.hub.detach(stream.outbox, [symbol])

@@ -180,7 +180,7 @@ class Fanout:
     async def restart(self) -> None:
         """`consume` started (again, as the supervisor does once it ended); it runs until the
         end of `consuming_hub`."""
-        self.consumers.append(asyncio.create_task(self.hub.consume(self.symbols)))
+        self.consumers.append(asyncio.create_task(self.hub.consume()))
         await asyncio.sleep(0.05)  # the consumer has subscribed
 
     async def send(self, *ticks: Tick) -> None:
@@ -230,6 +230,7 @@ async def consuming_hub(
     )
     hub.lanes.direct_limit = 1000  # whatever this process's open-file limit: descriptors to spare
     fanout = Fanout(hub=hub, broker=broker, store=store, symbols=list(symbols))
+    await hub.follow(symbols)
     try:
         for outbox in attach_first:
             for symbol in symbols:

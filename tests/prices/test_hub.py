@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from app.broker import Broker, price_channel
+from app.errors import UnknownSymbol
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
 from app.prices.ticks import Tick
@@ -110,6 +111,7 @@ class TestAttach:
         store = SlowStore(retention=100, candles_kept=10)
         await store.append(tick("AAPL", 1), {}, fence=None)
         hub = FanoutHub(broker=Broker("memory://"), store=store, retention=100)
+        await hub.follow(["AAPL", "MSFT"])
         outbox = Outbox(limit=16, on_queued=lambda: None)
         loading = asyncio.create_task(hub.attach(outbox, "AAPL", since=None, subject="tester"))
         await asyncio.sleep(0.02)
@@ -140,3 +142,72 @@ class TestAttach:
                 if len(outbox) >= 2:
                     break
             assert [(f.event, f.seq) for f in outbox.drain()] == [("replay", 5), ("tick", 6)]
+
+
+class TestFollow:
+    """Instruments added and disabled while the hub runs (app/instruments/watcher.py)."""
+
+    async def test_a_symbol_followed_while_consuming_flows_and_the_others_miss_nothing(
+        self,
+    ) -> None:
+        watching = Outbox(limit=1024, on_queued=lambda: None)
+        async with consuming_hub("AAPL", attach_first=[watching]) as fanout:
+            hub = fanout.hub
+            await fanout.publish("AAPL", range(1, 11))
+            following = asyncio.create_task(hub.follow(["XRP-USD"]))
+            await fanout.publish("AAPL", range(11, 21))  # while XRP-USD is subscribed
+            await following
+            assert hub.symbols == ["AAPL", "XRP-USD"]
+            newcomer = Outbox(limit=64, on_queued=lambda: None)
+            await fanout.publish("XRP-USD", [1])
+            await hub.attach(newcomer, "XRP-USD", since=None, subject="tester")
+            await fanout.publish("XRP-USD", range(2, 6))
+            await fanout.publish("AAPL", range(21, 31))
+            assert await received(newcomer, 5) == [1, 2, 3, 4, 5]  # snapshot 1, then live
+            assert await received(watching, 30) == list(range(1, 31))
+
+    async def test_an_unfollowed_symbol_stops_and_is_refused_and_the_others_go_on(
+        self,
+    ) -> None:
+        watching = Outbox(limit=1024, on_queued=lambda: None)
+        async with consuming_hub("AAPL", "XRP-USD", attach_first=[watching]) as fanout:
+            hub = fanout.hub
+            await fanout.publish("AAPL", range(1, 6))
+            await fanout.publish("XRP-USD", range(1, 6))
+            seqs = [(f.symbol, f.seq) for f in watching.drain()]
+            await hub.unfollow(["XRP-USD"])
+            assert hub.symbols == ["AAPL"]
+            await fanout.publish("XRP-USD", range(6, 9))
+            await fanout.publish("AAPL", range(6, 11))
+            seqs += [(f.symbol, f.seq) for f in watching.drain()]
+            assert [s for sym, s in seqs if sym == "AAPL"] == list(range(1, 11))
+            assert [s for sym, s in seqs if sym == "XRP-USD"] == list(range(1, 6))
+            with pytest.raises(UnknownSymbol):
+                await hub.attach(
+                    Outbox(limit=16, on_queued=lambda: None),
+                    "XRP-USD",
+                    since=None,
+                    subject="tester",
+                )
+
+            await hub.follow(["XRP-USD"])  # re-activated: it goes on from its seq
+            await fanout.publish("XRP-USD", range(9, 12))
+            again = Outbox(limit=16, on_queued=lambda: None)
+            await hub.attach(again, "XRP-USD", since=None, subject="tester")
+            await fanout.publish("XRP-USD", [12])
+            assert await received(again, 12) == [11, 12]
+
+    async def test_symbols_followed_between_two_runs_of_consume_are_taken_up(self) -> None:
+        async with consuming_hub("AAPL") as fanout:
+            hub = fanout.hub
+            fanout.consumer.cancel()
+            await asyncio.gather(fanout.consumer, return_exceptions=True)
+            await hub.follow(["XRP-USD"])  # nothing consumes: the next run subscribes it
+            await hub.unfollow(["AAPL"])
+            await fanout.restart()
+            outbox = Outbox(limit=16, on_queued=lambda: None)
+            await fanout.publish("XRP-USD", [1])
+            await hub.attach(outbox, "XRP-USD", since=None, subject="tester")
+            await fanout.publish("XRP-USD", [2, 3])
+            assert await received(outbox, 3) == [1, 2, 3]
+            assert hub.sequencer.channels == [price_channel("XRP-USD")]

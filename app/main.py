@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app import metrics
 from app.auth.revocations import Revocations
@@ -31,7 +31,9 @@ from app.docs import install_docs
 from app.errors import CloseCode, close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
+from app.feed.preflight import cannot_start, check_source
 from app.feed.producer import Producer, create_producer
+from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
 from app.instruments.catalog import Catalog, CatalogChange
 from app.instruments.repository import load_instruments
@@ -68,6 +70,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     settings: Settings = app.state.settings
     streams: StreamRegistry = app.state.streams
     instance = instance_name(settings)
+    if settings.producer == "on":
+        try:  # before anything is built: nothing to tear down
+            check_source(settings)
+        except SourceNotReady as error:
+            logger.error("%s", cannot_start(error))
+            raise
 
     signer = TokenSigner(
         secret=settings.jwt_secret,
@@ -274,7 +282,32 @@ class PricefeedApp(FastAPI):
             scope["app"] = self
             await serve_websocket(scope, receive, send)
             return
+        if scope["type"] == "lifespan":
+            await self._run_lifespan(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+    async def _run_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A source that cannot start fails startup with the one line the lifespan logged:
+        Starlette would hand the server a traceback as the failure's message, for it to log."""
+        failures: list[Message] = []
+
+        async def hold_startup_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failures.append(message)  # sent below, once it is known why
+            else:
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, hold_startup_failure)
+        except SourceNotReady:
+            if not failures:  # not in startup: as it came
+                raise
+            await send({"type": "lifespan.startup.failed", "message": ""})
+        except BaseException:
+            for message in failures:
+                await send(message)
+            raise
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -22,7 +22,9 @@ from app.config import get_settings
 from app.db import create_engine, create_session_factory
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.leader import create_lease, instance_name
+from app.feed.preflight import exit_cannot_start, exit_unless_source_ready
 from app.feed.producer import create_producer
+from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
@@ -112,11 +114,16 @@ async def run_producer() -> None:
 
 
 def main() -> None:
-    logging.config.dictConfig(logging_config(get_settings().log_level))
+    settings = get_settings()
+    logging.config.dictConfig(logging_config(settings.log_level))
+    exit_unless_source_ready(settings)  # before the database, Redis and the lease
     parent = os.environ.get("PRICEFEED_PARENT_PID")
     if parent:
         _die_with_parent(int(parent))
-    asyncio.run(run_producer())
+    try:
+        asyncio.run(run_producer())
+    except SourceNotReady as error:  # it became unready since the check (a file removed)
+        exit_cannot_start(error)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import uvicorn
 from app.backoff import Backoff
 from app.config import Settings, get_settings
 from app.feed.leader import instance_name
+from app.feed.preflight import exit_unless_source_ready
 from app.logs import logging_config
 from app.server import guard
 
@@ -151,6 +152,8 @@ def _stop_before_dying_of(signum: int, producer: ProducerProcess) -> None:
 def main() -> None:
     settings = get_settings()
     logging.config.dictConfig(logging_config(settings.log_level))
+    if settings.producer == "on":  # whether in this process or in one of its own
+        exit_unless_source_ready(settings)
     raise_fd_limit()
     check_connection_cap(settings)
     serving = guard.resolve(settings)

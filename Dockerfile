@@ -29,6 +29,8 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=pricefeed alembic.ini ./
 COPY --chown=pricefeed alembic ./alembic
+# A few minutes of a few symbols: FEED_SOURCE=replay FEED_REPLAY_PATH=samples/ticks.csv
+COPY --chown=pricefeed samples ./samples
 USER pricefeed
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
+from app.feed.quotes import QuoteError
 from app.feed.sources import Quote, SourceNotReady
 from app.feed.sources.replay import BATCH_ROWS, RETRY_SECONDS, ReplaySource, create, parse_ts
 from app.feed.stats import FeedStats
@@ -232,10 +233,19 @@ class TestRows:
             ("2024-03-15 13:30:00.250+00:00", T0 + 250),
             ("2024-03-15T15:30:00+02:00", T0),
             ("0", 0),
+            (f"{T0}.750", T0),  # as a database exports epoch * 1000
         ],
     )
     def test_ts_is_epoch_ms_or_iso_8601(self, raw: str, ms: int) -> None:
         assert parse_ts(raw) == ms
+
+    @pytest.mark.parametrize(
+        "raw", ["", "yesterday", "-5", "1e12", "12.", ".5", "1969-12-31T23:59:59Z", "１２３"]
+    )
+    def test_a_bad_ts(self, raw: str) -> None:
+        with pytest.raises(QuoteError) as raised:
+            parse_ts(raw)
+        assert raised.value.reason == "bad_ts"
 
     async def test_a_file_with_a_byte_order_mark(self, tmp_path: Path) -> None:
         """As a spreadsheet exports it: the mark is not part of the first column's name."""

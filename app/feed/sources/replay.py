@@ -177,8 +177,14 @@ def open_replay(path: Path, *, shown_as: str) -> ReplayFile:
 def parse_ts(raw: str) -> int:
     """Epoch milliseconds, from epoch milliseconds or ISO 8601 (naive: UTC)."""
     text = raw.strip()
-    if text.isascii() and text.isdigit() and len(text) <= _MAX_EPOCH_DIGITS:
-        return int(text)
+    whole, point, fraction = text.partition(".")
+    if (
+        text.isascii()
+        and whole.isdigit()
+        and len(whole) <= _MAX_EPOCH_DIGITS
+        and (not point or fraction.isdigit())
+    ):
+        return int(whole)  # a fraction of a millisecond (a database's numeric export) dropped
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

@@ -484,12 +484,13 @@ class TestEnd:
         text = rows(f"{T0},AAPL,189.20", f"{T0 + 1000},AAPL,189.21")
         path = write(tmp_path, text)
         clock = FakeClock()
+        caplog.set_level(logging.INFO, "app.feed")
         stream = replay(path, loop=True, clock=clock).stream(Catalog([AAPL]), {})
         try:
             first_pass = [await anext(stream), await anext(stream)]
             path.unlink()
             next_batch = asyncio.ensure_future(anext(stream))
-            while RETRY_SECONDS not in clock.sleeps:
+            while clock.sleeps.count(RETRY_SECONDS) < 3:
                 await asyncio.sleep(0)
             assert not next_batch.done()
             path.write_text(text)  # back
@@ -499,4 +500,6 @@ class TestEnd:
 
         assert [q.source_ts for b in first_pass for q in b] == [T0, T0 + 1000]
         assert quote.source_ts == T0 + 2000  # the next pass, as if nothing happened
-        assert f"FEED_REPLAY_PATH={path}: no such file; trying again in 5s" in caplog.text
+        # Said once, not at every retry; and when it is over.
+        assert caplog.text.count(f"FEED_REPLAY_PATH={path}: no such file; trying every 5s") == 1
+        assert f"FEED_REPLAY_PATH={path} is readable again" in caplog.text

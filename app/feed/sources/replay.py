@@ -19,6 +19,9 @@ With FEED_REPLAY_LOOP the file plays again from the top at its end. Each pass mo
 `source_ts` forward by the previous pass's span (its latest ts − its earliest) plus the
 median gap between its rows, so `source_ts` never goes back from one pass to the next, and
 the first row of a pass follows the last row of the one before after that median gap.
+
+Each `stream` starts at the top of the file: a producer that leads again (after a failover,
+on this instance or another) replays the file from its first row.
 """
 
 from __future__ import annotations
@@ -291,6 +294,7 @@ class ReplaySource:
         pacer = Pacer(self._speed, self._clock or asyncio.get_running_loop().time)
         offset = 0
         passes = 0
+        unreadable = False  # logged once per spell, not every retry
         logger.info(
             "replay: FEED_REPLAY_PATH=%s at speed %s%s",
             self._shown_as,
@@ -301,13 +305,19 @@ class ReplaySource:
             tally = PassTally()
             try:
                 async for batch in self._play(instruments, pacer, tally, offset=offset):
+                    if unreadable:
+                        unreadable = self._readable_again()
                     yield batch
             except SourceNotReady as exc:
                 if tally.max_ts is None:  # it could not be opened: it may come back
-                    logger.error("replay: %s; trying again in %.0fs", exc, RETRY_SECONDS)
+                    if not unreadable:
+                        logger.error("replay: %s; trying every %.0fs", exc, RETRY_SECONDS)
+                    unreadable = True
                     await self._sleep(RETRY_SECONDS)
                     continue
                 logger.error("replay: %s; that pass ends here", exc)
+            if unreadable:
+                unreadable = self._readable_again()
             passes += 1
             if not self._loop:
                 logger.info("replay finished: %d rows, %d skipped", tally.sent, tally.skipped)
@@ -378,6 +388,10 @@ class ReplaySource:
                 tally.sent += 1
         if batch:
             yield batch
+
+    def _readable_again(self) -> bool:
+        logger.info("replay: FEED_REPLAY_PATH=%s is readable again", self._shown_as)
+        return False
 
     def _skip(self, tally: PassTally, error: QuoteError, line: int) -> None:
         tally.skipped += 1

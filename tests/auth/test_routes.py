@@ -259,7 +259,7 @@ class TestAdminNeedsSymbols:
         done = run_admin(*args, database_url=database_url)
 
         assert done.returncode == 2
-        assert "the following arguments are required: --symbols" in done.stderr
+        assert "give --symbols (what it may read), --scopes" in done.stderr
         assert done.stdout == ""  # no secret, no token
 
     def test_prod_refuses_to_create_the_demo_client(self, database_url: str) -> None:

@@ -147,7 +147,7 @@ class Producer:
             except* (LostLease, NotLeader):
                 logger.warning("producer: lease lost; standing by")
             except* RedisError as group:
-                logger.warning("producer: Redis error (%s); standing by", group.exceptions[0])
+                logger.warning("producer: Redis error (%s); standing by", _first_error(group))
             finally:
                 self.is_leader = False
                 metrics.PRODUCER_LEADER.set(0)
@@ -288,7 +288,11 @@ class Producer:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
         async with self._emitting:
             await self._resume(list(by_symbol))  # an instrument added since the term began
-            await asyncio.gather(*(self._emit_in_order(run) for run in by_symbol.values()))
+            # A task group, not gather: when one symbol's write fails, the others stop before
+            # this returns, so none writes on behind the next term (which shares the fence).
+            async with asyncio.TaskGroup() as group:
+                for run in by_symbol.values():
+                    group.create_task(self._emit_in_order(run))
 
     async def _emit_in_order(self, quotes: list[tuple[Quote, str | None]]) -> None:
         for quote, mark in quotes:
@@ -329,6 +333,14 @@ class Producer:
         if written:
             await self._broker.publish(price_channel(symbol), tick.frame)
             metrics.TICKS_PUBLISHED.inc()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error itself, however deep task groups nested it."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def create_producer(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -205,13 +206,22 @@ def _key(entry_id: str) -> tuple[int, int]:
     return key
 
 
-# Refuse, never trim: an entry only goes once the leader has applied it (ack).
+# Refuse, never trim: an entry only goes once the leader has applied it (ack). KEYS[2] names
+# this push: redis-py re-sends a command whose reply a dropped connection lost, and the
+# re-sent push must find its first entry rather than add a second.
 _PUSH_LUA = """
+local done = redis.call('GET', KEYS[2])
+if done then
+  return done
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return false
 end
-return redis.call('XADD', KEYS[1], '*', 'q', ARGV[2])
+local id = redis.call('XADD', KEYS[1], '*', 'q', ARGV[2])
+redis.call('SET', KEYS[2], id, 'PX', ARGV[3])
+return id
 """
+_PUSH_REMEMBERED_MS = 60_000  # far longer than a push's retries take
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -231,11 +241,13 @@ class RedisInbox:
 
     async def push(self, quotes: Sequence[Quote]) -> str:
         payload = encode_quotes(quotes)
+        keys = [self._key, f"{self._key}:push:{secrets.token_hex(12)}"]
+        args: list[int | bytes] = [self._max_pending, payload, _PUSH_REMEMBERED_MS]
         deadline = time.monotonic() + self._wait_seconds
         delay = _PUSH_RETRY_FIRST
         while True:
             try:
-                added = await self._push(keys=[self._key], args=[self._max_pending, payload])
+                added = await self._push(keys=keys, args=args)
             except RedisError as exc:
                 raise InboxUnavailable(f"Redis unreachable ({type(exc).__name__})") from exc
             if added is not None:

@@ -1,9 +1,11 @@
 """Operator commands.
 
-python -m app.admin token --sub alice --symbols AAPL,MSFT [--ttl 300]
+python -m app.admin token --sub alice --symbols AAPL,MSFT [--scopes publish] [--ttl 300]
     print an access token signed with JWT_SECRET (for operators and tests)
-python -m app.admin add-client --id desk-1 --symbols '*' [--name "Desk 1"]
-    create or update an API client; prints its new secret once (only its hash is kept)
+python -m app.admin add-client --id desk-1 --symbols '*' [--scopes publish] [--name "Desk 1"]
+    create or update an API client; prints its new secret once (only its hash is kept).
+    --scopes publish: it may push prices (POST /v1/ingest); a feeder needs no --symbols.
+    Each of these two commands needs --symbols, --scopes or both.
 python -m app.admin revoke --jti <jti> | --sub alice [--keep-seconds 86400]
     revoke one token, or every token of a subject issued until now; every instance refuses
     them and closes their streams with 4401 within REVOCATION_POLL_SECONDS
@@ -39,7 +41,7 @@ from app.instruments.repository import (
     upsert_instrument,
 )
 from app.prices.ticks import normalise_symbol
-from app.security import TokenSigner
+from app.security import KNOWN_SCOPES, TokenSigner
 
 
 def _symbols(raw: str) -> list[str]:
@@ -116,13 +118,27 @@ async def _disable_instrument(symbol: str) -> bool:
         await engine.dispose()
 
 
-async def _add_client(client_id: str, name: str, symbols: list[str]) -> str:
+def _scopes(raw: str) -> list[str]:
+    scopes = sorted({s.strip() for s in raw.replace(" ", ",").split(",") if s.strip()})
+    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
+    if not scopes or unknown:
+        known = ", ".join(sorted(KNOWN_SCOPES))
+        raise argparse.ArgumentTypeError(f"not a list of scopes ({known}): {raw!r}")
+    return scopes
+
+
+async def _add_client(client_id: str, name: str, symbols: list[str], scopes: list[str]) -> str:
     engine = create_engine(get_settings().database_url)
     secret = secrets.token_urlsafe(32)
     try:
         async with create_session_factory(engine)() as session:
             await upsert_client(
-                session, client_id=client_id, name=name, secret=secret, symbols=symbols
+                session,
+                client_id=client_id,
+                name=name,
+                secret=secret,
+                symbols=symbols,
+                scopes=scopes,
             )
     finally:
         await engine.dispose()
@@ -147,13 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     token = commands.add_parser("token", help="print an access token")
     token.add_argument("--sub", required=True, help="the token subject")
-    # No default: every symbol (`*`) is a choice the operator writes out, never an omission.
-    token.add_argument("--symbols", type=_symbols, required=True, help="AAPL,MSFT or '*'")
     token.add_argument("--ttl", type=int, default=None, help="seconds (default JWT_TTL_SECONDS)")
     add = commands.add_parser("add-client", help="create or update an API client")
     add.add_argument("--id", required=True, dest="client_id")
     add.add_argument("--name", default=None)
-    add.add_argument("--symbols", type=_symbols, required=True, help="AAPL,MSFT or '*'")
+    for command in (token, add):
+        # No default: every symbol (`*`) is a choice the operator writes out, never an
+        # omission. A feeder may read nothing: --scopes alone.
+        command.add_argument("--symbols", type=_symbols, default=[], help="AAPL,MSFT or '*'")
+        command.add_argument(
+            "--scopes",
+            type=_scopes,
+            default=[],
+            help=f"what else it may do: {', '.join(sorted(KNOWN_SCOPES))} (push prices)",
+        )
     revoked = commands.add_parser("revoke", help="revoke a token, or a subject's tokens so far")
     which = revoked.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", help="the token's `jti` claim")
@@ -183,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     disable.add_argument("--symbol", type=_symbol, required=True)
     args = parser.parse_args(argv)
 
+    if args.command in ("token", "add-client") and not (args.symbols or args.scopes):
+        parser.error(
+            f"{args.command}: give --symbols (what it may read), --scopes (what else it may "
+            "do: publish), or both"
+        )
     settings = get_settings()
     if args.command == "add-client" and settings.env == "prod":
         if args.client_id == settings.demo_client_id:
@@ -214,7 +242,11 @@ def _run(args: argparse.Namespace, settings: Settings, price: Decimal | None) ->
             ttl_seconds=settings.jwt_ttl_seconds,
             leeway_seconds=settings.jwt_leeway_seconds,
         )
-        print(signer.issue(subject=args.sub, symbols=args.symbols, ttl_seconds=args.ttl))
+        print(
+            signer.issue(
+                subject=args.sub, symbols=args.symbols, scopes=args.scopes, ttl_seconds=args.ttl
+            )
+        )
     elif args.command == "add-instrument":
         print(
             asyncio.run(
@@ -232,7 +264,9 @@ def _run(args: argparse.Namespace, settings: Settings, price: Decimal | None) ->
         asyncio.run(_revoke(args.jti, args.sub, args.keep_seconds))
         print(f"revoked {'jti ' + args.jti if args.jti else 'subject ' + args.sub}")
     else:
-        secret = asyncio.run(_add_client(args.client_id, args.name or args.client_id, args.symbols))
+        secret = asyncio.run(
+            _add_client(args.client_id, args.name or args.client_id, args.symbols, args.scopes)
+        )
         print(f"client_id={args.client_id}")
         print(f"client_secret={secret}")
         print("(the secret is shown once; only its hash is stored)", file=sys.stderr)

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     # A source silent this long is reconnected; /readyz reports the feed `stale` past it.
     feed_stale_seconds: float = Field(default=10.0, gt=0, le=3600)
     leader_lease_ms: int = Field(default=3000, ge=500, le=60000)
+    # POST /v1/ingest: accepted batches not yet published (the inbox, app/feed/inbox.py) past
+    # which a push waits up to INGEST_WAIT_SECONDS for room, then gets 503 with Retry-After;
+    # and the largest request body it reads (413 past it; 1,000 quotes fit in ~250 KB).
+    ingest_max_pending_batches: int = Field(default=5000, ge=1, le=1_000_000)
+    ingest_wait_seconds: float = Field(default=2.0, ge=0, le=60)
+    ingest_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
 
     retention_ticks: int = Field(default=1000, ge=10, le=1_000_000)
     candles_kept: int = Field(default=500, ge=1, le=100_000)

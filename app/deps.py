@@ -4,11 +4,11 @@ WebSocket routes share them. `AppState` is what the lifespan builds (app/main.py
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -18,7 +18,8 @@ from app.auth.revocations import Revocations
 from app.auth.throttle import TokenThrottle
 from app.broker import Broker
 from app.config import Settings
-from app.errors import Unauthenticated
+from app.errors import Forbidden, Unauthenticated
+from app.feed.inbox import Inbox
 from app.feed.producer import Producer
 from app.feed.stats import FeedCounts
 from app.instruments.catalog import Catalog
@@ -46,6 +47,7 @@ class AppState:
     streams: StreamRegistry
     supervisor: Supervisor
     producer: Producer | None  # None when PRODUCER=off (or it runs in its own process)
+    inbox: Inbox | None  # where pushed quotes go; None: memory:// with PRODUCER=off
     instance: str
     redis: Redis | None
     rest_limit: RateLimiter  # REST requests per token subject (or client address)
@@ -108,20 +110,50 @@ def client_address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client is not None else "unknown"
 
 
+async def _verify_rest_token(
+    conn: HTTPConnection, state: AppState, bearer: HTTPAuthorizationCredentials | None
+) -> Principal:
+    """`Authorization: Bearer <jwt>` (read as `_bearer` reads it); no token or a bad one
+    takes a request from the client address's bucket before its 401."""
+    try:
+        return verify_token(state, bearer.credentials if bearer else None)
+    except Unauthenticated:
+        await state.rest_limit.check(f"addr:{client_address(conn)}")
+        raise
+
+
 async def authenticate_rest(
     conn: HTTPConnection,
     state: Annotated[AppState, Depends(read_app_state)],
     bearer: BearerCredentials,
 ) -> Principal:
-    """REST: `Authorization: Bearer <jwt>` (read as `_bearer` reads it), then one request from
-    its subject's bucket; no token or a bad one takes from the client address's bucket."""
-    try:
-        principal = verify_token(state, bearer.credentials if bearer else None)
-    except Unauthenticated:
-        await state.rest_limit.check(f"addr:{client_address(conn)}")
-        raise
+    """REST: a valid token, then one request from its subject's bucket."""
+    principal = await _verify_rest_token(conn, state, bearer)
     await state.rest_limit.check(f"sub:{principal.subject}")
     return principal
+
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: a valid token whose `scope` claim holds `scope` (401 without a valid
+    token, 403 without the scope). A token that has it takes nothing from the REST rate
+    limit: the route bounds its own traffic (POST /v1/ingest: the inbox's cap, 503 with
+    Retry-After). One without it does, like any other REST request."""
+    # The scope in the route's security requirement: /docs shows it beside the lock.
+    credentials = Security(bearer_scheme, scopes=[scope])
+
+    async def with_scope(
+        conn: HTTPConnection,
+        state: Annotated[AppState, Depends(read_app_state)],
+        bearer: HTTPAuthorizationCredentials | None = credentials,
+    ) -> Principal:
+        principal = await _verify_rest_token(conn, state, bearer)
+        if scope not in principal.scopes:
+            await state.rest_limit.check(f"sub:{principal.subject}")
+            raise Forbidden(f"this needs a token with the {scope!r} scope")
+        return principal
+
+    with_scope.__name__ = f"require_scope_{scope}"
+    return with_scope
 
 
 def read_stream_token(conn: HTTPConnection) -> str | None:

@@ -5,6 +5,7 @@ with (close code); one handler turns them into responses.
     ├── Unauthenticated       401 / 4401   no token, bad or revoked token
     ├── Forbidden             403 / 4403   symbol not entitled
     ├── UnknownSymbol         404 / 4404
+    ├── PayloadTooLarge       413 / 1009   a request body past its route's limit
     ├── InvalidRequest        422 / 1008
     ├── RateLimited           429 / 1008   too many streams or requests (REST, token endpoint)
     └── Unavailable           503 / 1013   a dependency (store, broker, database) is down
@@ -109,6 +110,10 @@ class Forbidden(PricefeedError):
 
 class UnknownSymbol(PricefeedError):
     status_code, close_code, code = 404, CloseCode.UNKNOWN_SYMBOL, "unknown_symbol"
+
+
+class PayloadTooLarge(PricefeedError):
+    status_code, close_code, code = 413, CloseCode.TOO_BIG, "payload_too_large"
 
 
 class InvalidRequest(PricefeedError):
@@ -250,13 +255,16 @@ _FASTAPI_422_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 def document_error_shapes(schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema with each 422 response in the shape `_handle_validation` answers,
-    instead of FastAPI's `HTTPValidationError` (a list in `detail`)."""
+    instead of FastAPI's `HTTPValidationError` (a list in `detail`). A route's own example
+    of its 422 stays."""
     ref = {"$ref": "#/components/schemas/ValidationErrorOut"}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             response = operation.get("responses", {}).get("422")
             if response is not None:
-                response["content"] = {"application/json": {"schema": ref}}
+                declared = response.get("content", {}).get("application/json", {})
+                kept = {k: v for k, v in declared.items() if k in ("example", "examples")}
+                response["content"] = {"application/json": {"schema": ref, **kept}}
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ValidationErrorOut"] = VALIDATION_ERROR_SCHEMA
     for name in _FASTAPI_422_SCHEMAS:

@@ -30,9 +30,11 @@ from app.deps import AppState
 from app.docs import install_docs
 from app.errors import CloseCode, close_code_table, install_error_handlers
 from app.feed.checkpoints import SeqCheckpoints
+from app.feed.inbox import Inbox, create_inbox
 from app.feed.leader import create_lease, instance_name
 from app.feed.preflight import cannot_start, check_source
 from app.feed.producer import Producer, create_producer
+from app.feed.routes import router as feed_router
 from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
 from app.instruments.catalog import Catalog, CatalogChange
@@ -175,6 +177,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         supervisor.spawn("stream-leases", leases.run)
     feed_counts = create_feed_counts(redis, prefix=settings.redis_key_prefix)
     metrics.FEED.last_tick_age = hub.last_tick_age
+    # Pushed quotes: with Redis any instance takes them for the leader, wherever it runs; with
+    # memory:// only this process's producer can publish them, so none without it.
+    inbox: Inbox | None = None
+    if settings.uses_redis or settings.producer == "on":
+        inbox = create_inbox(settings, redis)
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
@@ -185,6 +192,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             lease=lease,
             checkpoints=SeqCheckpoints(sessions) if settings.uses_redis else None,
             counts=feed_counts,
+            inbox=inbox,
         )
         supervisor.spawn("producer", producer.run)
 
@@ -204,6 +212,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         streams=streams,
         supervisor=supervisor,
         producer=producer,
+        inbox=inbox,
         instance=instance,
         redis=redis,
         rest_limit=RateLimiter(
@@ -328,6 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "auth", "description": "Access tokens"},
             {"name": "prices", "description": "REST snapshots"},
             {"name": "streams", "description": "Server-Sent Events (WebSocket: see above)"},
+            {"name": "feed", "description": "Pushing prices in (the `publish` scope)"},
             {"name": "operations", "description": "Health, readiness, metrics"},
         ],
     )
@@ -344,7 +354,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_docs(app, public=settings.docs_public)
-    for router in (auth_router, prices_router, sse_router, ops_router, board_router):
+    routers = (auth_router, prices_router, sse_router, feed_router, ops_router, board_router)
+    for router in routers:
         app.include_router(router)
     return app
 

@@ -3,6 +3,10 @@
 Every decode names its algorithm list and requires `exp`, `aud` and `sub`: python-jose
 otherwise accepts whatever algorithm the token header claims and skips `aud`/`exp`.
 
+A token's `scope` claim (space-separated, OAuth style) says what it may do beyond reading its
+`symbols`: `publish` pushes prices (`POST /v1/ingest`). Ours carry it only when the client has
+scopes; an external issuer's is read the same way.
+
 Two kinds of token verify: ours (HS256 with `JWT_SECRET`) and an external issuer's (RS256 or
 ES256 with a configured public key, `iss` required). Each key verifies one algorithm, the one
 its type fixes (the shared secret HS256, an RSA key RS256, an EC P-256 key ES256), so a public
@@ -28,6 +32,9 @@ ALGORITHM = "HS256"
 EXTERNAL_ALGORITHMS = ("RS256", "ES256")  # an RSA key verifies RS256, an EC P-256 key ES256
 MAX_TOKEN_LENGTH = 4096  # ours are ~300 bytes; anything far larger is not worth parsing
 
+PUBLISH = "publish"  # push prices: POST /v1/ingest
+KNOWN_SCOPES = frozenset({PUBLISH})
+
 # scrypt work factors: ~40 ms and 16 MiB per check; only the token endpoint pays it.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
@@ -42,13 +49,14 @@ class ExpiredToken(InvalidToken):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a verified token speaks for, and what it may read."""
+    """Who a verified token speaks for, what it may read, and what else it may do."""
 
     subject: str
     symbols: frozenset[str]
     expires_at: float  # Unix seconds
     token_id: str | None = None  # the `jti`, which a revocation names
     issued_at: float | None = None  # the `iat`, if the token has one
+    scopes: frozenset[str] = frozenset()  # the `scope` claim's words, e.g. {"publish"}
 
     @property
     def all_symbols(self) -> bool:
@@ -65,9 +73,16 @@ class TokenSigner:
     ttl_seconds: int
     leeway_seconds: int
 
-    def issue(self, *, subject: str, symbols: list[str], ttl_seconds: int | None = None) -> str:
+    def issue(
+        self,
+        *,
+        subject: str,
+        symbols: list[str],
+        scopes: Iterable[str] = (),
+        ttl_seconds: int | None = None,
+    ) -> str:
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
             "sub": subject,
             "aud": self.audience,
             "iat": now,
@@ -75,6 +90,9 @@ class TokenSigner:
             "symbols": symbols,
             "jti": secrets.token_urlsafe(16),  # what `python -m app.admin revoke` names
         }
+        scope = " ".join(sorted(set(scopes)))
+        if scope:  # no claim at all for a token that may only read
+            claims["scope"] = scope
         return str(jwt.encode(claims, self.secret, algorithm=ALGORITHM))
 
     def verify(self, token: str) -> Principal:
@@ -206,6 +224,7 @@ def _decode(
     exp = claims.get("exp")
     jti = claims.get("jti")
     iat = claims.get("iat")
+    scope = claims.get("scope", "")
     if (
         not isinstance(subject, str)
         or not subject
@@ -214,6 +233,7 @@ def _decode(
         or not isinstance(exp, int | float)
         or not isinstance(jti, str | None)
         or not isinstance(iat, int | float | None)
+        or not isinstance(scope, str)
     ):
         raise InvalidToken("invalid token claims")
     return Principal(
@@ -222,6 +242,7 @@ def _decode(
         expires_at=float(exp),
         token_id=jti,
         issued_at=float(iat) if iat is not None else None,
+        scopes=frozenset(scope.split()),
     )
 
 

@@ -74,8 +74,13 @@ def signer(audience: str = "pricefeed", secret: str = JWT_SECRET) -> TokenSigner
     return TokenSigner(secret=secret, audience=audience, ttl_seconds=300, leeway_seconds=0)
 
 
-def token(subject: str = "tester", symbols: list[str] | None = None, ttl: int = 300) -> str:
-    return signer().issue(subject=subject, symbols=symbols or ["*"], ttl_seconds=ttl)
+def token(
+    subject: str = "tester",
+    symbols: list[str] | None = None,
+    ttl: int = 300,
+    scopes: tuple[str, ...] = (),
+) -> str:
+    return signer().issue(subject=subject, symbols=symbols or ["*"], scopes=scopes, ttl_seconds=ttl)
 
 
 def migrate(database_url: str) -> None:

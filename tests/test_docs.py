@@ -30,6 +30,7 @@ REST_PATHS = {
     "/v1/prices/{symbol}/history": "get",
     "/v1/prices/{symbol}/candles": "get",
     "/v1/stream": "get",
+    "/v1/ingest": "post",
     "/healthz": "get",
     "/readyz": "get",
     "/metrics": "get",
@@ -146,6 +147,22 @@ class TestOpenApi:
         ):
             responses = openapi["paths"][path]["get"]["responses"]
             assert {"200", "401", "403"} <= set(responses), path
+
+    def test_ingest_documents_its_scope_body_and_every_error(self, openapi: dict[str, Any]) -> None:
+        operation = openapi["paths"]["/v1/ingest"]["post"]
+
+        assert operation["security"] == [{"bearer": ["publish"]}]
+        body = operation["requestBody"]["content"]["application/json"]
+        assert body["schema"]["properties"]["quotes"]["maxItems"] == 1000
+        quote = body["schema"]["properties"]["quotes"]["items"]
+        assert set(quote["required"]) == {"symbol", "price"}
+        assert quote["additionalProperties"] is False
+        assert body["example"]["quotes"][0] == {"symbol": "AAPL", "price": "189.23"}
+        responses = operation["responses"]
+        assert {"202", "401", "403", "413", "422", "503"} <= set(responses)
+        bad = responses["422"]["content"]["application/json"]["example"]
+        assert bad["errors"][0]["loc"] == ["body", "quotes", 3, "price"]
+        assert "Retry-After" in responses["503"]["headers"]
 
     def test_token_endpoint_takes_a_form(self, openapi: dict[str, Any]) -> None:
         body = openapi["paths"]["/v1/auth/token"]["post"]["requestBody"]["content"]

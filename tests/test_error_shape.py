@@ -110,9 +110,10 @@ class TestTheSchemaDocumentsIt:
                 schema = openapi["components"]["schemas"][ref.rsplit("/", 1)[-1]]
                 assert schema["properties"]["detail"]["type"] == "string", (method, path)
                 assert {"detail", "code"} <= set(schema["required"]), (method, path)
-        # Every route that takes parameters; none without (it cannot answer 422).
+        # Every route that takes parameters or a body; none without (it cannot answer 422).
         assert documented == {
             "/v1/auth/token",
+            "/v1/ingest",
             "/v1/prices",
             "/v1/prices/{symbol}",
             "/v1/prices/{symbol}/history",

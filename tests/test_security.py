@@ -107,6 +107,33 @@ class TestIssueAndVerify:
         assert principal.subject == "alice"
 
 
+class TestScopes:
+    def test_issued_scopes_come_back_as_a_set(self) -> None:
+        issued = signer().issue(subject="feeder", symbols=[], scopes=["publish"])
+
+        assert signer().verify(issued).scopes == frozenset({"publish"})
+
+    def test_the_claim_is_space_separated_and_only_there_when_there_are_scopes(self) -> None:
+        def payload(issued: str) -> dict[str, Any]:
+            body = issued.split(".")[1]
+            decoded: dict[str, Any] = json.loads(
+                base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            )
+            return decoded
+
+        with_scope = signer().issue(subject="f", symbols=[], scopes=["publish", "publish"])
+        reader = signer().issue(subject="r", symbols=["AAPL"])
+
+        assert payload(with_scope)["scope"] == "publish"
+        assert "scope" not in payload(reader)
+        assert signer().verify(reader).scopes == frozenset()
+
+    def test_a_hand_built_oauth_scope_claim_is_split_on_spaces(self) -> None:
+        principal = signer().verify(forge(claims(scope="read  publish")))
+
+        assert principal.scopes == frozenset({"read", "publish"})
+
+
 class TestRejectedTokens:
     @pytest.mark.parametrize(
         "token",
@@ -130,6 +157,8 @@ class TestRejectedTokens:
             pytest.param(forge(claims(symbols={"AAPL": True})), id="symbols-object"),
             pytest.param(forge(claims(symbols=None)), id="missing-symbols"),
             pytest.param(forge(claims(symbols=["AAPL", 7])), id="symbols-non-string-item"),
+            pytest.param(forge(claims(scope=["publish"])), id="scope-list"),
+            pytest.param(forge(claims(scope=7)), id="scope-number"),
         ],
     )
     def test_rejected(self, token: str) -> None:

@@ -1,4 +1,5 @@
-"""API clients: who may ask for a token (hashed secret) and which symbols they may read."""
+"""API clients: who may ask for a token (hashed secret), which symbols they may read, and
+what else they may do (`scopes`, e.g. `publish`: push prices)."""
 
 from __future__ import annotations
 
@@ -17,5 +18,7 @@ class ApiClient(Base):
     name: Mapped[str] = mapped_column(String(120))
     secret_hash: Mapped[str] = mapped_column(String(255))
     symbols: Mapped[list[str]] = mapped_column(JSON)  # entitled symbols, or ["*"]
+    # Put in the token's `scope` claim (app/security.py KNOWN_SCOPES lists what there is).
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -68,6 +68,9 @@ async def issue_token(
         raise Unauthenticated("unknown client or wrong secret")
     ttl = state.settings.jwt_ttl_seconds
     token = state.signer.issue(
-        subject=client.client_id, symbols=list(client.symbols), ttl_seconds=ttl
+        subject=client.client_id,
+        symbols=list(client.symbols),
+        scopes=list(client.scopes or ()),  # a row written before 0004 may hold none
+        ttl_seconds=ttl,
     )
     return TokenOut(access_token=token, expires_in=ttl)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, update
@@ -33,9 +34,16 @@ async def authenticate_client(
 
 
 async def upsert_client(
-    session: AsyncSession, *, client_id: str, name: str, secret: str, symbols: list[str]
+    session: AsyncSession,
+    *,
+    client_id: str,
+    name: str,
+    secret: str,
+    symbols: list[str],
+    scopes: Sequence[str] = (),
 ) -> ApiClient:
-    """Create the client, or update it; safe when several instances seed it at once."""
+    """Create the client, or update it (symbols and scopes become exactly these); safe when
+    several instances seed it at once."""
     for attempt in (1, 2):
         client = await session.get(ApiClient, client_id)
         if client is None:
@@ -45,6 +53,7 @@ async def upsert_client(
         elif not await asyncio.to_thread(verify_secret, secret, client.secret_hash):
             client.secret_hash = await asyncio.to_thread(hash_secret, secret)
         client.name, client.symbols, client.active = name, symbols, True
+        client.scopes = sorted(set(scopes))
         try:
             await session.commit()
         except IntegrityError:

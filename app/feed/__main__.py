@@ -21,6 +21,7 @@ from app.broker import Broker
 from app.config import get_settings
 from app.db import create_engine, create_session_factory
 from app.feed.checkpoints import SeqCheckpoints
+from app.feed.inbox import create_inbox
 from app.feed.leader import create_lease, instance_name
 from app.feed.preflight import exit_cannot_start, exit_unless_source_ready
 from app.feed.producer import create_producer
@@ -81,6 +82,7 @@ async def run_producer() -> None:
         lease=lease,
         checkpoints=SeqCheckpoints(sessions),
         counts=create_feed_counts(redis, prefix=settings.redis_key_prefix),
+        inbox=create_inbox(settings, redis),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,7 +2,10 @@
 store, then published on `prices:{SYMBOL}` through the broker. Only the lease holder runs it.
 
 Whatever the source (app/feed/sources/), this is the one writer of `seq`: a batch's quotes go
-out in order per symbol, and the symbols of a batch concurrently."""
+out in order per symbol, and the symbols of a batch concurrently. Pushed quotes
+(`POST /v1/ingest`) come from the inbox (app/feed/inbox.py), beside the source, one batch at a
+time with the source's: each tick of a pushed quote is written with the quote's inbox position
+as its symbol's mark, so a successor resumes at exactly the next quote."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import aclosing
 from decimal import Decimal
 from typing import Protocol
 
@@ -22,6 +26,7 @@ from app.backoff import Backoff
 from app.broker import Broker, price_channel
 from app.config import Settings
 from app.feed.checkpoints import SeqCheckpoints
+from app.feed.inbox import Inbox, InboxEntry, Position
 from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
@@ -70,13 +75,21 @@ class Producer:
         checkpoint_margin: int = 0,
         stats: FeedStats | None = None,
         counts: FeedCounts | None = None,
+        inbox: Inbox | None = None,
+        ingest_stats: FeedStats | None = None,
     ) -> None:
         self._source = source
+        self._inbox = inbox
         self._checkpoints = checkpoints
         # Ticks that may have gone out after the last checkpoint: skipped over on resume.
         self._checkpoint_margin = checkpoint_margin
         self._instruments = instruments  # live: instruments come and go while it runs
         self._stats = stats or FeedStats(source.name)
+        # Pushed quotes skipped by the producer (a symbol disabled since the push) count
+        # under the source `ingest`; FEED_SOURCE=ingest: the same counts.
+        self._ingest_stats = ingest_stats or (
+            self._stats if self._stats.source == "ingest" else FeedStats("ingest")
+        )
         self._counts = counts or MemoryFeedCounts()
         self._store = store
         self._broker = broker
@@ -134,7 +147,7 @@ class Producer:
             except* (LostLease, NotLeader):
                 logger.warning("producer: lease lost; standing by")
             except* RedisError as group:
-                logger.warning("producer: Redis error (%s); standing by", group.exceptions[0])
+                logger.warning("producer: Redis error (%s); standing by", _first_error(group))
             finally:
                 self.is_leader = False
                 metrics.PRODUCER_LEADER.set(0)
@@ -151,6 +164,8 @@ class Producer:
                 group.create_task(self._report_forever(), name="producer-stats")
                 if self._checkpoints is not None:
                     group.create_task(self._checkpoint_forever(), name="producer-checkpoint")
+                if self._inbox is not None:
+                    group.create_task(self._apply_inbox_forever(), name="producer-inbox")
         finally:
             await self._report()
 
@@ -160,15 +175,16 @@ class Producer:
             await self._report()
 
     async def _report(self) -> None:
-        """Hand the source's counts on to where every instance's /metrics reads them."""
-        counts = self._stats.drain()
-        if not counts:
-            return
-        try:
-            await self._counts.add(counts)
-        except Exception as exc:  # noqa: BLE001 - kept, and added with the next ones
-            logger.debug("producer: feed counts not reported yet (%s)", exc)
-            self._stats.restore(counts)
+        """Hand the counts on to where every instance's /metrics reads them."""
+        for stats in {id(s): s for s in (self._stats, self._ingest_stats)}.values():
+            counts = stats.drain()
+            if not counts:
+                continue
+            try:
+                await self._counts.add(counts)
+            except Exception as exc:  # noqa: BLE001 - kept, and added with the next ones
+                logger.debug("producer: feed counts not reported yet (%s)", exc)
+                stats.restore(counts)
 
     async def _checkpoint_forever(self) -> None:
         assert self._checkpoints is not None
@@ -230,20 +246,59 @@ class Producer:
         async for batch in self._source.stream(self._instruments, dict(self._prices)):
             await self.emit_batch(batch)
 
+    async def _apply_inbox_forever(self) -> None:
+        """Pushed batches, in the order they were accepted. This term starts from the marks
+        the store kept: quotes at or before their symbol's mark went out already."""
+        assert self._inbox is not None
+        marks: dict[str, Position] = {}
+        for symbol, raw in (await self._store.read_marks()).items():
+            position = Position.decode(raw)
+            if position is not None:
+                marks[symbol] = position
+        async with aclosing(self._inbox.read()) as entries:
+            async for entry in entries:
+                await self._apply_entry(entry, marks)
+                await self._inbox.ack(entry.id)
+
+    async def _apply_entry(self, entry: InboxEntry, marks: dict[str, Position]) -> None:
+        pending: list[tuple[Quote, str | None]] = []
+        for index, quote in enumerate(entry.quotes):
+            position = entry.position(index)
+            applied = marks.get(quote.symbol)
+            if applied is not None and position <= applied:
+                continue  # a previous leader published it
+            if quote.symbol not in self._instruments:
+                self._ingest_stats.reject(
+                    "inactive_symbol", f"{quote.symbol} was disabled after the push"
+                )
+                continue
+            pending.append((quote, position.encode()))
+            marks[quote.symbol] = position
+        if pending:
+            await self._emit_marked(pending)
+
     async def emit_batch(self, quotes: Sequence[Quote]) -> None:
         """Stamp, store and publish `quotes`: in order within a symbol, symbols concurrently."""
-        by_symbol: dict[str, list[Quote]] = {}
-        for quote in quotes:
-            by_symbol.setdefault(quote.symbol, []).append(quote)
+        await self._emit_marked([(quote, None) for quote in quotes])
+
+    async def _emit_marked(self, quotes: Sequence[tuple[Quote, str | None]]) -> None:
+        """`emit_batch`, each quote with the inbox mark its tick is stored with (or None)."""
+        by_symbol: dict[str, list[tuple[Quote, str | None]]] = {}
+        for quote, mark in quotes:
+            by_symbol.setdefault(quote.symbol, []).append((quote, mark))
         async with self._emitting:
             await self._resume(list(by_symbol))  # an instrument added since the term began
-            await asyncio.gather(*(self._emit_in_order(run) for run in by_symbol.values()))
+            # A task group, not gather: when one symbol's write fails, the others stop before
+            # this returns, so none writes on behind the next term (which shares the fence).
+            async with asyncio.TaskGroup() as group:
+                for run in by_symbol.values():
+                    group.create_task(self._emit_in_order(run))
 
-    async def _emit_in_order(self, quotes: list[Quote]) -> None:
-        for quote in quotes:
-            await self._emit(quote)
+    async def _emit_in_order(self, quotes: list[tuple[Quote, str | None]]) -> None:
+        for quote, mark in quotes:
+            await self._emit(quote, mark)
 
-    async def _emit(self, quote: Quote) -> None:
+    async def _emit(self, quote: Quote, mark: str | None) -> None:
         symbol = quote.symbol
         now = max(time.time_ns() // 1_000_000, self._ts.get(symbol, 0))
         seq = self._seq.get(symbol, 0) + 1
@@ -271,13 +326,21 @@ class Producer:
             for interval, interval_ms in INTERVALS_MS.items()
         }
         # The store first: a tick the broker loses can still be refetched from it.
-        written = await self._store.append(tick, candles, fence=self._lease.token)
+        written = await self._store.append(tick, candles, fence=self._lease.token, mark=mark)
         self._seq[symbol], self._ts[symbol], self._prices[symbol] = seq, now, quote.price
         for interval, candle in candles.items():
             self._candles[(symbol, interval)] = candle
         if written:
             await self._broker.publish(price_channel(symbol), tick.frame)
             metrics.TICKS_PUBLISHED.inc()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error itself, however deep task groups nested it."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def create_producer(
@@ -289,6 +352,7 @@ def create_producer(
     lease: Lease,
     checkpoints: SeqCheckpoints | None = None,
     counts: FeedCounts | None = None,
+    inbox: Inbox | None = None,
 ) -> Producer:
     """The producer of the source FEED_SOURCE names; SourceNotReady if it cannot start."""
     stats = FeedStats(settings.feed_source)
@@ -306,4 +370,5 @@ def create_producer(
         checkpoint_margin=math.ceil(settings.feed_ticks_per_second * window) + 1,
         stats=stats,
         counts=counts,
+        inbox=inbox,
     )

@@ -3,6 +3,10 @@
 Two implementations behind one interface: in process (for `memory://`) and in Redis (for
 `redis://`, shared by every instance). The producer is the only writer; its writes are fenced
 by its leader lease, so a producer that lost its lease cannot write over its successor.
+
+A write may carry a `mark`: how far the producer got in its inbox of pushed quotes
+(app/feed/inbox.py), kept per symbol in the same atomic write as the tick. A successor reads
+the marks back and resumes at the quote after them: none lost, none published twice.
 """
 
 from __future__ import annotations
@@ -26,8 +30,14 @@ class NotLeader(Exception):
 
 
 class TickStore(Protocol):
-    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
-        """Keep `tick` (and the candles it updated). False if its seq is not new."""
+    async def append(
+        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
+    ) -> bool:
+        """Keep `tick` (and the candles it updated), and `mark` as its symbol's inbox mark in
+        the same write. False if its seq is not new (the mark is kept all the same)."""
+
+    async def read_marks(self) -> dict[str, str]:
+        """The inbox mark of each symbol that has one."""
 
     async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]: ...
 
@@ -47,8 +57,13 @@ class MemoryTickStore:
         self._latest: dict[str, Tick] = {}
         self._history: dict[str, deque[Tick]] = {}
         self._candles: dict[tuple[str, str], deque[Candle]] = {}
+        self._marks: dict[str, str] = {}
 
-    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
+    async def append(
+        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
+    ) -> bool:
+        if mark is not None:
+            self._marks[tick.symbol] = mark
         latest = self._latest.get(tick.symbol)
         if latest is not None and tick.seq <= latest.seq:
             return False
@@ -68,6 +83,9 @@ class MemoryTickStore:
                 kept.append(snapshot)
         return True
 
+    async def read_marks(self) -> dict[str, str]:
+        return dict(self._marks)
+
     async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]:
         return {s: self._latest[s] for s in symbols if s in self._latest}
 
@@ -85,11 +103,16 @@ class MemoryTickStore:
         return None
 
 
-# Atomic append: fence check, then the stream entry (its ID is the seq, so a replayed or
-# stale seq is refused by Redis itself), then the latest hash and the candles.
+# Atomic append: fence check, the inbox mark (if any), then the stream entry (its ID is the
+# seq, so a replayed or stale seq is refused by Redis itself), the latest hash and the candles.
+# KEYS: leader, latest, ticks stream, marks hash, candle keys...
+# ARGV: fence, symbol, frame, seq, retention, candles kept, mark, (start, candle)...
 _APPEND_LUA = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER')
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[7])
 end
 local ok = redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[4] .. '-0', 't', ARGV[3])
 if type(ok) == 'table' and ok.err then
@@ -97,10 +120,10 @@ if type(ok) == 'table' and ok.err then
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local kept = tonumber(ARGV[6])
-for i = 4, #KEYS do
-  local start = ARGV[5 + (i - 3) * 2]
+for i = 5, #KEYS do
+  local start = ARGV[8 + (i - 5) * 2]
   redis.call('ZREMRANGEBYSCORE', KEYS[i], start, start)
-  redis.call('ZADD', KEYS[i], start, ARGV[6 + (i - 3) * 2])
+  redis.call('ZADD', KEYS[i], start, ARGV[9 + (i - 5) * 2])
   redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -(kept + 1))
 end
 return 1
@@ -116,6 +139,7 @@ class RedisTickStore:
         self._append = redis.register_script(_APPEND_LUA)
         self.leader_key = f"{prefix}:producer:leader"
         self._latest_key = f"{prefix}:latest"
+        self._marks_key = f"{prefix}:ingest:marks"
 
     def _stream_key(self, symbol: str) -> str:
         return f"{self._prefix}:ticks:{symbol}"
@@ -123,8 +147,10 @@ class RedisTickStore:
     def _candle_key(self, symbol: str, interval: str) -> str:
         return f"{self._prefix}:candles:{symbol}:{interval}"
 
-    async def append(self, tick: Tick, candles: dict[str, Candle], *, fence: str | None) -> bool:
-        keys = [self.leader_key, self._latest_key, self._stream_key(tick.symbol)]
+    async def append(
+        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
+    ) -> bool:
+        keys = [self.leader_key, self._latest_key, self._stream_key(tick.symbol), self._marks_key]
         args: list[str | int] = [
             fence or "",
             tick.symbol,
@@ -132,6 +158,7 @@ class RedisTickStore:
             tick.seq,
             self._retention,
             self._candles_kept,
+            mark or "",
         ]
         for interval, candle in candles.items():
             keys.append(self._candle_key(tick.symbol, interval))
@@ -143,6 +170,10 @@ class RedisTickStore:
                 raise NotLeader from exc
             raise
         return bool(written)
+
+    async def read_marks(self) -> dict[str, str]:
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._marks_key))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def read_latest(self, symbols: Sequence[str]) -> dict[str, Tick]:
         if not symbols:

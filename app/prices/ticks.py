@@ -67,6 +67,13 @@ def as_snapshot(frame: str) -> str:
     return orjson.dumps(body).decode()
 
 
+def _plain(value: Decimal) -> str:
+    """Positional notation always: `str()` writes 0.0000001 as "1E-7", which a client reading
+    a decimal string need not expect. (`str` first: three times as fast, and almost always it.)"""
+    text = str(value)
+    return text if "E" not in text else format(value, "f")
+
+
 def encode_tick(
     *,
     symbol: str,
@@ -84,18 +91,18 @@ def encode_tick(
     body: dict[str, object] = {
         "type": "tick",
         "symbol": symbol,
-        "price": str(price),
+        "price": _plain(price),
         "ts": ts,
         "seq": seq,
     }
     if bid is not None:
-        body["bid"] = str(bid)
+        body["bid"] = _plain(bid)
     if ask is not None:
-        body["ask"] = str(ask)
+        body["ask"] = _plain(ask)
     if volume is not None:
-        body["volume"] = str(volume)
+        body["volume"] = _plain(volume)
     if size is not None:
-        body["size"] = str(size)
+        body["size"] = _plain(size)
     if side is not None:
         body["side"] = side
     if source_ts is not None:

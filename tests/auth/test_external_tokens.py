@@ -66,6 +66,13 @@ class TestVerify:
         assert check.verify(keys.sign(RSA, kid=kid if kid != "e1" else None)).subject == "partner"
         assert check.verify(keys.sign(EC, kid=kid if kid != "r1" else None)).subject == "partner"
 
+    def test_an_external_scope_claim_is_honoured(self, pem_files: dict[str, str]) -> None:
+        check = verifier(pem_file=pem_files["ec"])
+
+        assert check.verify(keys.sign(EC, keys.claims(scope="publish"))).scopes == {"publish"}
+        with pytest.raises(InvalidToken):
+            check.verify(keys.sign(EC, keys.claims(scope=["publish"])))
+
     def test_our_tokens_still_verify(self, pem_files: dict[str, str]) -> None:
         assert verifier(pem_file=pem_files["rsa"]).verify(token("ours")).subject == "ours"
 

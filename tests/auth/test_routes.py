@@ -4,7 +4,9 @@ create clients and sign tokens."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import httpx
 import pytest
@@ -224,6 +227,63 @@ class TestAdminAddClient:
         assert signer().verify(new.json()["access_token"]).all_symbols
 
 
+class TestAdminScopes:
+    """A feeder: `add-client --scopes publish` → its token carries `scope` → it may push."""
+
+    async def test_a_client_with_publish_pushes_and_one_without_gets_403(
+        self, api: ApiFactory, database_url: str
+    ) -> None:
+        feeder = parse_lines(
+            admin("add-client", "--id", "feeder", "--scopes", "publish", database_url=database_url)
+        )
+        desk = parse_lines(
+            admin("add-client", "--id", "desk", "--symbols", "*", database_url=database_url)
+        )
+        body = {"quotes": [{"symbol": "AAPL", "price": "190.5"}]}
+
+        async with api(feed_source="ingest") as client:
+            issued = (await request_token(client, "feeder", feeder["client_secret"])).json()
+            as_desk = (await request_token(client, "desk", desk["client_secret"])).json()
+            pushed = await client.post(
+                "/v1/ingest",
+                json=body,
+                headers={"Authorization": f"Bearer {issued['access_token']}"},
+            )
+            refused = await client.post(
+                "/v1/ingest",
+                json=body,
+                headers={"Authorization": f"Bearer {as_desk['access_token']}"},
+            )
+
+        assert claims_of(issued["access_token"])["scope"] == "publish"
+        assert claims_of(issued["access_token"])["symbols"] == []
+        assert "scope" not in claims_of(as_desk["access_token"])
+        assert (pushed.status_code, pushed.json()) == (202, {"accepted": 1})
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "forbidden"
+
+    def test_an_unknown_scope_is_refused(self, database_url: str) -> None:
+        done = run_admin("add-client", "--id", "f", "--scopes", "write", database_url=database_url)
+
+        assert done.returncode == 2
+        assert "not a list of scopes (publish): 'write'" in done.stderr
+        assert done.stdout == ""
+
+    def test_the_token_command_takes_scopes(self, database_url: str) -> None:
+        output = admin("token", "--sub", "feeder", "--scopes", "publish", database_url=database_url)
+
+        principal = signer().verify(output.strip())
+        assert principal.scopes == frozenset({"publish"})
+        assert principal.symbols == frozenset()
+
+
+def claims_of(jwt: str) -> dict[str, Any]:
+    """A token's claims, read without the library under test."""
+    body = jwt.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return claims
+
+
 class TestAdminToken:
     def test_printed_token_verifies(self, database_url: str) -> None:
         output = admin("token", "--sub", "x", "--symbols", "AAPL", database_url=database_url)
@@ -259,7 +319,7 @@ class TestAdminNeedsSymbols:
         done = run_admin(*args, database_url=database_url)
 
         assert done.returncode == 2
-        assert "the following arguments are required: --symbols" in done.stderr
+        assert "give --symbols (what it may read), --scopes" in done.stderr
         assert done.stdout == ""  # no secret, no token
 
     def test_prod_refuses_to_create_the_demo_client(self, database_url: str) -> None:

@@ -77,6 +77,10 @@ class BoundedMemoryBackend(BroadcastBackend):
         if channel in self._channels:  # as Redis does, nobody listening: nothing kept
             await self._queue.put(Event(channel=channel, message=message))
 
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        for channel, message in messages:
+            await self.publish(channel, message)
+
     async def next_published(self) -> Event:
         return await _no_events()
 
@@ -150,6 +154,12 @@ class ResilientRedisBackend(BroadcastBackend):
 
     async def publish(self, channel: str, message: Any) -> None:
         await self._conn.publish(channel, message)
+
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        async with self._conn.pipeline(transaction=False) as pipe:
+            for channel, message in messages:
+                pipe.publish(channel, message)
+            await pipe.execute()
 
     async def next_published(self) -> Event:
         return await _no_events()

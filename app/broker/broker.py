@@ -66,6 +66,12 @@ class Broker:
     async def publish(self, channel: str, message: str) -> None:
         await self._broadcast.publish(channel, message)
 
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        """Publish (channel, message) pairs in order: on Redis in one round trip (a pipeline),
+        which `Broadcast.publish`, a call per message, cannot give."""
+        if messages:
+            await self._backend.publish_many(messages)
+
     @asynccontextmanager
     async def subscribe_bursts(
         self, channels: list[str], sink: BurstSink

@@ -30,8 +30,8 @@ from app.feed.inbox import Inbox, InboxEntry, Position
 from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
-from app.prices.store import NotLeader, TickStore
-from app.prices.ticks import encode_tick
+from app.prices.store import NotLeader, Run, TickStore
+from app.prices.ticks import Tick, encode_tick
 
 logger = logging.getLogger(__name__)
 
@@ -282,57 +282,72 @@ class Producer:
         await self._emit_marked([(quote, None) for quote in quotes])
 
     async def _emit_marked(self, quotes: Sequence[tuple[Quote, str | None]]) -> None:
-        """`emit_batch`, each quote with the inbox mark its tick is stored with (or None)."""
+        """`emit_batch`, each quote with the inbox mark its tick is stored with (or None).
+
+        One store write for the whole batch (one Lua call: every symbol's ticks, candles and
+        marks, fenced), then one publish round trip: the cost of a batch barely grows with
+        its size. Until the write succeeds nothing of this batch is taken as published."""
         by_symbol: dict[str, list[tuple[Quote, str | None]]] = {}
         for quote, mark in quotes:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
         async with self._emitting:
             await self._resume(list(by_symbol))  # an instrument added since the term began
-            # A task group, not gather: when one symbol's write fails, the others stop before
-            # this returns, so none writes on behind the next term (which shares the fence).
-            async with asyncio.TaskGroup() as group:
-                for run in by_symbol.values():
-                    group.create_task(self._emit_in_order(run))
+            runs = [self._stamp(symbol, run) for symbol, run in by_symbol.items()]
+            skipped = await self._store.append_runs(runs, fence=self._lease.token)
+            published: list[tuple[str, str]] = []
+            for run, refused in zip(runs, skipped, strict=True):
+                last = run.ticks[-1]
+                self._seq[run.symbol], self._ts[run.symbol] = last.seq, last.ts
+                self._prices[run.symbol] = by_symbol[run.symbol][-1][0].price
+                for interval, candle in run.candles:
+                    self._candles[(run.symbol, interval)] = candle
+                channel = price_channel(run.symbol)
+                published += [(channel, tick.frame) for tick in run.ticks[refused:]]
+            # The store first: a tick the broker loses can still be refetched from it.
+            await self._broker.publish_many(published)
+            metrics.TICKS_PUBLISHED.inc(len(published))
 
-    async def _emit_in_order(self, quotes: list[tuple[Quote, str | None]]) -> None:
-        for quote, mark in quotes:
-            await self._emit(quote, mark)
-
-    async def _emit(self, quote: Quote, mark: str | None) -> None:
-        symbol = quote.symbol
-        now = max(time.time_ns() // 1_000_000, self._ts.get(symbol, 0))
-        seq = self._seq.get(symbol, 0) + 1
-        tick = encode_tick(
-            symbol=symbol,
-            price=quote.price,
-            ts=now,
-            seq=seq,
-            bid=quote.bid,
-            ask=quote.ask,
-            volume=quote.volume,
-            size=quote.size,
-            side=quote.side,
-            source_ts=quote.source_ts,
-        )
-        traded = quote.traded or _ZERO
-        candles = {
-            interval: fold_tick(
-                self._candles.get((symbol, interval)),
-                interval_ms=interval_ms,
-                ts=now,
-                price=quote.price,
-                volume=traded,
+    def _stamp(self, symbol: str, quotes: list[tuple[Quote, str | None]]) -> Run:
+        """The ticks of one symbol's quotes: the next seqs, `ts` from this clock (never going
+        back), and the candles they fold into; nothing of the producer's state changes."""
+        seq = self._seq.get(symbol, 0)
+        ts = self._ts.get(symbol, 0)
+        candles = {i: self._candles.get((symbol, i)) for i in INTERVALS_MS}
+        states: dict[tuple[str, int], Candle] = {}  # every candle state, oldest first
+        ticks: list[Tick] = []
+        for quote, _mark in quotes:
+            seq += 1
+            ts = max(time.time_ns() // 1_000_000, ts)
+            ticks.append(
+                encode_tick(
+                    symbol=symbol,
+                    price=quote.price,
+                    ts=ts,
+                    seq=seq,
+                    bid=quote.bid,
+                    ask=quote.ask,
+                    volume=quote.volume,
+                    size=quote.size,
+                    side=quote.side,
+                    source_ts=quote.source_ts,
+                )
             )
-            for interval, interval_ms in INTERVALS_MS.items()
-        }
-        # The store first: a tick the broker loses can still be refetched from it.
-        written = await self._store.append(tick, candles, fence=self._lease.token, mark=mark)
-        self._seq[symbol], self._ts[symbol], self._prices[symbol] = seq, now, quote.price
-        for interval, candle in candles.items():
-            self._candles[(symbol, interval)] = candle
-        if written:
-            await self._broker.publish(price_channel(symbol), tick.frame)
-            metrics.TICKS_PUBLISHED.inc()
+            traded = quote.traded or _ZERO
+            for interval, interval_ms in INTERVALS_MS.items():
+                candle = fold_tick(
+                    candles[interval],
+                    interval_ms=interval_ms,
+                    ts=ts,
+                    price=quote.price,
+                    volume=traded,
+                )
+                candles[interval] = states[(interval, candle.start)] = candle
+        return Run(
+            symbol,
+            ticks,
+            [(interval, candle) for (interval, _start), candle in states.items()],
+            mark=quotes[-1][1],
+        )
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -29,12 +31,28 @@ class NotLeader(Exception):
     """The fence token given with a write is not the current leader's."""
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A symbol's ticks of one burst, in seq order; every candle state they left, oldest
+    first per interval (a run that crosses a minute leaves two 1m candles); and the inbox mark
+    of its last pushed quote, if any."""
+
+    symbol: str
+    ticks: list[Tick]
+    candles: list[tuple[str, Candle]] = field(default_factory=list)
+    mark: str | None = None
+
+
 class TickStore(Protocol):
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+        """Keep each run's ticks, candles and mark, all in one write. Per run, how many of its
+        first ticks were not new (their seq was kept already): the rest were kept."""
+
     async def append(
         self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
     ) -> bool:
-        """Keep `tick` (and the candles it updated), and `mark` as its symbol's inbox mark in
-        the same write. False if its seq is not new (the mark is kept all the same)."""
+        """One tick as a run of one. False if its seq is not new (the mark is kept all the
+        same)."""
 
     async def read_marks(self) -> dict[str, str]:
         """The inbox mark of each symbol that has one."""
@@ -59,29 +77,37 @@ class MemoryTickStore:
         self._candles: dict[tuple[str, str], deque[Candle]] = {}
         self._marks: dict[str, str] = {}
 
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+        return [self._append_run(run) for run in runs]
+
     async def append(
         self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
     ) -> bool:
-        if mark is not None:
-            self._marks[tick.symbol] = mark
-        latest = self._latest.get(tick.symbol)
-        if latest is not None and tick.seq <= latest.seq:
-            return False
-        self._latest[tick.symbol] = tick
-        history = self._history.get(tick.symbol)
+        return self._append_run(Run(tick.symbol, [tick], list(candles.items()), mark)) == 0
+
+    def _append_run(self, run: Run) -> int:
+        symbol = run.symbol
+        if run.mark is not None:
+            self._marks[symbol] = run.mark
+        latest = self._latest.get(symbol)
+        fresh = [t for t in run.ticks if latest is None or t.seq > latest.seq]
+        if not fresh:
+            return len(run.ticks)
+        self._latest[symbol] = fresh[-1]
+        history = self._history.get(symbol)
         if history is None:
-            history = self._history[tick.symbol] = deque(maxlen=self._retention)
-        history.append(tick)
-        for interval, candle in candles.items():
-            kept = self._candles.get((tick.symbol, interval))
+            history = self._history[symbol] = deque(maxlen=self._retention)
+        history.extend(fresh)
+        for interval, candle in run.candles:
+            kept = self._candles.get((symbol, interval))
             if kept is None:
-                kept = self._candles[(tick.symbol, interval)] = deque(maxlen=self._candles_kept)
+                kept = self._candles[(symbol, interval)] = deque(maxlen=self._candles_kept)
             snapshot = Candle.decode(candle.encode())  # the producer mutates its own copy
             if kept and kept[-1].start == candle.start:
                 kept[-1] = snapshot
             else:
                 kept.append(snapshot)
-        return True
+        return len(run.ticks) - len(fresh)
 
     async def read_marks(self) -> dict[str, str]:
         return dict(self._marks)
@@ -103,30 +129,48 @@ class MemoryTickStore:
         return None
 
 
-# Atomic append: fence check, the inbox mark (if any), then the stream entry (its ID is the
-# seq, so a replayed or stale seq is refused by Redis itself), the latest hash and the candles.
-# KEYS: leader, latest, ticks stream, marks hash, candle keys...
-# ARGV: fence, symbol, frame, seq, retention, candles kept, mark, (start, candle)...
+# Atomic append of a burst: the fence check, then per run its inbox mark (if any), its stream
+# entries (each ID is the seq, so a replayed or stale seq is refused by Redis itself: those
+# come first in a run, and are counted), the latest hash and the candle states.
+# KEYS: leader, latest, marks; then per run its stream and one key per candle state.
+# ARGV: fence, retention, candles kept, the runs as JSON:
+#   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle], ...], "m": mark or ""}]
 _APPEND_LUA = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER')
 end
-if ARGV[7] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[2], ARGV[7])
+local retention, kept = ARGV[2], tonumber(ARGV[3])
+local skipped = {}
+local k = 4
+for i, run in ipairs(cjson.decode(ARGV[4])) do
+  local stream = KEYS[k]
+  k = k + 1
+  if run.m ~= '' then
+    redis.call('HSET', KEYS[3], run.s, run.m)
+  end
+  local refused, last = 0, nil
+  for _, t in ipairs(run.t) do
+    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, t[1] .. '-0', 't', t[2])
+    if type(ok) == 'table' and ok.err then
+      refused = refused + 1
+    else
+      last = t[2]
+    end
+  end
+  if last ~= nil then
+    redis.call('HSET', KEYS[2], run.s, last)
+  end
+  for _, c in ipairs(run.c) do
+    if last ~= nil then
+      redis.call('ZREMRANGEBYSCORE', KEYS[k], c[1], c[1])
+      redis.call('ZADD', KEYS[k], c[1], c[2])
+      redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(kept + 1))
+    end
+    k = k + 1
+  end
+  skipped[i] = refused
 end
-local ok = redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[4] .. '-0', 't', ARGV[3])
-if type(ok) == 'table' and ok.err then
-  return 0
-end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-local kept = tonumber(ARGV[6])
-for i = 5, #KEYS do
-  local start = ARGV[8 + (i - 5) * 2]
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], start, start)
-  redis.call('ZADD', KEYS[i], start, ARGV[9 + (i - 5) * 2])
-  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -(kept + 1))
-end
-return 1
+return skipped
 """
 
 
@@ -147,29 +191,41 @@ class RedisTickStore:
     def _candle_key(self, symbol: str, interval: str) -> str:
         return f"{self._prefix}:candles:{symbol}:{interval}"
 
-    async def append(
-        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
-    ) -> bool:
-        keys = [self.leader_key, self._latest_key, self._stream_key(tick.symbol), self._marks_key]
-        args: list[str | int] = [
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+        if not runs:
+            return []
+        keys = [self.leader_key, self._latest_key, self._marks_key]
+        body: list[dict[str, object]] = []
+        for run in runs:
+            keys.append(self._stream_key(run.symbol))
+            keys += [self._candle_key(run.symbol, interval) for interval, _ in run.candles]
+            body.append(
+                {
+                    "s": run.symbol,
+                    "t": [(str(t.seq), t.frame) for t in run.ticks],
+                    "c": [(c.start, c.encode()) for _, c in run.candles],
+                    "m": run.mark or "",
+                }
+            )
+        args: list[str | int | bytes] = [
             fence or "",
-            tick.symbol,
-            tick.frame,
-            tick.seq,
             self._retention,
             self._candles_kept,
-            mark or "",
+            orjson.dumps(body),
         ]
-        for interval, candle in candles.items():
-            keys.append(self._candle_key(tick.symbol, interval))
-            args += [candle.start, candle.encode()]
         try:
-            written = await self._append(keys=keys, args=args)
+            skipped = await self._append(keys=keys, args=args)
         except ResponseError as exc:
             if "NOTLEADER" in str(exc):
                 raise NotLeader from exc
             raise
-        return bool(written)
+        return [int(n) for n in skipped]
+
+    async def append(
+        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
+    ) -> bool:
+        run = Run(tick.symbol, [tick], list(candles.items()), mark)
+        return (await self.append_runs([run], fence=fence)) == [0]
 
     async def read_marks(self) -> dict[str, str]:
         raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._marks_key))

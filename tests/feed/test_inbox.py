@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -24,9 +24,7 @@ from app.feed.sources.ingest import IngestOnly
 from app.feed.stats import MemoryFeedCounts
 from app.instruments.catalog import Catalog
 from app.instruments.repository import InstrumentInfo
-from app.prices.candles import Candle
-from app.prices.store import MemoryTickStore, RedisTickStore, TickStore
-from app.prices.ticks import Tick
+from app.prices.store import MemoryTickStore, RedisTickStore, Run, TickStore
 from app.redis_client import create_redis
 from tests.support import RedisServer
 
@@ -67,7 +65,8 @@ def producer(
 
 
 class DyingStore(RedisTickStore):
-    """Redis goes away under this leader after `survive` writes; then its writes hang, so a
+    """Redis goes away under this leader after `survive` writes: the last one lands, but its
+    answer never comes back (the leader cannot know it landed); then its writes hang, so a
     leader that leads again writes nothing more."""
 
     def __init__(self, redis: Redis, *, survive: int) -> None:
@@ -75,16 +74,15 @@ class DyingStore(RedisTickStore):
         self.survive = survive
         self.died = asyncio.Event()
 
-    async def append(
-        self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
-    ) -> bool:
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
         if self.died.is_set():
             await asyncio.Event().wait()
+        written = await super().append_runs(runs, fence=fence)
+        self.survive -= 1
         if self.survive == 0:
             self.died.set()
             raise RedisConnectionError("the leader is gone")
-        self.survive -= 1
-        return await super().append(tick, candles, fence=fence, mark=mark)
+        return written
 
 
 @pytest.fixture
@@ -97,7 +95,7 @@ async def broker() -> AsyncIterator[Broker]:
 
 @pytest.mark.redis
 class TestLeaderChange:
-    async def test_a_leader_that_dies_mid_batch_is_resumed_at_the_next_quote(
+    async def test_a_leader_that_dies_before_taking_a_batch_off_is_resumed_after_it(
         self, redis: RedisServer, broker: Broker
     ) -> None:
         client = create_redis(redis.url)
@@ -114,7 +112,7 @@ class TestLeaderChange:
         async def lease(name: str) -> RedisLease:
             return RedisLease(client, key=store.leader_key, lease_ms=1500, instance=name)
 
-        dying = DyingStore(client, survive=9)  # the first batch and part of the second
+        dying = DyingStore(client, survive=2)  # the second batch is stored, never taken off
         first = await lease("first")
         gone = producer(store=dying, lease=first, inbox=inbox, catalog=catalog, broker=broker)
         async with running(gone):
@@ -126,7 +124,7 @@ class TestLeaderChange:
             await eventually(stood_down)  # its failure handled: now it stops as asked
         await first.release()
         published = await self.published(store)
-        assert sum(len(p) for p in published.values()) == 9
+        assert sum(len(p) for p in published.values()) == 12
         assert await client.xlen(f"{PREFIX}:ingest") == 3, "the first batch went, and only it"
 
         async with running(

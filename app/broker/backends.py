@@ -95,6 +95,14 @@ class BoundedMemoryBackend(BroadcastBackend):
             fanout.read_end()
 
 
+_PUBLISH_MANY_LUA = """
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+
+
 class ResilientRedisBackend(BroadcastBackend):
     """Publishes with redis-py; subscribes on a connection of its own (redis_wire.py) that it
     subscribes before it listens, reconnects with jittered backoff and resubscribes, pings
@@ -110,6 +118,7 @@ class ResilientRedisBackend(BroadcastBackend):
         dead_after: float = DEAD_AFTER_SECONDS,
     ) -> None:
         self._conn = create_redis(url)  # publishing; subscribing has a connection of its own
+        self._publish_many = self._conn.register_script(_PUBLISH_MANY_LUA)
         self._options: dict[str, Any] = dict(parse_url(url))
         self._fanout = fanout
         self._wanted = asyncio.Event()  # a channel was subscribed: time to connect
@@ -156,10 +165,10 @@ class ResilientRedisBackend(BroadcastBackend):
         await self._conn.publish(channel, message)
 
     async def publish_many(self, messages: list[tuple[str, str]]) -> None:
-        async with self._conn.pipeline(transaction=False) as pipe:
-            for channel, message in messages:
-                pipe.publish(channel, message)
-            await pipe.execute()
+        # One command for the lot: a pipeline of PUBLISHes costs redis-py ~15 µs of Python a
+        # command to pack (measured with py-spy on the producer, bench.ingest), one EVALSHA
+        # of all of them a fraction of that; Redis runs them in order either way.
+        await self._publish_many(args=[part for pair in messages for part in pair])
 
     async def next_published(self) -> Event:
         return await _no_events()

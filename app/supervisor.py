@@ -18,6 +18,7 @@ from app.backoff import Backoff
 logger = logging.getLogger(__name__)
 
 _UNHEALTHY_FOR_SECONDS = 30.0
+_RECANCEL_SECONDS = 1.0
 
 
 def restart_backoff() -> Backoff:
@@ -62,7 +63,17 @@ class Supervisor:
         }
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        """Cancel every task and wait for it to end. A task that swallowed its cancellation
+        is cancelled again until it ends: on Python 3.11 a TaskGroup that is failing when the
+        cancellation comes can lose it (the producer's leadership term is one), and shutdown
+        must not wait on that forever."""
+        pending = set(self._tasks.values())
+        while pending:
+            for task in pending:
+                task.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=_RECANCEL_SECONDS)
+            for task in pending:
+                logger.warning(
+                    "task %s did not stop when cancelled; cancelling it again", task.get_name()
+                )
         self._tasks.clear()

@@ -95,3 +95,23 @@ def test_default_restarts_are_jittered_half_a_second_up_to_ten() -> None:
     backoff = restart_backoff()
     assert all(5.0 <= d <= 10.0 for d in [backoff.next_delay() for _ in range(10)][6:])
     assert backoff.next_delay(ran_for=60.0) <= 0.5, "a task that ran a minute starts over"
+
+
+async def test_stop_ends_a_task_that_swallowed_its_cancellation() -> None:
+    """On Python 3.11 a TaskGroup failing at the moment of the cancellation can lose it;
+    shutdown must still end (the producer's term was such a task: shutdown hung)."""
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # and carries on, as if nothing had been asked
+        await asyncio.Event().wait()
+
+    supervisor = Supervisor()
+    supervisor.spawn("stubborn", stubborn)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(supervisor.stop(), timeout=10)
+
+    assert swallowed.is_set()

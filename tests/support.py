@@ -345,6 +345,19 @@ class ServerProcess:
         raise TimeoutError(f"server not ready:\n{self.log()[-3000:]}")
 
 
+@contextlib.contextmanager
+def running(*servers: ServerProcess, sig: int = int(signal.SIGKILL)) -> Iterator[None]:
+    """Start `servers`; stop each with `sig` however the block ends (SIGKILL by default:
+    nothing of a test's cluster outlives it, and nothing is left for a graceful exit)."""
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop(sig)
+
+
 def server_process(tmp: Path, name: str, database_url: str, **env: str) -> ServerProcess:
     port = free_port()
     full_env = {

@@ -8,27 +8,24 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.errors import CloseCode
-from tests.support import RedisServer, ServerProcess, Stream, open_stream, server_process, token
+from tests.support import (
+    RedisServer,
+    ServerProcess,
+    Stream,
+    open_stream,
+    running,
+    server_process,
+    token,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-@contextlib.contextmanager
-def running(*servers: ServerProcess) -> Iterator[None]:
-    try:
-        for server in servers:
-            server.start()
-        yield
-    finally:
-        for server in servers:
-            server.stop(signal.SIGKILL)
 
 
 async def collect(stream: Stream, seconds: float) -> list[dict]:  # type: ignore[type-arg]

@@ -11,29 +11,26 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import RedisServer, ServerProcess, Stream, open_stream, server_process, token
+from tests.support import (
+    RedisServer,
+    ServerProcess,
+    Stream,
+    open_stream,
+    running,
+    server_process,
+    token,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 SYMBOLS = ("AAPL", "MSFT")
-
-
-@contextlib.contextmanager
-def running(*servers: ServerProcess) -> Iterator[None]:
-    try:
-        for server in servers:
-            server.start()
-        yield
-    finally:
-        for server in servers:
-            server.stop(signal.SIGKILL)
 
 
 async def two_instances(a: ServerProcess, b: ServerProcess) -> tuple[ServerProcess, ServerProcess]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tests.support import (
     ServerProcess,
     Stream,
     open_stream,
+    running,
     server_process,
     token,
 )
@@ -33,17 +35,6 @@ NEW = "XRP-USD"
 WITHIN = 5.0  # the contract: running instances see a change within 5 s
 
 Server = ServerProcess | LiveApp
-
-
-@contextlib.contextmanager
-def running(*servers: ServerProcess) -> Iterator[None]:
-    try:
-        for server in servers:
-            server.start()
-        yield
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -177,7 +168,7 @@ async def test_two_instances_on_redis_see_an_instrument_come_and_go(
     servers = [
         server_process(tmp_path, name, database_url, BROADCAST_URL=redis.url) for name in ("a", "b")
     ]
-    with running(*servers):
+    with running(*servers, sig=signal.SIGTERM):
         await asyncio.gather(*(s.wait_ready() for s in servers))
         await an_instrument_comes_and_goes(list(servers), database_url)
 
@@ -187,7 +178,7 @@ async def test_one_instance_on_memory_sees_an_instrument_come_and_go(
     database_url: str, tmp_path: Path
 ) -> None:
     server = server_process(tmp_path, "solo", database_url)
-    with running(server):
+    with running(server, sig=signal.SIGTERM):
         await server.wait_ready()
         await an_instrument_comes_and_goes([server], database_url)
 

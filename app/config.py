@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # POST /v1/ingest: accepted batches not yet published (the inbox, app/feed/inbox.py) past
     # which a push waits up to INGEST_WAIT_SECONDS for room, then gets 503 with Retry-After;
     # and the largest request body it reads (413 past it; 1,000 quotes fit in ~250 KB).
-    ingest_max_pending_batches: int = Field(default=5000, ge=1, le=1_000_000)
+    ingest_max_pending_batches: int = Field(default=1000, ge=1, le=1_000_000)
     ingest_wait_seconds: float = Field(default=2.0, ge=0, le=60)
     ingest_max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
 

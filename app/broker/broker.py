@@ -27,7 +27,8 @@ class Broker:
 
     `queue_size` bounds memory://'s queue; `ping_after` and `dead_after` (seconds) are how
     quiet a Redis subscription may be before it is pinged, and before it is dropped and
-    reopened."""
+    reopened; `coalesce_seconds`, how long the reads of a window are gathered into one burst
+    for the subscribers (0: each read is its own; fanout.py)."""
 
     def __init__(
         self,
@@ -36,9 +37,10 @@ class Broker:
         queue_size: int = QUEUE_SIZE,
         ping_after: float = IDLE_PING_SECONDS,
         dead_after: float = DEAD_AFTER_SECONDS,
+        coalesce_seconds: float = 0.0,
     ) -> None:
         self.url = url
-        self._fanout = Fanout()
+        self._fanout = Fanout(coalesce_seconds=coalesce_seconds)
         self._locks: dict[str, asyncio.Lock] = {}  # subscribes and unsubscribes, per channel
         self._backend: ResilientRedisBackend | BoundedMemoryBackend
         if url.startswith(("redis://", "rediss://")):

@@ -78,8 +78,6 @@ class Settings(BaseSettings):
 
     fanout_max_lag_ms: int = Field(default=50, ge=0)
     fanout_direct_writes: bool = True
-    # Reads from Redis gathered this long into one burst before the fan-out (0: none).
-    fanout_coalesce_ms: float = Field(default=0.0, ge=0, le=5)
     ws_max_message_bytes: int = Field(default=16 * 1024, ge=512)
     ws_max_messages_per_second: float = Field(default=20.0, gt=0)
     ws_max_subscriptions: int = Field(default=100, ge=1, le=10_000)

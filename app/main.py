@@ -125,7 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     store = create_tick_store(settings, redis)
     lease = create_lease(settings, redis, store, instance=instance)
 
-    broker = Broker(settings.broadcast_url, coalesce_seconds=settings.fanout_coalesce_ms / 1000)
+    broker = Broker(settings.broadcast_url)
     await broker.connect()
     hub = FanoutHub(
         broker=broker,

@@ -310,15 +310,6 @@ SERVERS: dict[str, Server] = {
             about="python -m app from BENCH_BASE_TREE (another commit), side by side with this one",
         ),
         Server(
-            "pricefeed-coalesce",
-            "pricefeed",
-            "publish",
-            "/readyz",
-            env={"FANOUT_COALESCE_MS": os.environ.get("BENCH_COALESCE_MS", "1")},
-            about="python -m app, WORKERS=1, FANOUT_COALESCE_MS=1 (BENCH_COALESCE_MS): a "
-            "window's reads from Redis fanned out as one burst",
-        ),
-        Server(
             "pricefeed-batch",
             "pricefeed",
             "publish",

@@ -265,43 +265,6 @@ async def test_a_burst_subscriber_gets_every_message_in_order_a_read_at_a_time(r
         assert len(sink.bursts) < 300  # messages read together are handed over together
 
 
-async def test_a_coalescing_window_hands_separate_reads_over_as_one_burst(redis) -> None:
-    sink = Bursts()
-    async with (
-        connected_with(redis.url, coalesce_seconds=1.0) as broker,
-        broker.subscribe_bursts(["prices:AAPL", "prices:MSFT"], sink),
-    ):
-        await wait_until(lambda: broker.connected)
-        raw = Redis.from_url(redis.url)
-        for i in range(5):  # each awaited: a read of its own at the broker
-            await raw.publish("prices:AAPL" if i % 2 else "prices:MSFT", str(i))
-        await raw.aclose()
-        await wait_until(lambda: len(sink.messages) == 5)
-        assert sink.messages == [
-            ("prices:AAPL" if i % 2 else "prices:MSFT", str(i)) for i in range(5)
-        ]
-        assert len(sink.bursts) == 1
-
-
-async def test_a_coalescing_window_that_fills_up_is_handed_over_before_it_ends(redis) -> None:
-    from app.broker.fanout import COALESCE_MAX_MESSAGES
-
-    sink = Bursts()
-    async with (
-        connected_with(redis.url, coalesce_seconds=3600.0) as broker,
-        broker.subscribe_bursts(["prices:AAPL"], sink),
-    ):
-        await wait_until(lambda: broker.connected)
-        raw = Redis.from_url(redis.url)
-        async with raw.pipeline(transaction=False) as pipe:
-            for i in range(COALESCE_MAX_MESSAGES):
-                pipe.publish("prices:AAPL", str(i))
-            await pipe.execute()
-        await raw.aclose()
-        await wait_until(lambda: len(sink.messages) == COALESCE_MAX_MESSAGES)
-        assert sink.texts == [str(i) for i in range(COALESCE_MAX_MESSAGES)]
-
-
 async def test_a_sink_cannot_take_a_channel_twice(redis) -> None:
     sink = Bursts()
     async with connected(redis.url) as broker, broker.subscribe_bursts(["prices:A"], sink):

@@ -27,8 +27,7 @@ class Broker:
 
     `queue_size` bounds memory://'s queue; `ping_after` and `dead_after` (seconds) are how
     quiet a Redis subscription may be before it is pinged, and before it is dropped and
-    reopened; `coalesce_seconds`, how long the reads of a window are gathered into one burst
-    for the subscribers (0: each read is its own; fanout.py)."""
+    reopened."""
 
     def __init__(
         self,
@@ -37,10 +36,9 @@ class Broker:
         queue_size: int = QUEUE_SIZE,
         ping_after: float = IDLE_PING_SECONDS,
         dead_after: float = DEAD_AFTER_SECONDS,
-        coalesce_seconds: float = 0.0,
     ) -> None:
         self.url = url
-        self._fanout = Fanout(coalesce_seconds=coalesce_seconds)
+        self._fanout = Fanout()
         self._locks: dict[str, asyncio.Lock] = {}  # subscribes and unsubscribes, per channel
         self._backend: ResilientRedisBackend | BoundedMemoryBackend
         if url.startswith(("redis://", "rediss://")):

@@ -2,16 +2,10 @@
 messages handed to each sink together, from the read itself.
 
 `broadcaster.Broadcast.subscribe` cannot carry this (see the package docstring): it puts
-every event on one unbounded queue per subscriber, from a listener task of its own.
-
-With a coalescing window (`FANOUT_COALESCE_MS`), the reads of that window go to the sinks as
-one burst, handed over when it ends: a feed that sends ticks one by one then pays a burst's
-fixed cost (sequencer, hub, lane writes) once per window instead of once per read, for up to
-the window in latency. docs/performance.md has the numbers that chose its default."""
+every event on one unbounded queue per subscriber, from a listener task of its own."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -25,24 +19,13 @@ is logged and counted (`pricefeed_broker_dropped_total{reason="sink_failed"}`) a
 subscription goes on."""
 
 
-COALESCE_MAX_MESSAGES = 1000
-"""A window that gathers this many messages is handed over at once: a burst stays bounded."""
-
-
 class Fanout:
     """The backends call `message` for each message of a read, then `read_end`, which hands
-    every sink what the read brought it (or, with a window, what the window's reads brought
-    it, once the window ends). Memory held here is one read's worth, or one window's, at most
-    `COALESCE_MAX_MESSAGES` messages."""
+    every sink what the read brought it. Memory held here is one read's worth."""
 
-    def __init__(self, *, coalesce_seconds: float = 0.0) -> None:
-        if coalesce_seconds < 0:
-            raise ValueError(f"coalesce_seconds must be >= 0, not {coalesce_seconds}")
+    def __init__(self) -> None:
         self._sinks: dict[str, tuple[BurstSink, ...]] = {}
         self._bursts: dict[BurstSink, list[tuple[str, str]]] = {}  # this read's, per sink
-        self._coalesce = coalesce_seconds
-        self._held = 0  # messages gathered in the open window
-        self._window: asyncio.TimerHandle | None = None  # when the open window ends
 
     def add(self, channel: str, sink: BurstSink) -> bool:
         """Register `sink` on `channel`; True if it is the channel's first."""
@@ -68,7 +51,6 @@ class Fanout:
         sinks = self._sinks.get(channel)
         if sinks is None:
             return  # unsubscribed while the message was on its way
-        self._held += 1
         for sink in sinks:
             burst = self._bursts.get(sink)
             if burst is None:
@@ -77,27 +59,7 @@ class Fanout:
                 burst.append((channel, message))
 
     def read_end(self) -> None:
-        """Hand every sink what this read brought it; with a window, open one (if none is)
-        whose end hands over every read's messages until then."""
-        if not self._bursts:
-            return
-        if self._coalesce and self._held < COALESCE_MAX_MESSAGES:
-            if self._window is None:
-                self._window = asyncio.get_running_loop().call_later(
-                    self._coalesce, self._window_end
-                )
-            return
-        self._hand_over()
-
-    def _window_end(self) -> None:
-        self._window = None
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        if self._window is not None:  # a full window goes before its time
-            self._window.cancel()
-            self._window = None
-        self._held = 0
+        """Hand every sink what this read brought it."""
         if not self._bursts:
             return
         bursts, self._bursts = self._bursts, {}

@@ -9,6 +9,13 @@ Ticks are ``{"type":"tick","symbol":S,"price":"123.4500","ts":<ms now>,"seq":<n>
 ``seq`` from 1 per symbol per run, symbols taken round-robin so each symbol gets
 ``rate / len(symbols)`` evenly spaced ticks a second.
 
+How they go out (``--publish``):
+  ``burst``  every 5 ms, whatever is due then, in one pipelined write: the server reads the
+             ticks of a step together (several per read once the rate passes 200 ticks/s).
+  ``even``   each tick at its own time slot (``start + k / rate``), one command a write,
+             awaited before the next: one tick per read at the server, as an exchange's
+             feed arrives. A tick the publisher is late for goes at once, still alone.
+
 Control on stdin, one command a line: ``mark`` answers one JSON line
 ``{"ticks": n, "elapsed": s}`` counted since the previous mark (or the start); ``quit`` or EOF
 stops.
@@ -25,7 +32,7 @@ from typing import Any
 
 import orjson
 
-STEP_S = 0.005  # publishing granularity
+STEP_S = 0.005  # burst mode's publishing granularity
 
 
 class TickSource:
@@ -58,6 +65,10 @@ async def _publisher(args: argparse.Namespace):  # returns an async callable(lis
         await conn.ping()
 
         async def send(ticks: list[dict[str, Any]]) -> None:
+            if len(ticks) == 1:  # one command, one write (always so in even mode)
+                t = ticks[0]
+                await conn.publish(f"prices:{t['symbol']}", orjson.dumps(t))
+                return
             pipe = conn.pipeline(transaction=False)
             for t in ticks:
                 pipe.publish(f"prices:{t['symbol']}", orjson.dumps(t))
@@ -81,6 +92,13 @@ async def main() -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--symbols", default="AAPL")
     ap.add_argument("--rate", type=float, required=True, help="ticks per second, all symbols")
+    ap.add_argument(
+        "--publish",
+        choices=["burst", "even"],
+        default="burst",
+        help="burst: what is due every 5 ms in one write; even: one tick per write, each at "
+        "its own time slot",
+    )
     args = ap.parse_args()
 
     send = await _publisher(args)
@@ -115,6 +133,13 @@ async def main() -> None:
     ctl = asyncio.create_task(control())
     while not stop.is_set():
         due = base + int(rate * (time.monotonic() - start)) - sent
+        if args.publish == "even":
+            if due > 0:  # this slot's tick (a late one goes at once, still alone)
+                await send([src.make()])
+                sent += 1
+            else:  # until the next slot
+                await asyncio.sleep(start + (sent - base + 1) / rate - time.monotonic())
+            continue
         if due > 0:
             due = min(due, max(1, int(rate * 0.05)))
             await send([src.make() for _ in range(due)])

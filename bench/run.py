@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,11 @@ from bench.servers import (
     C_FLAGS,
     DEFAULT_SERVERS,
     JWT_SECRET,
-    PRICEFEED_SYMBOLS,
     QUICK_SERVERS,
     REPO,
     SERVERS,
     Server,
+    bench_symbols,
     build_c,
     c_compiler,
     ensure_node_modules,
@@ -91,6 +91,7 @@ class Scenario:
     clients: int
     rate: float | None  # delivered msg/s asked; None = idle
     duration: float
+    publish: str = "burst"  # how the publisher sends its ticks (bench/producer.py)
 
 
 class Ctl:
@@ -177,7 +178,7 @@ def merge_marks(marks: list[dict[str, Any]]) -> dict[str, Any]:
 class Bench:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
-        self.symbols = PRICEFEED_SYMBOLS[: opts.symbols]
+        self.symbols = bench_symbols(opts.symbols)
 
     def write_tokens(self, path: Path) -> None:
         """JWTs for the C load generator, line i for client i: enough for the largest scenario
@@ -223,7 +224,13 @@ class Bench:
             redis = Redis(workdir)
             await redis.ready()
             port = free_port()
-            await spec.prepare(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
+            await spec.prepare(
+                port=port,
+                redis_url=redis.url,
+                workdir=workdir,
+                log=server_log,
+                symbols=self.symbols,
+            )
             server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
             await procs.wait_http_ok(port, spec.health_path, server, timeout=60)
             await asyncio.sleep(0.5)
@@ -371,9 +378,16 @@ class Bench:
 
     @staticmethod
     def _publisher(
-        spec: Server, redis_url: str, symbols: list[str], rate: float, workdir: Path
+        spec: Server,
+        redis_url: str,
+        symbols: list[str],
+        rate: float,
+        workdir: Path,
+        publish: str = "burst",
     ) -> Ctl:
-        cmd, cwd = spec.producer_cmd(redis_url=redis_url, symbols=symbols, rate=rate)
+        cmd, cwd = spec.producer_cmd(
+            redis_url=redis_url, symbols=symbols, rate=rate, publish=publish
+        )
         log = workdir / "producer.log"
         return Ctl("producer", spawn(cmd, core=LOAD_CORE, cwd=cwd, log=log, pipe=True), log)
 
@@ -398,7 +412,8 @@ class Bench:
         # pricefeed's conflation counter, read before the first tick and after the last one
         # is through (a saturated server answers /metrics seconds late, so not at the marks)
         confl0 = await spec.conflations(port)
-        prod = self._publisher(spec, redis_url, used, prod_rate, workdir)
+        prod = self._publisher(spec, redis_url, used, prod_rate, workdir, scen.publish)
+        row["publish"] = scen.publish
         await asyncio.sleep(opts.warmup)
 
         load_pids = [lg.proc.pid, prod.proc.pid, redis_pid]
@@ -595,6 +610,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="short windows (about 2 minutes for the default servers)",
     )
+    ap.add_argument(
+        "--publish",
+        default="burst",
+        help="how the publisher sends ticks in S1 and S2, a comma list run side by side: "
+        "burst (what is due every 5 ms in one write) and/or even (one tick per write, each "
+        "at its own time slot: scenarios S1-even, S2-even); default burst",
+    )
     ap.add_argument("--warmup", type=float, help="seconds of load before the window")
     ap.add_argument("--duration", type=float, help="measuring window, seconds (S1 and S2)")
     ap.add_argument("--s1-clients", type=int, default=1000)
@@ -615,7 +637,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scale-rate", type=float, default=200_000, help="scale: last step")
     ap.add_argument("--idle-conns", type=int, default=2000)
     ap.add_argument("--idle-settle", type=float, help="seconds after connecting before RSS")
-    ap.add_argument("--symbols", type=int, default=10, help="how many of the 10 symbols to use")
+    ap.add_argument(
+        "--symbols",
+        type=int,
+        default=10,
+        help="how many symbols: the 10 seeded ones first, then X10-USD… added to pricefeed's "
+        "database (at most 64, the load generator's limit)",
+    )
     ap.add_argument("--symbols-per-client", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
@@ -654,6 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         opts.servers = ",".join(QUICK_SERVERS if quick else DEFAULT_SERVERS)
     if opts.quiet_wait is None:
         opts.quiet_wait = 1.0 if quick else 20.0
+    if not 1 <= opts.symbols <= 64:
+        ap.error("--symbols must be between 1 and 64 (the load generator tracks 64)")
     if quick and opts.idle_conns == 2000:
         opts.idle_conns = 1000
     return opts
@@ -686,7 +716,19 @@ async def amain(opts: argparse.Namespace) -> int:
         "idle": Scenario("idle", opts.idle_conns, None, 0),
         "scale": Scenario("scale", opts.scale_clients, opts.scale_rate, opts.scale_window),
     }
-    scens = [scen_all[s.strip().lower()] for s in opts.scenarios.split(",") if s.strip()]
+    publish = [p.strip() for p in opts.publish.split(",") if p.strip()]
+    if not publish or any(p not in ("burst", "even") for p in publish):
+        print(f"--publish takes burst and/or even, not {opts.publish!r}", file=sys.stderr)
+        return 2
+    scens = []
+    for name in (s.strip().lower() for s in opts.scenarios.split(",") if s.strip()):
+        scen = scen_all[name]
+        if name not in ("s1", "s2"):
+            scens.append(scen)
+            continue
+        for mode in publish:  # side by side: each server runs each mode in turn
+            suffix = "" if mode == "burst" else f"-{mode}"
+            scens.append(replace(scen, name=scen.name + suffix, publish=mode))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -755,7 +797,8 @@ async def amain(opts: argparse.Namespace) -> int:
         f"S2 {opts.s2_clients:,} / {opts.s2_rate:,.0f}, windows {opts.s1_duration:g}/"
         f"{opts.s2_duration:g} s after {opts.warmup:g} s warm-up, idle "
         f"{opts.idle_conns:,} conns, {len(bench.symbols)} symbols, "
-        f"{opts.symbols_per_client} per client{' (quick)' if opts.quick else ''}"
+        f"{opts.symbols_per_client} per client, publisher {opts.publish}"
+        f"{' (quick)' if opts.quick else ''}"
     )
     md = [f"# pricefeed benchmark {stamp}", "", "## Machine", ""]
     md += [f"- {k}: {v}" for k, v in info.items()] + [f"- pinning: {pin}", ""]

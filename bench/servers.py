@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -58,6 +59,29 @@ def _seeded_symbols() -> list[str]:
 PRICEFEED_SYMBOLS = _seeded_symbols()
 
 
+def bench_symbols(count: int) -> list[str]:
+    """`count` symbols: the seeded ones first, then `X10-USD`, `X11-USD`… (added to
+    pricefeed's database by `Server.prepare`): a real feed's dozens of instruments, where each
+    tick reaches fewer subscribers and a read's fixed cost weighs more per message."""
+    extra = [f"X{i:02d}-USD" for i in range(len(PRICEFEED_SYMBOLS), count)]
+    return PRICEFEED_SYMBOLS[:count] + extra
+
+
+def add_instruments(db: Path, symbols: list[str]) -> None:
+    """Add the symbols the seed does not have to a freshly migrated pricefeed database."""
+    import sqlite3
+
+    extra = [s for s in symbols if s not in PRICEFEED_SYMBOLS]
+    if not extra:
+        return
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO instruments (symbol, name, asset_class, price_decimals, "
+            "reference_price, active) VALUES (?, ?, 'crypto', 4, '100.0000', 1)",
+            [(s, f"bench instrument {s}") for s in extra],
+        )
+
+
 @dataclass
 class Server:
     name: str
@@ -98,8 +122,11 @@ class Server:
                 return f"{self.tree}/app/__main__.py does not exist"
         return None
 
-    async def prepare(self, *, port: int, redis_url: str, workdir: Path, log: Path) -> None:
-        """One-off work before start (pricefeed: the schema)."""
+    async def prepare(
+        self, *, port: int, redis_url: str, workdir: Path, log: Path, symbols: list[str]
+    ) -> None:
+        """One-off work before start (pricefeed: the schema, and the instruments the seed
+        does not have)."""
         if self.client_kind != "pricefeed":
             return
         env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
@@ -118,6 +145,7 @@ class Server:
         rc = await asyncio.to_thread(migrate)
         if rc != 0:
             raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
+        add_instruments(workdir / "bench.db", symbols)
         if self.workers > 1:
             # With ENV=dev every worker upserts the demo client at startup; on a fresh
             # database two workers raced (UNIQUE constraint failed: api_clients.client_id) in
@@ -189,8 +217,10 @@ class Server:
         return spawn(cmd, core=SERVER_CORE, env=env, cwd=REPO, log=log)
 
     def producer_cmd(
-        self, *, redis_url: str, symbols: list[str], rate: float
+        self, *, redis_url: str, symbols: list[str], rate: float, publish: str = "burst"
     ) -> tuple[list[str], Path]:
+        """The publisher's command line and working directory; `publish`: burst or even
+        (bench/producer.py's docstring)."""
         syms = ",".join(symbols)
         if self.producer == "node":
             return (
@@ -203,6 +233,8 @@ class Server:
                     syms,
                     "--rate",
                     str(rate),
+                    "--publish",
+                    publish,
                 ],
                 NODE_DIR,
             )
@@ -219,6 +251,8 @@ class Server:
                 syms,
                 "--rate",
                 str(rate),
+                "--publish",
+                publish,
             ],
             REPO,
         )

@@ -63,7 +63,9 @@ async def measure(kind: str, rate: float, seconds: float) -> float:
         if kind in SERVERS and SERVERS[kind].client_kind == "pricefeed":
             spec = SERVERS[kind]
             port = free_port()
-            await spec.prepare(port=port, redis_url=redis.url, workdir=workdir, log=log)
+            await spec.prepare(
+                port=port, redis_url=redis.url, workdir=workdir, log=log, symbols=PRICEFEED_SYMBOLS
+            )
             server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=log)
             await procs.wait_http_ok(port, spec.health_path, server, timeout=60)
         else:

@@ -2,7 +2,9 @@
 // symbol's room. Same control protocol as bench/producer.py: it starts publishing at once;
 // a line "mark" on stdin answers one JSON line {"ticks": n, "elapsed": s} (since the last
 // mark), "quit" (or EOF) stops it.
-// Args: --redis-url URL --symbols A,B --rate TICKS_PER_S
+// Args: --redis-url URL --symbols A,B --rate TICKS_PER_S [--publish burst|even]
+// burst (default): every 5 ms, whatever is due then; even: each tick at its own time slot
+// (start + k / rate), one emit per event-loop turn so that each goes in a write of its own.
 "use strict";
 const { Emitter } = require("@socket.io/redis-emitter");
 const { createClient } = require("redis");
@@ -17,6 +19,11 @@ async function main() {
   const url = arg("--redis-url", "redis://127.0.0.1:6379/0");
   const symbols = arg("--symbols", "AAPL").split(",");
   const rate = Number(arg("--rate", "100"));
+  const publish = arg("--publish", "burst");
+  if (publish !== "burst" && publish !== "even") {
+    console.error(`--publish must be burst or even, not ${publish}`);
+    process.exit(2);
+  }
   const client = createClient({ url });
   await client.connect();
   const emitter = new Emitter(client);
@@ -31,27 +38,48 @@ async function main() {
   const burstCap = Math.max(1, Math.floor(rate * 0.05));
   const elapsed = (a, b) => Number(b - a) / 1e9;
 
-  const timer = setInterval(() => {
-    const now = process.hrtime.bigint();
-    let due = Math.floor(rate * elapsed(start, now)) - sent;
-    if (due > burstCap) due = burstCap; // a stalled producer shows as ticks/s below asked
-    for (let i = 0; i < due; i++) {
-      const sym = symbols[next];
-      next = (next + 1) % symbols.length;
-      const s = seq.get(sym) + 1;
-      seq.set(sym, s);
-      const p = price.get(sym) + (Math.random() - 0.5) * 0.1;
-      price.set(sym, p);
-      emitter.to(sym).emit("tick", {
-        type: "tick", symbol: sym, price: p.toFixed(4), ts: Date.now(), seq: s, volume: "10",
-      });
-    }
-    if (due > 0) sent += due;
-  }, 5);
+  const emitOne = () => {
+    const sym = symbols[next];
+    next = (next + 1) % symbols.length;
+    const s = seq.get(sym) + 1;
+    seq.set(sym, s);
+    const p = price.get(sym) + (Math.random() - 0.5) * 0.1;
+    price.set(sym, p);
+    emitter.to(sym).emit("tick", {
+      type: "tick", symbol: sym, price: p.toFixed(4), ts: Date.now(), seq: s, volume: "10",
+    });
+    sent += 1;
+  };
+
+  let timer = null;
+  let stopped = false;
+  if (publish === "burst") {
+    timer = setInterval(() => {
+      const now = process.hrtime.bigint();
+      let due = Math.floor(rate * elapsed(start, now)) - sent;
+      if (due > burstCap) due = burstCap; // a stalled producer shows as ticks/s below asked
+      for (let i = 0; i < due; i++) emitOne();
+    }, 5);
+  } else {
+    // One tick per turn: node-redis writes the commands of one turn together.
+    const step = () => {
+      if (stopped) return;
+      const now = process.hrtime.bigint();
+      if (Math.floor(rate * elapsed(start, now)) - sent > 0) {
+        emitOne();
+        setImmediate(step); // a late tick goes at once, still alone
+      } else {
+        const wait = ((sent + 1) / rate - elapsed(start, now)) * 1000;
+        setTimeout(step, Math.max(0, wait));
+      }
+    };
+    step();
+  }
 
   const rl = readline.createInterface({ input: process.stdin });
   const stop = async () => {
-    clearInterval(timer);
+    stopped = true;
+    if (timer !== null) clearInterval(timer);
     try { await client.quit(); } catch (e) { /* closing anyway */ }
     process.exit(0);
   };

@@ -150,11 +150,12 @@ class Inbox(Protocol):
     async def push(self, quotes: Sequence[Quote]) -> str:
         """Keep `quotes` as one entry; its id. InboxFull, InboxUnavailable."""
 
-    def read(self) -> AsyncGenerator[InboxEntry, None]:
-        """Every unacknowledged entry, oldest first, then the new ones as they come."""
+    def read(self) -> AsyncGenerator[list[InboxEntry], None]:
+        """Every unacknowledged entry, oldest first, then the new ones as they come: what is
+        there at each look, together (the producer writes them in one go)."""
 
-    async def ack(self, entry_id: str) -> None:
-        """Every quote of this entry is published: it may go."""
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        """Every quote of these entries is published: they may go."""
 
 
 class MemoryInbox:
@@ -181,22 +182,22 @@ class MemoryInbox:
             self._changed.notify_all()
             return entry_id
 
-    async def read(self) -> AsyncGenerator[InboxEntry, None]:
+    async def read(self) -> AsyncGenerator[list[InboxEntry], None]:
         last = (0, 0)
         while True:
             async with self._changed:
                 await self._changed.wait_for(partial(self._newer_than, last))
                 fresh = [InboxEntry(i, q) for i, q in self._entries.items() if _key(i) > last]
-            for entry in fresh:
-                last = _key(entry.id)
-                yield entry
+            last = _key(fresh[-1].id)
+            yield fresh
 
     def _newer_than(self, last: tuple[int, int]) -> bool:
         return bool(self._entries) and _key(next(reversed(self._entries))) > last
 
-    async def ack(self, entry_id: str) -> None:
+    async def ack(self, entry_ids: Sequence[str]) -> None:
         async with self._changed:
-            self._entries.pop(entry_id, None)
+            for entry_id in entry_ids:
+                self._entries.pop(entry_id, None)
             self._changed.notify_all()  # room for a push that waits
 
 
@@ -258,7 +259,7 @@ class RedisInbox:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, _PUSH_RETRY_CAP)
 
-    async def read(self) -> AsyncGenerator[InboxEntry, None]:
+    async def read(self) -> AsyncGenerator[list[InboxEntry], None]:
         # A connection of its own: a blocked XREAD must not hold one the store writes need.
         reader = create_redis(self._url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
         last = "0-0"  # every entry still there: the unacknowledged ones
@@ -269,9 +270,14 @@ class RedisInbox:
                     await reader.xread({self._key: last}, count=READ_COUNT, block=READ_BLOCK_MS),
                 )
                 for _stream, entries in reply or []:
-                    for raw_id, fields in entries:
-                        last = raw_id.decode()
-                        yield InboxEntry(last, self._decode(last, fields))
+                    if not entries:
+                        continue
+                    fresh = [
+                        InboxEntry(raw_id.decode(), self._decode(raw_id.decode(), fields))
+                        for raw_id, fields in entries
+                    ]
+                    last = fresh[-1].id
+                    yield fresh
         finally:
             await reader.aclose()
 
@@ -283,8 +289,9 @@ class RedisInbox:
             logger.error("inbox: entry %s of %s dropped: %s", entry_id, self._key, exc)
             return []
 
-    async def ack(self, entry_id: str) -> None:
-        await self._redis.xdel(self._key, entry_id)
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self._redis.xdel(self._key, *entry_ids)
 
 
 def create_inbox(settings: Settings, redis: Redis | None) -> Inbox:

@@ -85,6 +85,18 @@ class DyingStore(RedisTickStore):
         return written
 
 
+class CountingStore(RedisTickStore):
+    """Counts the ticks of each write."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis, prefix=PREFIX, retention=1000, candles_kept=10)
+        self.calls: list[int] = []
+
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+        self.calls.append(sum(len(run.ticks) for run in runs))
+        return await super().append_runs(runs, fence=fence)
+
+
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     broker = Broker("memory://")
@@ -104,18 +116,19 @@ class TestLeaderChange:
             [Quote("AAPL" if i % 3 else "MSFT", Decimal(f"{100 + b}.{i:04d}")) for i in range(6)]
             for b in range(4)
         ]
-        for quotes in batches:
-            await inbox.push(quotes)
         catalog = Catalog([AAPL, MSFT])
         store = RedisTickStore(client, prefix=PREFIX, retention=1000, candles_kept=10)
 
         async def lease(name: str) -> RedisLease:
             return RedisLease(client, key=store.leader_key, lease_ms=1500, instance=name)
 
-        dying = DyingStore(client, survive=2)  # the second batch is stored, never taken off
+        dying = DyingStore(client, survive=2)  # the second write is stored, never taken off
         first = await lease("first")
         gone = producer(store=dying, lease=first, inbox=inbox, catalog=catalog, broker=broker)
         async with running(gone):
+            await inbox.push(batches[0])
+            await eventually(lambda: _empty(client))  # published and taken off
+            await inbox.push(batches[1])
             await asyncio.wait_for(dying.died.wait(), 10)
 
             async def stood_down() -> bool:
@@ -125,7 +138,9 @@ class TestLeaderChange:
         await first.release()
         published = await self.published(store)
         assert sum(len(p) for p in published.values()) == 12
-        assert await client.xlen(f"{PREFIX}:ingest") == 3, "the first batch went, and only it"
+        assert await client.xlen(f"{PREFIX}:ingest") == 1, "the first batch went, and only it"
+        for quotes in batches[2:]:
+            await inbox.push(quotes)
 
         async with running(
             producer(
@@ -150,6 +165,24 @@ class TestLeaderChange:
             seqs = [seq for seq, _price in published[symbol]]
             assert seqs == list(range(1, len(pushed) + 1)), symbol
         await client.aclose()
+
+    async def test_entries_that_arrive_together_are_written_together(
+        self, redis: RedisServer, broker: Broker
+    ) -> None:
+        client = create_redis(redis.url)
+        inbox = RedisInbox(client, url=redis.url, prefix=PREFIX, max_pending=100, wait_seconds=0)
+        for b in range(5):
+            await inbox.push([Quote("AAPL", Decimal(f"{100 + b}.0000"))])
+        writes = CountingStore(client)
+        lease = RedisLease(client, key=writes.leader_key, lease_ms=1500, instance="one")
+        catalog = Catalog([AAPL, MSFT])
+        async with running(
+            producer(store=writes, lease=lease, inbox=inbox, catalog=catalog, broker=broker)
+        ):
+            await eventually(lambda: _empty(client))
+        await client.aclose()
+
+        assert writes.calls == [5], "five pushes waiting: one store write"
 
     @staticmethod
     async def published(store: RedisTickStore) -> dict[str, list[tuple[int, str]]]:
@@ -208,6 +241,6 @@ class TestMemoryInbox:
             await inbox.push([Quote("AAPL", Decimal("2"))])
         waiting = asyncio.create_task(inbox.push([Quote("AAPL", Decimal("3"))]))
         await asyncio.sleep(0)
-        await inbox.ack(first)
+        await inbox.ack([first])
 
         assert await waiting != first

@@ -1,7 +1,7 @@
 """Pushed prices: how many quotes one ingest client pushes through one instance into WebSocket
 subscribers, beside the simulated feed at the same rate, in one run.
 
-    python -m bench.ingest [--rate 20000] [--batch 100] [--clients 2] [--seconds 10]
+    python -m bench.ingest [--rate 20000] [--batch 100] [--clients 1] [--seconds 10]
 
 Each row starts a fresh redis-server and `python -m app` with it (so the producer runs in its
 own process, `python -m app.feed`, as deployed), the server's process tree pinned to core 0

@@ -30,7 +30,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -40,8 +39,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from app.backoff import Backoff
-from app.feed.quotes import QuoteError, parse_amount, parse_price, parse_side
+from app.feed.quotes import QuoteError
 from app.feed.sources import Instruments, Quote, SourceNotReady
+from app.feed.sources.coinbase_ticker import ticker_quote
 from app.instruments.repository import InstrumentInfo
 
 if TYPE_CHECKING:
@@ -64,9 +64,6 @@ CATALOG_POLL_SECONDS = 1.0
 INBOX_FRAMES = 4096
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MILLISECOND = timedelta(milliseconds=1)
 
 
 def create(settings: Settings, stats: FeedStats) -> CoinbaseSource:
@@ -358,7 +355,7 @@ class _Session:
         if instrument is None:
             return None
         try:
-            return _quote(message, instrument)
+            return ticker_quote(message, instrument)
         except QuoteError as exc:
             self._stats.reject(exc.reason, f"{instrument.symbol}: {exc}")
             return None
@@ -401,50 +398,6 @@ class _Session:
                     listed = ", ".join(map(str, products)) if isinstance(products, list) else ""
                     described.append(f"{_text(channel.get('name'))} [{listed}]")
         logger.info("coinbase: the upstream confirms %s", "; ".join(described) or "nothing")
-
-
-def _quote(message: dict[str, Any], instrument: InstrumentInfo) -> Quote:
-    """A ticker message as a quote, each field checked as every source checks it."""
-    decimals = instrument.price_decimals
-    return Quote(
-        symbol=instrument.symbol,
-        price=parse_price(message.get("price"), decimals),
-        bid=_optional(message, "best_bid", "bid", decimals),
-        ask=_optional(message, "best_ask", "ask", decimals),
-        # A product without a trade in 24 hours reports "0": no volume, rather than a reject.
-        volume=None
-        if _is_zero(message.get("volume_24h"))
-        else _optional(message, "volume_24h", "volume"),
-        size=_optional(message, "last_size", "size"),
-        side=None if message.get("side") is None else parse_side(message["side"]),
-        source_ts=_epoch_ms(message.get("time")),
-    )
-
-
-def _optional(
-    message: dict[str, Any], key: str, field: str, decimals: int | None = None
-) -> Decimal | None:
-    raw = message.get(key)
-    return None if raw is None else parse_amount(raw, field, decimals=decimals)
-
-
-def _is_zero(raw: object) -> bool:
-    return isinstance(raw, str) and raw.strip().strip("0") in ("", ".")
-
-
-def _epoch_ms(raw: object) -> int | None:
-    """An ISO 8601 time with its offset (`2014-11-07T08:19:27.028459Z`) in epoch ms."""
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise QuoteError("bad_time", "time must be an ISO 8601 string")
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise QuoteError("bad_time", f"time is not ISO 8601: {raw[:40]!r}") from None
-    if moment.tzinfo is None:
-        raise QuoteError("bad_time", f"time has no UTC offset: {raw[:40]!r}")
-    return (moment - _EPOCH) // _MILLISECOND
 
 
 def _text(raw: object) -> str:

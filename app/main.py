@@ -6,9 +6,10 @@ ASGI server as `app.main:app`.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -243,14 +244,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         with close_streams_on_exit_signal(streams):
             yield {"app": state}
     finally:
-        await streams.close_all(CloseCode.GOING_AWAY, "server going away")
-        await supervisor.stop()
+        # Each step is bounded: an orchestrator kills a process that lingers, so a step that
+        # hangs is named in the log and the rest still run.
+        closing = streams.close_all(CloseCode.GOING_AWAY, "server going away")
+        await _within("closing streams", closing)
+        await _within("stopping background tasks", supervisor.stop())
         if leases is not None:
-            await leases.close()
-        await broker.disconnect()
+            await _within("releasing stream leases", leases.close())
+        await _within("disconnecting the broker", broker.disconnect())
         if redis is not None:
-            await redis.aclose()
-        await engine.dispose()
+            await _within("closing Redis", redis.aclose())
+        await _within("closing the database", engine.dispose())
+
+
+SHUTDOWN_STEP_SECONDS = 3.0
+
+
+async def _within(step: str, work: Awaitable[None]) -> None:
+    try:
+        async with asyncio.timeout(SHUTDOWN_STEP_SECONDS):
+            await work
+    except TimeoutError:
+        logger.error(
+            "shutdown: %s took over %.0f s; going on without it", step, SHUTDOWN_STEP_SECONDS
+        )
 
 
 def _tune_garbage_collector() -> None:

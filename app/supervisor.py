@@ -73,7 +73,10 @@ class Supervisor:
                 task.cancel()
             _done, pending = await asyncio.wait(pending, timeout=_RECANCEL_SECONDS)
             for task in pending:
+                where = task.get_stack(limit=1)
                 logger.warning(
-                    "task %s did not stop when cancelled; cancelling it again", task.get_name()
+                    "task %s did not stop when cancelled (at %s); cancelling it again",
+                    task.get_name(),
+                    f"{where[-1].f_code.co_filename}:{where[-1].f_lineno}" if where else "?",
                 )
         self._tasks.clear()

@@ -7,6 +7,7 @@ import asyncio
 import signal
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,31 @@ async def test_the_handlers_are_put_back(uvicorn_handler: list[int]) -> None:
     with shutdown.close_streams_on_exit_signal(registry_with(SlowToClose())):
         assert signal.getsignal(signal.SIGTERM) is not ours
     assert signal.getsignal(signal.SIGTERM) is ours
+
+
+async def test_a_task_that_will_not_stop_cannot_hold_shutdown_forever(
+    build_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An orchestrator kills a process that lingers: each shutdown step is bounded, and the
+    one that hung is named."""
+    app = build_app()
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue  # refuses every cancellation until released
+
+    async with app.router.lifespan_context(app) as state:
+        state["app"].supervisor.spawn("stubborn", stubborn)
+        await asyncio.sleep(0)
+        closing = asyncio.get_running_loop().time()
+    took = asyncio.get_running_loop().time() - closing
+    released.set()  # let the test's loop end
+
+    assert took < 15, "shutdown went on without the stubborn task"
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("task stubborn did not stop when cancelled" in m for m in logged)
+    assert "shutdown: stopping background tasks took over 3 s; going on without it" in logged

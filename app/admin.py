@@ -25,7 +25,11 @@ import argparse
 import asyncio
 import secrets
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.revocations import DEFAULT_KEEP_SECONDS, revoke
 from app.auth.service import upsert_client
@@ -90,32 +94,35 @@ def _reference_price(raw: str | None, decimals: int) -> Decimal | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-async def _add_instrument(
-    symbol: str, name: str, asset_class: str, decimals: int, reference_price: Decimal | None
-) -> str:
+@asynccontextmanager
+async def _session() -> AsyncIterator[AsyncSession]:
+    """A session on DATABASE_URL, its engine disposed after: one command, one connection."""
     engine = create_engine(get_settings().database_url)
     try:
         async with create_session_factory(engine)() as session:
-            write = await upsert_instrument(
-                session,
-                symbol=symbol,
-                name=name,
-                asset_class=asset_class,
-                price_decimals=decimals,
-                reference_price=reference_price,
-            )
+            yield session
     finally:
         await engine.dispose()
+
+
+async def _add_instrument(
+    symbol: str, name: str, asset_class: str, decimals: int, reference_price: Decimal | None
+) -> str:
+    async with _session() as session:
+        write = await upsert_instrument(
+            session,
+            symbol=symbol,
+            name=name,
+            asset_class=asset_class,
+            price_decimals=decimals,
+            reference_price=reference_price,
+        )
     return write.describe()
 
 
 async def _disable_instrument(symbol: str) -> bool:
-    engine = create_engine(get_settings().database_url)
-    try:
-        async with create_session_factory(engine)() as session:
-            return await disable_instrument(session, symbol)
-    finally:
-        await engine.dispose()
+    async with _session() as session:
+        return await disable_instrument(session, symbol)
 
 
 def _scopes(raw: str) -> list[str]:
@@ -128,30 +135,22 @@ def _scopes(raw: str) -> list[str]:
 
 
 async def _add_client(client_id: str, name: str, symbols: list[str], scopes: list[str]) -> str:
-    engine = create_engine(get_settings().database_url)
     secret = secrets.token_urlsafe(32)
-    try:
-        async with create_session_factory(engine)() as session:
-            await upsert_client(
-                session,
-                client_id=client_id,
-                name=name,
-                secret=secret,
-                symbols=symbols,
-                scopes=scopes,
-            )
-    finally:
-        await engine.dispose()
+    async with _session() as session:
+        await upsert_client(
+            session,
+            client_id=client_id,
+            name=name,
+            secret=secret,
+            symbols=symbols,
+            scopes=scopes,
+        )
     return secret
 
 
 async def _revoke(jti: str | None, subject: str | None, keep_seconds: float) -> None:
-    engine = create_engine(get_settings().database_url)
-    try:
-        async with create_session_factory(engine)() as session:
-            await revoke(session, jti=jti, subject=subject, keep_seconds=keep_seconds)
-    finally:
-        await engine.dispose()
+    async with _session() as session:
+        await revoke(session, jti=jti, subject=subject, keep_seconds=keep_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,8 @@ class TokenSigner:
             "iat": now,
             "exp": now + (ttl_seconds if ttl_seconds is not None else self.ttl_seconds),
             "symbols": symbols,
-            "jti": secrets.token_urlsafe(16),  # what `python -m app.admin revoke` names
+            # Hex: an id that began with "-" would read as an option to `app.admin revoke --jti`.
+            "jti": secrets.token_hex(16),  # what `python -m app.admin revoke` names
         }
         scope = " ".join(sorted(set(scopes)))
         if scope:  # no claim at all for a token that may only read

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any
 
@@ -81,6 +82,16 @@ class TestIssueAndVerify:
         assert before + 119 <= principal.expires_at <= time.time() + 121
         assert principal.may_read("AAPL") and not principal.may_read("TSLA")
         assert not principal.all_symbols
+
+    def test_token_ids_paste_after_admin_revoke_jti(self) -> None:
+        """`python -m app.admin revoke --jti <id>`: an id starting with "-" would be read as
+        an option (one in 64 of the URL-safe ids did; a test caught it)."""
+        ids = {
+            signer().verify(signer().issue(subject="a", symbols=["*"])).token_id for _ in range(300)
+        }
+
+        assert len(ids) == 300
+        assert all(i is not None and re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
     def test_wildcard_token_reads_every_symbol(self) -> None:
         principal = signer().verify(signer().issue(subject="ops", symbols=["*"]))

@@ -13,6 +13,7 @@ from app.auth import models as _auth_models  # noqa: F401  (register tables on B
 from app.config import get_settings
 from app.db import Base
 from app.feed import checkpoints as _checkpoint_models  # noqa: F401
+from app.history import models as _history_models  # noqa: F401
 from app.instruments import models as _instrument_models  # noqa: F401
 
 config = context.config

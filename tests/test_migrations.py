@@ -27,7 +27,7 @@ SEEDS = {
     "EUR-USD": "fx",
     "GBP-USD": "fx",
 }
-APP_TABLES = {"instruments", "api_clients", "revoked_tokens"}
+APP_TABLES = {"instruments", "api_clients", "revoked_tokens", "ticks", "candles"}
 
 
 def alembic(database_url: str, *args: str) -> None:

@@ -59,6 +59,8 @@ PROTECTED = [
     ("/v1/prices/{symbol}/candles", "get"),
     ("/v1/stream", "get"),
 ]
+# Locked too, and with a scope: its security names `publish`.
+SCOPED = [("/v1/ingest", "post")]
 PUBLIC = [("/v1/auth/token", "post"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")]
 
 
@@ -345,7 +347,7 @@ class TestRenderedInChromium:
             (path,) = OPBLOCK_PATH.findall(block)
             locked[path] = "authorization__btn" in block
         assert set(REST_PATHS) <= set(locked)
-        assert {p for p, lock in locked.items() if lock} == {p for p, _ in PROTECTED}
+        assert {p for p, lock in locked.items() if lock} == {p for p, _ in PROTECTED + SCOPED}
         width, height, variety = png_size_and_variety(screenshot)
         assert (width, height) == (1280, 2000)
         assert variety > 64, "the screenshot is (nearly) one colour"
@@ -358,7 +360,7 @@ class TestRenderedInChromium:
         for path, method in REST_PATHS.items():  # each operation's heading: verb, then path
             heading = rf'http-verb {method}">{method}</span><span[^>]*>{re.escape(path)}</span>'
             assert re.search(heading, dom), f"{method.upper()} {path}"
-        assert dom.count("Authorizations:") == len(PROTECTED)
+        assert dom.count("Authorizations:") == len(PROTECTED + SCOPED)
         width, height, variety = png_size_and_variety(screenshot)
         assert (width, height) == (1280, 2000)
         assert variety > 64, "the screenshot is (nearly) one colour"

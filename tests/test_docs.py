@@ -252,7 +252,8 @@ class TestPriceBoard:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/html")
         assert "<html" in response.text.lower()
-        assert "/v1/ws" in response.text  # it streams over the multiplexed WebSocket
+        # It streams through the JavaScript client (tests/prices/test_board.py).
+        assert 'import { PricefeedClient } from "/static/pricefeed.js?v=' in response.text
 
     async def test_dev_board_offers_the_demo_client(self, client: httpx.AsyncClient) -> None:
         response = await client.get("/")

@@ -1,6 +1,6 @@
 // pricefeed.js against a real server process (python -m app, with Redis): what a user of the
 // client notices. Run by tests/test_js_client.py:
-//   node --experimental-websocket --test clients/js/test/
+//   node --experimental-websocket --test clients/js/test/*.test.js
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';

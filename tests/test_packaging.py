@@ -1,7 +1,8 @@
 """The image's build stage has what it installs: the Dockerfile copies the lock files its
 RUN lines install from, and the wheel that `pip install .` builds from what it copies
 (pyproject.toml, README.md, app/ and the JavaScript client it links to) carries everything the
-app reads at run time, and the fan-out's C send loop. And the image runs in prod unless told otherwise."""
+app reads at run time, and the fan-out's C send loop. And the image runs in prod unless told
+otherwise."""
 
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ EXPECTED = {
     "refuses a symbol the token does not list, and streams the others",
     "drops an unknown symbol the server names, and streams the others",
     "unsubscribe stops a symbol and close() goes offline",
+    "reports the ticks it cannot have as a gap, and hands out none twice",
 }
 
 

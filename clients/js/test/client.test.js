@@ -207,3 +207,41 @@ describe('PricefeedClient against a live server', { skip: SKIP }, () => {
     assert.throws(() => client.subscribe(['AAPL']), /closed/);
   });
 });
+
+describe('PricefeedClient when a resume cannot be replayed', { skip: SKIP }, () => {
+  let server;
+  // No replay at all: a resume that missed ticks gets the latest as a snapshot, a seq jump.
+  before(async () => { server = await ServerProcess.start({ WS_REPLAY_TICKS_PER_SUBSCRIBE: '0' }); });
+  after(async () => { await server?.stop(); });
+
+  it('reports the ticks it cannot have as a gap, and hands out none twice', async () => {
+    const sockets = [];
+    class DroppableWebSocket extends WebSocket {
+      constructor(...args) { super(...args); sockets.push(this); }
+    }
+    const client = new PricefeedClient({ url: server.url, token: mintToken(),
+      WebSocket: DroppableWebSocket, backoff: { initialMs: 2000, maxMs: 2000 } });
+    try {
+      const seen = recordPrices(client);
+      const gaps = [];
+      client.on('gap', (gap) => gaps.push(gap));
+      client.subscribe(['AAPL']);
+      await morePrices(client, seen, 'AAPL', 3);
+      const last = client.lastSeq.AAPL;
+      sockets[0].close();  // the network drops it; ticks go on for the 1 to 2 s until the retry
+      const gap = await waitFor(client, 'gap');
+      await morePrices(client, seen, 'AAPL', 3);
+
+      const ticks = seen.get('AAPL');
+      const resumed = ticks.find((t) => t.seq > last);
+      assert.equal(resumed.type, 'snapshot');
+      assert.deepEqual(gap, { symbol: 'AAPL', from: last + 1, to: resumed.seq - 1 });
+      assert.deepEqual(gaps, [gap]);
+      const seqs = ticks.map((t) => t.seq);
+      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+      assert.equal(new Set(seqs).size, seqs.length, 'a tick handed out twice');
+    } finally {
+      client.close();
+    }
+  });
+});

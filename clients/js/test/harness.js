@@ -43,16 +43,18 @@ async function freePort() {
 
 /** `python -m app` on a free port; `restart()` stops it and starts it again on that port. */
 export class ServerProcess {
-  constructor(port, logPath) {
+  constructor(port, logPath, settings) {
     this.port = port;
+    this.settings = settings;
     this.url = `http://127.0.0.1:${port}`;
     this.logPath = logPath;
     this.child = null;
   }
 
-  static async start() {
+  /** `settings`: more environment for the server, e.g. `{WS_REPLAY_TICKS_PER_SUBSCRIBE: '0'}`. */
+  static async start(settings = {}) {
     const directory = mkdtempSync(join(tmpdir(), 'pricefeed-js-'));
-    const server = new ServerProcess(await freePort(), join(directory, 'server.log'));
+    const server = new ServerProcess(await freePort(), join(directory, 'server.log'), settings);
     await server.start();
     return server;
   }
@@ -63,6 +65,7 @@ export class ServerProcess {
       cwd: env.PRICEFEED_TEST_ROOT,
       env: {
         ...JSON.parse(env.PRICEFEED_TEST_SERVER_ENV),
+        ...this.settings,
         HOST: '127.0.0.1', PORT: String(this.port), INSTANCE_ID: `js-${this.port}`,
       },
       stdio: ['ignore', log, log],

@@ -72,6 +72,19 @@ class TestClientModule:
         assert again.content == b""
         assert changed.status_code == 200
 
+    async def test_a_page_on_an_allowed_origin_may_import_it(self, api: ApiFactory) -> None:
+        """Browsers fetch a cross-origin module script with CORS."""
+        async with api(allowed_origins=["https://desk.example"]) as client:
+            allowed = await client.get(
+                "/static/pricefeed.js", headers={"Origin": "https://desk.example"}
+            )
+            other = await client.get(
+                "/static/pricefeed.js", headers={"Origin": "https://elsewhere.example"}
+            )
+
+        assert allowed.headers["access-control-allow-origin"] == "https://desk.example"
+        assert "access-control-allow-origin" not in other.headers
+
 
 class TestBoardPolicy:
     async def test_no_script_runs_but_the_pages_own(self, client: httpx.AsyncClient) -> None:

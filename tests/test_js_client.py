@@ -34,6 +34,7 @@ EXPECTED = {
     "renews the token in-band before it expires, on the same connection",
     "after a 4408 it asks getToken for a fresh token and resumes without a gap",
     "refuses a symbol the token does not list, and streams the others",
+    "drops what a renewed token no longer lists, and streams the rest on",
     "drops an unknown symbol the server names, and streams the others",
     "unsubscribe stops a symbol and close() goes offline",
     "reports the ticks it cannot have as a gap, and hands out none twice",

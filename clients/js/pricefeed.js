@@ -153,8 +153,9 @@ export class PricefeedClient {
   subscribe(symbols) {
     if (this._closed) throw new Error('this client is closed');
     const wanted = normalise(symbols).filter((s) => !this._symbols.has(s));
-    const allowed = this._entitled(wanted);
-    for (const symbol of allowed) this._symbols.add(symbol);
+    for (const symbol of wanted) this._symbols.add(symbol);
+    this._dropUnentitled();
+    const allowed = wanted.filter((s) => this._symbols.has(s));
     if (!allowed.length) return;
     if (this._isOpen()) this._sendSubscribe(allowed);
     else if (!this._running) this._start();
@@ -233,7 +234,9 @@ export class PricefeedClient {
       if (generation !== this._generation) return;
       this._openedAt = Date.now();
       this._lastFrameAt = this._openedAt;
-      this._sendSubscribe([...this._symbols]);
+      this._dropUnentitled();  // a fresh token from getToken may list fewer
+      if (this._symbols.size) this._sendSubscribe([...this._symbols]);
+      else this._stop('offline', { reason: 'no symbol left to subscribe to' });
     };
     ws.onmessage = (event) => {
       if (generation === this._generation) this._onFrame(event.data);
@@ -382,21 +385,28 @@ export class PricefeedClient {
     }
     if (!this._running) return;
     this._token = token;
-    if (generation === this._generation && this._isOpen()) this._send({ op: 'auth', token });
+    // Unsubscribed first: the server closes with 4403 a connection whose new token does not
+    // cover every symbol it streams.
+    const denied = this._dropUnentitled();
+    if (generation === this._generation && this._isOpen()) {
+      if (denied.length) this._send({ op: 'unsubscribe', symbols: denied });
+      this._send({ op: 'auth', token });
+    }
     this._scheduleRenewal();
   }
 
-  // A symbol the token does not list is refused here: the server would close the whole
-  // connection with 4403 for it.
-  _entitled(symbols) {
+  // Symbols the current token does not list (its `symbols` claim) are dropped here, with an
+  // error event: the server would close the whole connection with 4403 for one of them.
+  _dropUnentitled() {
     const granted = this._token ? decodeTokenClaims(this._token)?.symbols : undefined;
-    if (!Array.isArray(granted) || granted.includes('*')) return symbols;
-    const denied = symbols.filter((s) => !granted.includes(s));
+    if (!Array.isArray(granted) || granted.includes('*')) return [];
+    const denied = [...this._symbols].filter((s) => !granted.includes(s));
     if (denied.length) {
+      this._forget(denied);
       this._emitError(new PricefeedError('not_entitled',
         `the token is not entitled to ${denied.join(', ')}`, { symbols: denied }));
     }
-    return symbols.filter((s) => granted.includes(s));
+    return denied;
   }
 
   // ---- frames ---------------------------------------------------------------------------

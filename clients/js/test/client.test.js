@@ -177,6 +177,33 @@ describe('PricefeedClient against a live server', { skip: SKIP }, () => {
     assert.equal(client.state, 'live');
   });
 
+  it('drops what a renewed token no longer lists, and streams the rest on', async () => {
+    const counter = countingWebSocket();
+    let issued = 0;
+    const getToken = async () => {
+      issued++;
+      return mintToken({ ttlSeconds: 6, symbols: issued === 1 ? ['*'] : ['AAPL'] });
+    };
+    const client = open({ getToken, WebSocket: counter.WebSocket });
+    const seen = recordPrices(client);
+    const states = [];
+    client.on('state', (state) => states.push(state));
+    client.subscribe(['AAPL', 'MSFT']);
+    await morePrices(client, seen, 'MSFT', 1);
+    const error = await waitFor(client, 'error', () => true, 30000);
+    const msftBefore = seen.get('MSFT').length;
+    await morePrices(client, seen, 'AAPL', 5);
+
+    assert.equal(error.code, 'not_entitled');
+    assert.deepEqual(error.symbols, ['MSFT']);
+    assert.equal(error.fatal, false);
+    assert.deepEqual(client.symbols, ['AAPL']);
+    assert.equal(seen.get('MSFT').length, msftBefore);
+    assert.equal(counter.opened, 1, 'the server closed the connection (4403)');
+    assert.deepEqual(states, ['connecting', 'live']);
+    assertContiguous(seen.get('AAPL'));
+  });
+
   it('drops an unknown symbol the server names, and streams the others', async () => {
     const client = open({ token: mintToken() });
     const seen = recordPrices(client);

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.chromium import CHROMIUM, NEEDS_CHROMIUM
+from tests.chromium import FLAGS as CHROMIUM_FLAGS
 from tests.support import ROOT, LiveApp, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -274,7 +276,6 @@ class TestPriceBoard:
         assert "/" not in openapi["paths"]
 
 
-CHROMIUM = Path("/usr/bin/chromium")
 OPBLOCK_PATH = re.compile(r'data-path="([^"]+)"')
 
 
@@ -284,15 +285,7 @@ async def render(url: str, directory: Path) -> tuple[str, Path]:
     screenshot = directory / "page.png"
     process = await asyncio.create_subprocess_exec(
         str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={directory / 'profile'}",
         f"--screenshot={screenshot}",
         "--window-size=1280,2000",
@@ -327,11 +320,7 @@ def png_size_and_variety(path: Path) -> tuple[int, int, int]:
     return width, height, len(set(zlib.decompress(pixels)))
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="needs /usr/bin/chromium (Debian: apt-get install chromium); "
-    "the machine `make test` runs on in CI has it",
-)
+@NEEDS_CHROMIUM
 class TestRenderedInChromium:
     """What a newcomer sees: both pages render the API in a real browser, offline."""
 

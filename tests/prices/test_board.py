@@ -182,3 +182,29 @@ class TestBoardInChromium:
         assert footer_count(footer, "gaps") == 0
         assert violations == []
         assert page.exceptions == []
+
+    async def test_renews_its_token_on_the_same_connection(
+        self, live: LiveFactory, tmp_path: Path
+    ) -> None:
+        """The board's getToken signs in again with the same credentials; the client sends the
+        new token in-band, so the stream outlives the first token (30 s, the shortest TTL)."""
+        sign_ins = (
+            "performance.getEntriesByType('resource')"
+            ".filter((e) => e.name.endsWith('/v1/auth/token')).length"
+        )
+        async with (
+            live(jwt_ttl_seconds=30) as server,
+            open_page(server.http, tmp_path, WATCH_PAGE) as page,
+        ):
+            await page.wait_for(f"{STATE}.startsWith('live') && {ALL_PRICED}")
+            await page.wait_for(f"{sign_ins} >= 2", timeout=40)
+            # Past the first token's expiry (page time counts from the navigation)
+            await page.wait_for("performance.now() > 33000", timeout=40)
+            ticks = footer_count(await page.evaluate(FOOTER), "ticks")
+            await page.wait_for(f"Number(/(\\d+) ticks/.exec({FOOTER})[1]) > {ticks} + 20")
+            footer = await page.evaluate(FOOTER)
+            states = await page.evaluate("window.__states")
+
+        assert footer_count(footer, "reconnects") == 0
+        assert not [s for s in states if s.startswith(("reconnecting", "error"))], states
+        assert page.exceptions == []

@@ -33,7 +33,7 @@ const SYMBOL = /^[A-Z0-9][A-Z0-9.\-]{0,15}$/;
 export class PricefeedError extends Error {
   /**
    * @param {string} code  what went wrong: a server error code (`unknown_symbol`, …), or
-   *   `unauthenticated`, `not_entitled`, `token_expired`, `token_renewal_failed`, `closed`
+   *   `unauthenticated`, `not_entitled`, `token_expired`, `token_renewal_failed`, `connect_failed`
    * @param {string} message
    * @param {{closeCode?: number, symbols?: string[], fatal?: boolean, cause?: unknown}} [extra]
    */

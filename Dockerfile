@@ -11,6 +11,9 @@ RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --requi
     -r requirements/lock.txt -r requirements/build.lock.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
+# The JavaScript client the service serves: app/prices/static/pricefeed.js links to it, and the
+# wheel carries it as a file.
+COPY clients/js/pricefeed.js ./clients/js/pricefeed.js
 # The project alone, built by the locked setuptools rather than one fetched for the build.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
     && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped

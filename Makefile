@@ -53,6 +53,7 @@ run: migrate
 
 test: install
 	@scripts/ensure-redis.sh
+	@scripts/ensure-node.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

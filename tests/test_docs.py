@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.chromium import CHROMIUM, NEEDS_CHROMIUM
+from tests.chromium import FLAGS as CHROMIUM_FLAGS
 from tests.support import ROOT, LiveApp, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -59,6 +61,8 @@ PROTECTED = [
     ("/v1/prices/{symbol}/candles", "get"),
     ("/v1/stream", "get"),
 ]
+# Locked too, and with a scope: its security names `publish`.
+SCOPED = [("/v1/ingest", "post")]
 PUBLIC = [("/v1/auth/token", "post"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")]
 
 
@@ -250,7 +254,8 @@ class TestPriceBoard:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/html")
         assert "<html" in response.text.lower()
-        assert "/v1/ws" in response.text  # it streams over the multiplexed WebSocket
+        # It streams through the JavaScript client (tests/prices/test_board.py).
+        assert 'import { PricefeedClient } from "/static/pricefeed.js?v=' in response.text
 
     async def test_dev_board_offers_the_demo_client(self, client: httpx.AsyncClient) -> None:
         response = await client.get("/")
@@ -271,7 +276,6 @@ class TestPriceBoard:
         assert "/" not in openapi["paths"]
 
 
-CHROMIUM = Path("/usr/bin/chromium")
 OPBLOCK_PATH = re.compile(r'data-path="([^"]+)"')
 
 
@@ -281,15 +285,7 @@ async def render(url: str, directory: Path) -> tuple[str, Path]:
     screenshot = directory / "page.png"
     process = await asyncio.create_subprocess_exec(
         str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={directory / 'profile'}",
         f"--screenshot={screenshot}",
         "--window-size=1280,2000",
@@ -324,11 +320,7 @@ def png_size_and_variety(path: Path) -> tuple[int, int, int]:
     return width, height, len(set(zlib.decompress(pixels)))
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="needs /usr/bin/chromium (Debian: apt-get install chromium); "
-    "the machine `make test` runs on in CI has it",
-)
+@NEEDS_CHROMIUM
 class TestRenderedInChromium:
     """What a newcomer sees: both pages render the API in a real browser, offline."""
 
@@ -345,7 +337,7 @@ class TestRenderedInChromium:
             (path,) = OPBLOCK_PATH.findall(block)
             locked[path] = "authorization__btn" in block
         assert set(REST_PATHS) <= set(locked)
-        assert {p for p, lock in locked.items() if lock} == {p for p, _ in PROTECTED}
+        assert {p for p, lock in locked.items() if lock} == {p for p, _ in PROTECTED + SCOPED}
         width, height, variety = png_size_and_variety(screenshot)
         assert (width, height) == (1280, 2000)
         assert variety > 64, "the screenshot is (nearly) one colour"
@@ -358,7 +350,7 @@ class TestRenderedInChromium:
         for path, method in REST_PATHS.items():  # each operation's heading: verb, then path
             heading = rf'http-verb {method}">{method}</span><span[^>]*>{re.escape(path)}</span>'
             assert re.search(heading, dom), f"{method.upper()} {path}"
-        assert dom.count("Authorizations:") == len(PROTECTED)
+        assert dom.count("Authorizations:") == len(PROTECTED + SCOPED)
         width, height, variety = png_size_and_variety(screenshot)
         assert (width, height) == (1280, 2000)
         assert variety > 64, "the screenshot is (nearly) one colour"

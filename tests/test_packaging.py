@@ -1,7 +1,8 @@
 """The image's build stage has what it installs: the Dockerfile copies the lock files its
 RUN lines install from, and the wheel that `pip install .` builds from what it copies
-(pyproject.toml, README.md and app/) carries everything the app reads at run time, and the
-fan-out's C send loop. And the image runs in prod unless told otherwise."""
+(pyproject.toml, README.md, app/ and the JavaScript client it links to) carries everything the
+app reads at run time, and the fan-out's C send loop. And the image runs in prod unless told
+otherwise."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def test_the_wheel_holds_every_file_of_the_app_and_the_c_send_loop(tmp_path: Pat
     assert {"pyproject.toml", "README.md", "app"} <= set(copied)
     for name in copied:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name,
+            # Links stay links, as COPY keeps them: one to a file the stage lacks breaks the build.
+            shutil.copytree(REPO / name, source / name, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.so"))  # fmt: skip
         else:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
@@ -84,3 +86,6 @@ def test_the_wheel_holds_every_file_of_the_app_and_the_c_send_loop(tmp_path: Pat
     packed = set(zipfile.ZipFile(wheel).namelist())
     assert files - packed == set(), "the image would start without these"
     assert any(n.startswith("app/prices/_fanout.") and n.endswith(".so") for n in packed)
+    # The JavaScript client the service serves, as a file: clients/js/pricefeed.js itself.
+    served = zipfile.ZipFile(wheel).read("app/prices/static/pricefeed.js")
+    assert served == (REPO / "clients" / "js" / "pricefeed.js").read_bytes()

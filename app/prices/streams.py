@@ -28,6 +28,7 @@ from app.prices.leases import StreamLeases
 from app.prices.outbox import Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
+from app.timers import WheelTimer, coarse_timers
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +225,10 @@ class WebSocketStream:
         self._sent_at_check = -1
         self._queued_sent = 0
         self._closing = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: WheelTimer | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._subscribe_check: asyncio.TimerHandle | None = None
+        self._subscribe_check: WheelTimer | None = None
         self.principal = principal
 
     @property
@@ -257,9 +258,7 @@ class WebSocketStream:
     def require_subscription(self, within: float) -> None:
         """Close 1008 unless the stream is subscribed to something `within` seconds from now:
         an idle socket that subscribes to nothing only holds a slot."""
-        self._subscribe_check = asyncio.get_running_loop().call_later(
-            within, self._check_subscribed
-        )
+        self._subscribe_check = coarse_timers().call_later(within, self._check_subscribed)
 
     def _check_subscribed(self) -> None:
         self._subscribe_check = None
@@ -315,7 +314,7 @@ class WebSocketStream:
         if not self._closing and self._closer is None:
             self._closer = asyncio.get_running_loop().create_task(self.close(code, reason))
 
-    # -- timers: token expiry and heartbeats
+    # -- timers: token expiry and heartbeats (on the wheel: app/timers.py)
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -323,7 +322,7 @@ class WebSocketStream:
         delay = self.outbox.deadline - time.time()
         if self._check_every is not None:
             delay = min(delay, self._check_every)
-        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._on_timer)
+        self._timer = coarse_timers().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -36,6 +36,7 @@ from websockets.protocol import Protocol, State
 from app.errors import CloseCode
 from app.frames import CONTROL_EXTENSION, EXTENSION, Transport, frame_writer
 from app.server.lean import LeanEvent, LeanQueue
+from app.timers import coarse_timers
 
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 # Past this many unsent bytes after answering a ping, the client is closed 1013 (it does not read
@@ -347,6 +348,21 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         """The app is done with the connection unless it parked it."""
         if self.parked is None and self.close_timer is None:
             self.transport.close()
+
+    # -- keepalive pings, and their pong deadlines, on the shared timer wheel (app/timers.py)
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self.ping_timer = coarse_timers().call_later(delay, self.send_keepalive_ping)  # type: ignore[assignment]
+
+    def send_keepalive_ping(self) -> None:
+        super().send_keepalive_ping()
+        pong_timer = self.pong_timer
+        if isinstance(pong_timer, asyncio.TimerHandle):  # uvicorn's, on the loop
+            pong_timer.cancel()
+            assert self.ping_timeout is not None
+            self.pong_timer = coarse_timers().call_later(self.ping_timeout, self.keepalive_timeout)  # type: ignore[assignment]
 
     # -- the client's pings and pongs: counted, and answered only while it reads them
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import weakref
 from asyncio import BaseTransport
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
+from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
@@ -191,6 +194,73 @@ class WatchedTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
 
+# What uvicorn's protocol sets alike on every connection of one server: its config, app, loop,
+# logger, the server's sets of connections and tasks, timeouts from the config.
+_SHARED = (
+    "config",
+    "app",
+    "loop",
+    "logger",
+    "root_path",
+    "asgi_version",
+    "app_state",
+    "connections",
+    "tasks",
+    "default_headers",
+    "close_timeout",
+    "ping_interval",
+    "ping_timeout",
+)
+
+
+class _Shared:
+    """The `_SHARED` attributes of one server's connections, held once.
+
+    CPython shares one table of attribute names among a class's instances and gives each
+    only an array of values, up to 29 names; an instance that gets a 30th switches to a dict
+    of its own (~1.6 KB against ~0.3 KB). uvicorn's protocol sets 36 attributes, so every
+    connection paid for the dict. Thirteen of them are the same on every connection of a
+    server: kept here, the connection's own stay under the limit."""
+
+    __slots__ = (*_SHARED, "__weakref__")
+
+    def copy(self) -> _Shared:
+        twin = _Shared()
+        for name in _SHARED:
+            if hasattr(self, name):
+                setattr(twin, name, getattr(self, name))
+        return twin
+
+
+class _SharedAttribute:
+    """A `_SHARED` attribute, read from and written to the connection's `_Shared`. Writing
+    a value other than the one there (a test shortening one connection's `close_timeout`)
+    gives that connection a `_Shared` of its own first."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return getattr(instance._shared, self._name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        shared = instance._shared
+        current = getattr(shared, self._name, _UNSET)
+        if current is value:
+            return
+        if current is not _UNSET:
+            instance._shared = shared = shared.copy()
+        setattr(shared, self._name, value)
+
+
+_UNSET = object()
+_shared_by_server: weakref.WeakKeyDictionary[ServerState, _Shared] = weakref.WeakKeyDictionary()
+
+
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     # WS_SEND_BUFFER_BYTES (0: the kernel's autotuning); uvicorn instantiates the class.
     send_buffer_bytes = 0
@@ -199,8 +269,18 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def configure(cls, *, send_buffer_bytes: int) -> None:
         cls.send_buffer_bytes = send_buffer_bytes
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        shared = _shared_by_server.get(server_state)
+        if shared is None:
+            _shared_by_server[server_state] = shared = _Shared()
+        self._shared = shared  # before uvicorn sets the attributes it holds
+        super().__init__(config, server_state, app_state, _loop)
         # Thousands of these live for hours: lighter stand-ins for two asyncio primitives.
         self.queue = LeanQueue()  # type: ignore[assignment]
         self.writable = LeanEvent()  # type: ignore[assignment]
@@ -427,3 +507,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         parser = Protocol.parse(conn)
         next(parser)  # to where the old one waits: for the first frame's bytes
         conn.parser = parser
+
+
+for _name in _SHARED:
+    setattr(PricefeedWebSocketProtocol, _name, _SharedAttribute(_name))

@@ -82,6 +82,9 @@ async def test_a_connection_keeps_its_attributes_compact(live) -> None:
             assert len(vars(theirs)) <= 29
             assert (mine.close_timeout, theirs.close_timeout) == (0.25, 10.0)
             assert theirs.connections is mine.connections  # the server's own set
+            # the server's current Date and Server headers, as uvicorn sends them
+            assert "date" in other.conn.response.headers
+            assert other.conn.response.headers["server"] == "uvicorn"
 
 
 @pytest.mark.both_loops

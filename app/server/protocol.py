@@ -195,7 +195,8 @@ class WatchedTransport(asyncio.Transport):
 
 
 # What uvicorn's protocol sets alike on every connection of one server: its config, app, loop,
-# logger, the server's sets of connections and tasks, timeouts from the config.
+# logger, the server's sets of connections and tasks, timeouts from the config. (Its
+# `default_headers`, which the server renews every second for their Date, see _DefaultHeaders.)
 _SHARED = (
     "config",
     "app",
@@ -206,7 +207,6 @@ _SHARED = (
     "app_state",
     "connections",
     "tasks",
-    "default_headers",
     "close_timeout",
     "ping_interval",
     "ping_timeout",
@@ -222,10 +222,15 @@ class _Shared:
     connection paid for the dict. Thirteen of them are the same on every connection of a
     server: kept here, the connection's own stay under the limit."""
 
-    __slots__ = (*_SHARED, "__weakref__")
+    __slots__ = (*_SHARED, "server_state", "__weakref__")
+
+    def __init__(self, server_state: ServerState) -> None:
+        self.server_state = weakref.ref(server_state)
 
     def copy(self) -> _Shared:
-        twin = _Shared()
+        server_state = self.server_state()
+        assert server_state is not None  # a connection of it is asking
+        twin = _Shared(server_state)
         for name in _SHARED:
             if hasattr(self, name):
                 setattr(twin, name, getattr(self, name))
@@ -257,6 +262,22 @@ class _SharedAttribute:
         setattr(shared, self._name, value)
 
 
+class _DefaultHeaders:
+    """uvicorn's `default_headers` (Date and Server, for the handshake's response), read from
+    the server's state when used, as its HTTP protocol does, rather than a copy per
+    connection: the server renews the list every second. What uvicorn's `__init__` assigns
+    is that same list."""
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        server_state = instance._shared.server_state()
+        return server_state.default_headers if server_state is not None else []
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        pass
+
+
 _UNSET = object()
 _shared_by_server: weakref.WeakKeyDictionary[ServerState, _Shared] = weakref.WeakKeyDictionary()
 
@@ -278,7 +299,7 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     ) -> None:
         shared = _shared_by_server.get(server_state)
         if shared is None:
-            _shared_by_server[server_state] = shared = _Shared()
+            _shared_by_server[server_state] = shared = _Shared(server_state)
         self._shared = shared  # before uvicorn sets the attributes it holds
         super().__init__(config, server_state, app_state, _loop)
         # Thousands of these live for hours: lighter stand-ins for two asyncio primitives.
@@ -511,3 +532,4 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
 
 for _name in _SHARED:
     setattr(PricefeedWebSocketProtocol, _name, _SharedAttribute(_name))
+PricefeedWebSocketProtocol.default_headers = _DefaultHeaders()  # type: ignore[assignment]

@@ -10,11 +10,12 @@ every frame goes out as a plain ASGI send.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 EXTENSION = "pricefeed.frames"
-# Offered by pricefeed's protocol on every connection, compressed or not: see count_control_frames.
+# Offered by pricefeed's protocol on every connection, compressed or not: see
+# count_control_frames and park.
 CONTROL_EXTENSION = "pricefeed.control"
 # Offered by pricefeed's HTTP protocol on every request: see request_transport.
 TRANSPORT_EXTENSION = "pricefeed.transport"
@@ -68,6 +69,19 @@ def count_control_frames(scope: Mapping[str, Any], allow: Callable[[], bool]) ->
         return False
     entry["allow"] = allow
     return True
+
+
+def park(scope: Mapping[str, Any], resume: Callable[[], Awaitable[None]]) -> bool:
+    """Let the app's call return while the connection stays open, when no receive event is
+    waiting: the server runs `resume()` as a new task on the next one (a message, or the
+    disconnect), which receives it as usual. An idle connection then costs no task. False,
+    and the app goes on receiving, when an event is waiting or the server offers no such hook
+    (then returning would end the connection)."""
+    entry = scope.get("extensions", {}).get(CONTROL_EXTENSION)
+    if entry is None or "park" not in entry:
+        return False
+    parked: bool = entry["park"](resume)
+    return parked
 
 
 def request_transport(scope: Mapping[str, Any]) -> Transport | None:

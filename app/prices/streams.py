@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -22,12 +22,13 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from app import metrics
 from app.errors import CloseCode, RateLimited, Unavailable
-from app.frames import FrameWriter, count_control_frames, frame_writer
+from app.frames import FrameWriter, count_control_frames, frame_writer, park
 from app.prices.hub import FanoutHub
 from app.prices.leases import StreamLeases
 from app.prices.outbox import Frame, Outbox
 from app.prices.wire import text_frame
 from app.security import Principal
+from app.timers import WheelTimer, coarse_timers
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,16 @@ class StreamRegistry:
 
     @asynccontextmanager
     async def admit(self, stream: OpenStream, subject: str, transport: str) -> AsyncIterator[None]:
+        admission = await self.enter(stream, subject, transport)
+        try:
+            yield
+        finally:
+            admission.leave()
+
+    async def enter(self, stream: OpenStream, subject: str, transport: str) -> Admission:
+        """Count `stream` in, or raise Unavailable at capacity, RateLimited past the subject's
+        limit; `leave()` the answer once it ends. `admit` does both around a block; a stream
+        that outlives its task (a parked WebSocket, app/prices/ws.py) holds the answer."""
         if len(self._open) >= self._max_total:
             raise Unavailable("server at capacity; retry later")
         if self._per_subject[subject] >= self._max_per_subject:
@@ -72,19 +83,26 @@ class StreamRegistry:
         self._per_subject[subject] += 1
         self._open.add(stream)
         metrics.CONNECTIONS.labels(transport=transport).inc()
-        leases, lease = self._leases, None
-        try:
-            if leases is not None:  # RateLimited past the limit across instances
-                lease = await leases.acquire(subject)
-            yield
-        finally:  # nothing awaited: it runs whole even in a cancelled task
-            if leases is not None and lease is not None:
-                leases.release(subject, lease)
-            self._open.discard(stream)
-            self._per_subject[subject] -= 1
-            if not self._per_subject[subject]:
-                del self._per_subject[subject]
-            metrics.CONNECTIONS.labels(transport=transport).dec()
+        admission = Admission(self, stream, subject, transport)
+        leases = self._leases
+        if leases is not None:
+            try:  # RateLimited past the limit across instances
+                admission.lease = await leases.acquire(subject)
+            except BaseException:
+                admission.leave()
+                raise
+        return admission
+
+    def _leave(self, admission: Admission) -> None:
+        """Nothing awaited: it runs whole even in a cancelled task."""
+        subject, transport = admission.subject, admission.transport
+        if self._leases is not None and admission.lease is not None:
+            self._leases.release(subject, admission.lease)
+        self._open.discard(admission.stream)
+        self._per_subject[subject] -= 1
+        if not self._per_subject[subject]:
+            del self._per_subject[subject]
+        metrics.CONNECTIONS.labels(transport=transport).dec()
 
     async def close_all(self, code: int, reason: str) -> None:
         await asyncio.gather(
@@ -115,6 +133,25 @@ class StreamRegistry:
         ]
         await asyncio.gather(*(s.close(code, reason) for s in doomed), return_exceptions=True)
         return len(doomed)
+
+
+class Admission:
+    """One admitted stream's place in its `StreamRegistry`, until `leave()`."""
+
+    __slots__ = ("_registry", "stream", "subject", "transport", "lease")
+
+    def __init__(
+        self, registry: StreamRegistry, stream: OpenStream, subject: str, transport: str
+    ) -> None:
+        self._registry: StreamRegistry | None = registry
+        self.stream, self.subject, self.transport = stream, subject, transport
+        self.lease: str | None = None  # its lease across instances (with Redis)
+
+    def leave(self) -> None:
+        """The stream ended; only the first call counts."""
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry._leave(self)
 
 
 class RateLimiter:
@@ -188,10 +225,10 @@ class WebSocketStream:
         self._sent_at_check = -1
         self._queued_sent = 0
         self._closing = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: WheelTimer | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._subscribe_check: asyncio.TimerHandle | None = None
+        self._subscribe_check: WheelTimer | None = None
         self.principal = principal
 
     @property
@@ -212,12 +249,16 @@ class WebSocketStream:
     def start(self) -> None:
         self._arm_timer()
 
+    def park(self, resume: Callable[[], Awaitable[None]]) -> bool:
+        """Hand the connection back to the server until the client's next frame (or its
+        going away), which runs `resume()` in a new task: see `app.frames.park`. False while
+        a frame is waiting, or on a server that cannot do this."""
+        return park(self.websocket.scope, resume)
+
     def require_subscription(self, within: float) -> None:
         """Close 1008 unless the stream is subscribed to something `within` seconds from now:
         an idle socket that subscribes to nothing only holds a slot."""
-        self._subscribe_check = asyncio.get_running_loop().call_later(
-            within, self._check_subscribed
-        )
+        self._subscribe_check = coarse_timers().call_later(within, self._check_subscribed)
 
     def _check_subscribed(self) -> None:
         self._subscribe_check = None
@@ -273,7 +314,7 @@ class WebSocketStream:
         if not self._closing and self._closer is None:
             self._closer = asyncio.get_running_loop().create_task(self.close(code, reason))
 
-    # -- timers: token expiry and heartbeats
+    # -- timers: token expiry and heartbeats (on the wheel: app/timers.py)
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -281,7 +322,7 @@ class WebSocketStream:
         delay = self.outbox.deadline - time.time()
         if self._check_every is not None:
             delay = min(delay, self._check_every)
-        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._on_timer)
+        self._timer = coarse_timers().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -4,6 +4,7 @@ app/prices/protocol.md, which /docs shows)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ from app.errors import (
 )
 from app.instruments.catalog import MAX_SYMBOLS_PER_REQUEST
 from app.origins import origin_allowed
-from app.prices.streams import RateLimiter, WebSocketStream, control
+from app.prices.streams import Admission, RateLimiter, WebSocketStream, control
 from app.prices.ticks import MAX_SEQ, parse_seq
 from app.security import Principal
 
@@ -72,41 +73,97 @@ def _new_stream(
 async def _run(
     stream: WebSocketStream,
     state: AppState,
-    reader: Any,
+    handle: Handler,
     subscribe: tuple[str, int | None] | None = None,
 ) -> None:
-    """Admit the stream, `subscribe` it (symbol, since) if asked, then serve it: `reader`
-    (this connection's requests) runs until the client goes or the stream is closed; sending
-    happens without a task of its own (see WebSocketStream)."""
+    """Admit the stream, `subscribe` it (symbol, since) if asked, then serve the client's
+    frames (`handle` takes each request) until the client goes or the stream is closed;
+    sending happens without a task of its own (see WebSocketStream), and so does waiting for
+    the client's next frame where the server lets it (`_Serving`)."""
     try:
-        async with state.streams.admit(stream, stream.principal.subject, "websocket"):
-            if subscribe is not None:
-                try:
-                    await state.hub.attach(
-                        stream.outbox,
-                        subscribe[0],
-                        since=subscribe[1],
-                        subject=stream.principal.subject,
-                    )
-                except UnknownSymbol as exc:  # disabled since it was resolved
-                    reader.close()
-                    await stream.close(exc.close_code, exc.message)
-                    return
-                except Exception:  # the store is down: come back later
-                    logger.exception("stream: could not load %s", subscribe[0])
-                    reader.close()
-                    await stream.close(CloseCode.TRY_LATER, "prices unavailable; retry later")
-                    return
+        admission = await state.streams.enter(stream, stream.principal.subject, "websocket")
+    except PricefeedError as exc:  # refused admission
+        await stream.close(exc.close_code, exc.message)
+        return
+    started = False
+    try:
+        if subscribe is None or await _attach_first(stream, state, *subscribe):
             _forget_request_headers(stream.websocket)
             stream.start()
-            try:
-                await reader
-            finally:
-                stream.stop()
-                await stream.close(1000, "")
-    except PricefeedError as exc:  # refused admission
-        reader.close()
+            started = True
+    finally:
+        if not started:
+            admission.leave()
+    if started:
+        await _Serving(stream, state, handle, admission).run()
+
+
+async def _attach_first(
+    stream: WebSocketStream, state: AppState, symbol: str, since: int | None
+) -> bool:
+    """The per-symbol route's subscription; False once the stream is closed instead."""
+    try:
+        await state.hub.attach(stream.outbox, symbol, since=since, subject=stream.principal.subject)
+    except UnknownSymbol as exc:  # disabled since it was resolved
         await stream.close(exc.close_code, exc.message)
+        return False
+    except Exception:  # the store is down: come back later
+        logger.exception("stream: could not load %s", symbol)
+        await stream.close(CloseCode.TRY_LATER, "prices unavailable; retry later")
+        return False
+    return True
+
+
+Handler = Callable[[WebSocketStream, AppState, str], Awaitable[None]]
+
+
+class _Serving:
+    """An admitted stream's reading side, from `stream.start()` to its end. `run` takes the
+    client's frames until none is waiting, then parks the connection (`stream.park`): an idle
+    stream holds no task, and its next frame, or the client going away, runs `run` again in
+    a new one. The last `run` ends the stream and gives its admission back."""
+
+    __slots__ = ("_stream", "_state", "_handle", "_admission")
+
+    def __init__(
+        self, stream: WebSocketStream, state: AppState, handle: Handler, admission: Admission
+    ) -> None:
+        self._stream, self._state, self._handle = stream, state, handle
+        self._admission = admission
+
+    async def run(self) -> None:
+        parked = False
+        try:
+            parked = await self._serve()
+        finally:
+            if not parked:
+                stream = self._stream
+                stream.stop()
+                try:
+                    await stream.close(1000, "")
+                finally:
+                    self._admission.leave()
+
+    async def _serve(self) -> bool:
+        """True once parked, False when the stream must end."""
+        stream, state = self._stream, self._state
+        max_bytes = state.settings.ws_max_message_bytes
+        while not stream.closed:
+            if stream.park(self.run):
+                return True
+            try:
+                text = await _receive_text(stream, stream.limiter, max_bytes)
+                if text is None:
+                    return False
+                await self._handle(stream, state, text)
+            except BadRequest as exc:
+                stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
+            except PricefeedError as exc:
+                if exc.close_code >= 4000:
+                    await stream.close(exc.close_code, exc.message)
+                    return False
+                stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
+        return False
 
 
 async def _receive_text(
@@ -161,18 +218,11 @@ async def stream_symbol(websocket: WebSocket) -> None:
     except PricefeedError as exc:
         await stream.close(exc.close_code, exc.message)
         return
-    await _run(stream, state, _drain_client(stream, state), subscribe=(resolved, since))
+    await _run(stream, state, _ignore_request, subscribe=(resolved, since))
 
 
-async def _drain_client(stream: WebSocketStream, state: AppState) -> None:
-    """The one-symbol route takes no requests, but still enforces the frame limits."""
-    limiter, max_bytes = stream.limiter, state.settings.ws_max_message_bytes
-    while True:
-        try:
-            if await _receive_text(stream, limiter, max_bytes) is None:
-                return
-        except BadRequest as exc:
-            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
+async def _ignore_request(stream: WebSocketStream, state: AppState, text: str) -> None:
+    """The one-symbol route takes no requests (the frame limits still hold: `_Serving`)."""
 
 
 async def stream_many(websocket: WebSocket) -> None:
@@ -183,25 +233,7 @@ async def stream_many(websocket: WebSocket) -> None:
         return
     stream = _new_stream(websocket, state, principal, multiplexed=True)
     stream.require_subscription(state.settings.ws_subscribe_timeout_seconds)
-    await _run(stream, state, _serve_requests(stream, state))
-
-
-async def _serve_requests(stream: WebSocketStream, state: AppState) -> None:
-    while True:
-        try:
-            text = await _receive_text(stream, stream.limiter, state.settings.ws_max_message_bytes)
-            if text is None:
-                return
-            await _handle_request(stream, state, text)
-        except BadRequest as exc:
-            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
-        except PricefeedError as exc:
-            if exc.close_code >= 4000:
-                await stream.close(exc.close_code, exc.message)
-                return
-            stream.outbox.push_control(control("error", code=exc.code, message=exc.message))
-        if stream.closed:
-            return
+    await _run(stream, state, _handle_request)
 
 
 def _parse(text: str) -> tuple[str, dict[str, Any]]:

@@ -4,24 +4,32 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 
 class LeanQueue:
     """The protocol's queue of ASGI receive events: one consumer, a message or two at a time
-    (uvicorn pauses reading while one waits). asyncio.Queue costs ~2.3 KB per connection."""
+    (uvicorn pauses reading while one waits). asyncio.Queue costs ~2.3 KB per connection.
 
-    __slots__ = ("_items", "_waiter")
+    A consumer that is not waiting may leave `on_put` instead: called (once, then cleared)
+    when the next item arrives, so that it need not keep a task waiting in `get` meanwhile."""
+
+    __slots__ = ("_items", "_waiter", "on_put")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
+        self.on_put: Callable[[], None] | None = None
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        elif self.on_put is not None:
+            on_put, self.on_put = self.on_put, None
+            on_put()
 
     def empty(self) -> bool:
         return not self._items

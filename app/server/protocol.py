@@ -22,12 +22,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import weakref
 from asyncio import BaseTransport
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
+from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
@@ -35,6 +39,7 @@ from websockets.protocol import Protocol, State
 from app.errors import CloseCode
 from app.frames import CONTROL_EXTENSION, EXTENSION, Transport, frame_writer
 from app.server.lean import LeanEvent, LeanQueue
+from app.timers import coarse_timers
 
 HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 # Past this many unsent bytes after answering a ping, the client is closed 1013 (it does not read
@@ -189,6 +194,94 @@ class WatchedTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
 
+# What uvicorn's protocol sets alike on every connection of one server: its config, app, loop,
+# logger, the server's sets of connections and tasks, timeouts from the config. (Its
+# `default_headers`, which the server renews every second for their Date, see _DefaultHeaders.)
+_SHARED = (
+    "config",
+    "app",
+    "loop",
+    "logger",
+    "root_path",
+    "asgi_version",
+    "app_state",
+    "connections",
+    "tasks",
+    "close_timeout",
+    "ping_interval",
+    "ping_timeout",
+)
+
+
+class _Shared:
+    """The `_SHARED` attributes of one server's connections, held once.
+
+    CPython shares one table of attribute names among a class's instances and gives each
+    only an array of values, up to 29 names; an instance that gets a 30th switches to a dict
+    of its own (~1.6 KB against ~0.3 KB). uvicorn's protocol sets 36 attributes, so every
+    connection paid for the dict. Thirteen of them are the same on every connection of a
+    server: kept here, the connection's own stay under the limit."""
+
+    __slots__ = (*_SHARED, "server_state", "__weakref__")
+
+    def __init__(self, server_state: ServerState) -> None:
+        self.server_state = weakref.ref(server_state)
+
+    def copy(self) -> _Shared:
+        server_state = self.server_state()
+        assert server_state is not None  # a connection of it is asking
+        twin = _Shared(server_state)
+        for name in _SHARED:
+            if hasattr(self, name):
+                setattr(twin, name, getattr(self, name))
+        return twin
+
+
+class _SharedAttribute:
+    """A `_SHARED` attribute, read from and written to the connection's `_Shared`. Writing
+    a value other than the one there (a test shortening one connection's `close_timeout`)
+    gives that connection a `_Shared` of its own first."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return getattr(instance._shared, self._name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        shared = instance._shared
+        current = getattr(shared, self._name, _UNSET)
+        if current is value:
+            return
+        if current is not _UNSET:
+            instance._shared = shared = shared.copy()
+        setattr(shared, self._name, value)
+
+
+class _DefaultHeaders:
+    """uvicorn's `default_headers` (Date and Server, for the handshake's response), read from
+    the server's state when used, as its HTTP protocol does, rather than a copy per
+    connection: the server renews the list every second. What uvicorn's `__init__` assigns
+    is that same list."""
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        server_state = instance._shared.server_state()
+        return server_state.default_headers if server_state is not None else []
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        pass
+
+
+_UNSET = object()
+_shared_by_server: weakref.WeakKeyDictionary[ServerState, _Shared] = weakref.WeakKeyDictionary()
+
+
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     # WS_SEND_BUFFER_BYTES (0: the kernel's autotuning); uvicorn instantiates the class.
     send_buffer_bytes = 0
@@ -197,14 +290,26 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
     def configure(cls, *, send_buffer_bytes: int) -> None:
         cls.send_buffer_bytes = send_buffer_bytes
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        shared = _shared_by_server.get(server_state)
+        if shared is None:
+            _shared_by_server[server_state] = shared = _Shared(server_state)
+        self._shared = shared  # before uvicorn sets the attributes it holds
+        super().__init__(config, server_state, app_state, _loop)
         # Thousands of these live for hours: lighter stand-ins for two asyncio primitives.
         self.queue = LeanQueue()  # type: ignore[assignment]
         self.writable = LeanEvent()  # type: ignore[assignment]
         self.writable.set()
         # The app's budget for the client's pings and pongs (app.frames.count_control_frames).
         self.control: dict[str, Any] | None = None
+        # What the app left to run on the next receive event (app.frames.park), None otherwise.
+        self.parked: Callable[[], Awaitable[None]] | None = None
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
@@ -278,10 +383,87 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
-            self.control = scope["extensions"][CONTROL_EXTENSION] = {"allow": None}
+            self.control = scope["extensions"][CONTROL_EXTENSION] = {
+                "allow": None,
+                "park": self._park,
+            }
             if not self.conn.extensions:
                 scope["extensions"][EXTENSION] = {"writer": SocketFrameWriter(self)}
         self._forget_handshake_request()
+
+    # -- no task while idle: the app's call may return with the connection open (app.frames.park)
+
+    def _park(self, resume: Callable[[], Awaitable[None]]) -> bool:
+        """Let the app's current call end without ending the connection: the next receive
+        event (a message, the disconnect) runs `resume()` as a task of its own. An idle
+        connection then holds no task and no chain of coroutines waiting in `receive`
+        (~4 KB). False, and nothing changes, while an event is already waiting."""
+        if not self.handshake_complete or not self.queue.empty():
+            return False
+        self.parked = resume
+        cast(LeanQueue, self.queue).on_put = self._resume
+        return True
+
+    def _resume(self) -> None:
+        resume, self.parked = self.parked, None
+        if resume is None:
+            return
+        task = self.loop.create_task(self._run_app(resume()))
+        task.add_done_callback(self.on_task_complete)
+        self.tasks.add(task)  # uvicorn's shutdown waits for it, as for `run_asgi`
+
+    def _unpark(self) -> None:
+        self.parked = None
+        cast(LeanQueue, self.queue).on_put = None
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that an app that parked its connection has not ended it."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            self._unpark()
+        except BaseException:
+            self._unpark()
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        self._app_returned()
+
+    async def _run_app(self, call: Awaitable[None]) -> None:
+        """A parked app's resumed call: its errors handled as `run_asgi` handles the first's."""
+        try:
+            await call
+        except ClientDisconnected:
+            self._unpark()
+        except BaseException:
+            self._unpark()
+            self.logger.exception("Exception in ASGI application\n")
+        self._app_returned()
+
+    def _app_returned(self) -> None:
+        """The app is done with the connection unless it parked it."""
+        if self.parked is None and self.close_timer is None:
+            self.transport.close()
+
+    # -- keepalive pings, and their pong deadlines, on the shared timer wheel (app/timers.py)
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self.ping_timer = coarse_timers().call_later(delay, self.send_keepalive_ping)  # type: ignore[assignment]
+
+    def send_keepalive_ping(self) -> None:
+        super().send_keepalive_ping()
+        pong_timer = self.pong_timer
+        if isinstance(pong_timer, asyncio.TimerHandle):  # uvicorn's, on the loop
+            pong_timer.cancel()
+            assert self.ping_timeout is not None
+            self.pong_timer = coarse_timers().call_later(self.ping_timeout, self.keepalive_timeout)  # type: ignore[assignment]
 
     # -- the client's pings and pongs: counted, and answered only while it reads them
 
@@ -346,3 +528,8 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         parser = Protocol.parse(conn)
         next(parser)  # to where the old one waits: for the first frame's bytes
         conn.parser = parser
+
+
+for _name in _SHARED:
+    setattr(PricefeedWebSocketProtocol, _name, _SharedAttribute(_name))
+PricefeedWebSocketProtocol.default_headers = _DefaultHeaders()  # type: ignore[assignment]

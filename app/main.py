@@ -38,6 +38,7 @@ from app.feed.producer import Producer, create_producer
 from app.feed.routes import router as feed_router
 from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
+from app.feed.witness import HubWitness
 from app.history.records import HistoryRecords
 from app.history.status import create_history_report
 from app.history.writer import create_history_writer
@@ -199,7 +200,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             counts=feed_counts,
             inbox=inbox,
             history=create_history_writer(settings, HistoryRecords(engine), history_report),
-            witness=lambda: hub.latest_passed_on,
+            witness=HubWitness(hub),
         )
         supervisor.spawn("producer", producer.run)
 

@@ -79,7 +79,7 @@ async def run_producer() -> None:
     await broker.connect()
     catalog = Catalog(instruments)  # the producer quotes what it holds on each round
     watcher = CatalogWatcher(sessions, catalog, poll_seconds=settings.instrument_poll_seconds)
-    witness = PublishedTicks(broker, catalog)
+    witness = PublishedTicks(broker, catalog, keep=settings.retention_ticks)
     history = create_history_writer(
         settings,
         HistoryRecords(engine),
@@ -95,7 +95,7 @@ async def run_producer() -> None:
         counts=create_feed_counts(redis, prefix=settings.redis_key_prefix),
         inbox=create_inbox(settings, redis),
         history=history,
-        witness=witness.latest,
+        witness=witness,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

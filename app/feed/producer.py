@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from contextlib import aclosing
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
@@ -29,6 +29,7 @@ from app.feed.checkpoints import SeqCheckpoints
 from app.feed.inbox import Inbox, InboxEntry, Position
 from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
+from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
 from app.prices.store import NotLeader, Run, TickStore
@@ -93,7 +94,7 @@ class Producer:
         inbox: Inbox | None = None,
         ingest_stats: FeedStats | None = None,
         history: HistoryWriter | None = None,
-        witness: Callable[[], Mapping[str, Tick]] | None = None,
+        witness: Witness | None = None,
     ) -> None:
         self._source = source
         # Published ticks go to the database through it (app/history/writer.py).
@@ -249,7 +250,7 @@ class Producer:
             return
         proven: dict[str, Tick] = dict(await self._store.read_latest(symbols))
         if self._witness is not None:
-            seen = self._witness()
+            seen = self._witness.latest()
             for symbol in symbols:
                 tick = seen.get(symbol)
                 if tick is not None and (symbol not in proven or tick.seq > proven[symbol].seq):
@@ -323,11 +324,13 @@ class Producer:
         return recorded, checkpointed, candles
 
     async def _retained_runs(self) -> list[Run]:
-        """What the store keeps of every symbol, and the candles this producer holds: for the
-        history writer to (re)write at the start of a term."""
+        """What the store keeps of every symbol, what the witness saw, and the candles this
+        producer holds: for the history writer to (re)write at the start of a term."""
         runs = []
         for symbol in [i.symbol for i in self._instruments]:
             ticks = await self._store.read_history(symbol, since=None, limit=BACKFILL_TICKS)
+            if self._witness is not None:
+                ticks = self._witness.recent(symbol) + ticks
             candles = [
                 (interval, self._candles[(symbol, interval)])
                 for interval in INTERVALS_MS
@@ -519,7 +522,7 @@ def create_producer(
     counts: FeedCounts | None = None,
     inbox: Inbox | None = None,
     history: HistoryWriter | None = None,
-    witness: Callable[[], Mapping[str, Tick]] | None = None,
+    witness: Witness | None = None,
 ) -> Producer:
     """The producer of the source FEED_SOURCE names; SourceNotReady if it cannot start."""
     stats = FeedStats(settings.feed_source)

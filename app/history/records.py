@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.history.models import CandleRecord, TickRecord
+from app.history.models import CandleRecord
 from app.prices.candles import Candle
 from app.prices.ticks import Tick
 
@@ -32,6 +32,9 @@ _TICKS_FROM_ARRAYS = text(
     "SELECT * FROM unnest(CAST(:symbols AS varchar[]), CAST(:seqs AS bigint[]), "
     "CAST(:ts AS bigint[]), CAST(:frames AS text[])) "
     "ON CONFLICT DO NOTHING"
+)
+_TICKS_SQLITE = (
+    "INSERT INTO ticks (symbol, seq, ts, frame) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 # Every symbol with rows, without reading them all: one index probe per symbol (a loose index
 # scan; neither SQLite nor PostgreSQL does one for SELECT DISTINCT by itself).
@@ -88,11 +91,9 @@ class HistoryRecords:
                 },
             )
             return
-        statement = sqlite_insert(TickRecord).on_conflict_do_nothing()
-        await conn.execute(
-            statement,
-            [{"symbol": t.symbol, "seq": t.seq, "ts": t.ts, "frame": t.frame} for t in ticks],
-        )
+        # Straight to the driver's executemany: SQLAlchemy's per-row parameter handling
+        # would cost the producer's event loop ~5 µs a tick.
+        await conn.exec_driver_sql(_TICKS_SQLITE, [(t.symbol, t.seq, t.ts, t.frame) for t in ticks])
 
     async def _upsert_candles(
         self, conn: AsyncConnection, candles: Mapping[CandleKey, CandleValues]

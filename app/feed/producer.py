@@ -528,7 +528,8 @@ def create_producer(
     stats = FeedStats(settings.feed_source)
     source = create_source(settings, stats)
     # At most this many ticks of a symbol can follow its last checkpoint before a successor
-    # takes over: two checkpoint periods and a lease.
+    # takes over: two checkpoint periods and a lease. Used only when the newest published
+    # tick cannot be proven (see `_resume`).
     window = 2 * CHECKPOINT_SECONDS + settings.leader_lease_ms / 1000
     return Producer(
         source=source,

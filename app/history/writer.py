@@ -137,6 +137,10 @@ class HistoryWriter:
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
                     await self.records.write(batch, candles)
+            except asyncio.CancelledError:
+                # The term ended mid-write: kept for the next term (written twice at worst).
+                self._restore(batch, candles)
+                raise
             except Exception as exc:  # noqa: BLE001 - kept, and retried with backoff
                 self._restore(batch, candles)
                 delay = backoff.next_delay()

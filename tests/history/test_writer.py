@@ -84,6 +84,17 @@ class TestEveryTickOnce:
         assert [seq for seq, _ in rows] == list(range(1, 1201))
         assert [frame for _, frame in rows] == [t.frame for t in published], "as published"
 
+    async def test_a_large_batch_over_kept_rows_adds_only_the_new(self, history_db) -> None:  # type: ignore[no-untyped-def]
+        """Small batches and large ones (PostgreSQL: unnest below 1,000 ticks, COPY from
+        there) alike."""
+        records = HistoryRecords(history_db.engine)
+        published = ticks_of("AAPL", range(1, 3001))
+        await records.write(published[1000:1500], {})  # small
+        await records.write(published, {})  # large, over them
+        await records.write(published[:2000], {})  # large, all kept already
+        rows = await stored(history_db, "AAPL")
+        assert rows == [(t.seq, t.frame) for t in published]
+
     async def test_the_forming_candle_is_kept_as_it_grows(self, history_db) -> None:  # type: ignore[no-untyped-def]
         writer = HistoryWriter(HistoryRecords(history_db.engine), max_ticks=10_000, days=7)
         candle = Candle(

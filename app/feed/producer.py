@@ -482,18 +482,14 @@ def _keys(symbols: list[str]) -> list[tuple[str, str]]:
 
 
 async def _bounded(work: Awaitable[_T], seconds: float) -> _T:
-    """`work`, given `seconds` at most. Past them it is cancelled but not waited for: a
-    database call stuck behind a lock may take long to unwind, and a term's start must not
-    wait for it (TimeoutError)."""
+    """`work`, given `seconds` at most (TimeoutError past them). Never waited for longer,
+    nor cancelled: a database call stuck behind a lock ends by its own timeout (the driver's),
+    while one cancelled inside SQLAlchemy's aiosqlite adapter can leave a close behind that
+    never ends and hangs the event loop's shutdown."""
     task = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=seconds)
-    except BaseException:
-        task.cancel()
-        raise
+    task.add_done_callback(_ignore_outcome)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
-        task.cancel()
-        task.add_done_callback(_ignore_outcome)
         raise TimeoutError(f"no answer within {seconds:.0f} s")
     return task.result()
 

@@ -37,6 +37,7 @@ FLUSH_SECONDS = 0.25
 FLUSH_TICKS = 500
 MAX_BATCH_TICKS = 5_000  # per transaction: a catch-up after an outage goes in steps
 WRITE_TIMEOUT_SECONDS = 10.0
+STOP_WAIT_SECONDS = 1.0  # a write in flight when the term ends: let finish this long
 REPORT_SECONDS = 1.0
 PURGE_EVERY_SECONDS = 60.0
 PURGE_CHUNK_ROWS = 5_000
@@ -134,12 +135,17 @@ class HistoryWriter:
                 continue
             batch = [self._ticks.popleft() for _ in range(min(len(self._ticks), MAX_BATCH_TICKS))]
             candles, self._candles = self._candles, {}
+            write = asyncio.ensure_future(self._write(batch, candles))
             try:
-                async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
-                    await self.records.write(batch, candles)
+                await asyncio.shield(write)
             except asyncio.CancelledError:
-                # The term ended mid-write: kept for the next term (written twice at worst).
-                self._restore(batch, candles)
+                # The term ends: a write in flight is let finish (briefly) rather than
+                # cancelled inside the driver, where SQLAlchemy's aiosqlite adapter leaves a
+                # close behind that never ends and hangs the event loop's shutdown. What was
+                # not written is kept for this process's next term (written twice at worst).
+                await asyncio.wait({write}, timeout=STOP_WAIT_SECONDS)
+                if not write.done() or write.cancelled() or write.exception() is not None:
+                    self._restore(batch, candles)
                 raise
             except Exception as exc:  # noqa: BLE001 - kept, and retried with backoff
                 self._restore(batch, candles)
@@ -162,6 +168,10 @@ class HistoryWriter:
             if self._days and time.monotonic() >= purge_due and len(self._ticks) < FLUSH_TICKS:
                 purge_due = time.monotonic() + PURGE_EVERY_SECONDS
                 await self._purge()
+
+    async def _write(self, ticks: list[Tick], candles: dict[CandleKey, CandleValues]) -> None:
+        async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+            await self.records.write(ticks, candles)
 
     def _restore(self, ticks: list[Tick], candles: dict[CandleKey, CandleValues]) -> None:
         """Put `ticks` (older than any waiting) back at the front; the newer state of a candle

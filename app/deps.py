@@ -22,6 +22,7 @@ from app.errors import Forbidden, Unauthenticated
 from app.feed.inbox import Inbox
 from app.feed.producer import Producer
 from app.feed.stats import FeedCounts
+from app.history.status import HistoryReport
 from app.instruments.catalog import Catalog
 from app.logs import OncePer
 from app.prices.hub import FanoutHub
@@ -53,6 +54,8 @@ class AppState:
     rest_limit: RateLimiter  # REST requests per token subject (or client address)
     token_throttle: TokenThrottle  # the token endpoint's limits
     feed_counts: FeedCounts  # the producer's counts, wherever it runs (app/feed/stats.py)
+    # The history writer's state, wherever the leader runs it; None: HISTORY_DAYS=0
+    history_report: HistoryReport | None
     # A database outage fails every request that needs it: one log line a minute says so.
     database_outages: OncePer = field(
         default_factory=lambda: OncePer(logging.getLogger("app.db"), seconds=60)

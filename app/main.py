@@ -38,6 +38,10 @@ from app.feed.producer import Producer, create_producer
 from app.feed.routes import router as feed_router
 from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
+from app.feed.witness import HubWitness
+from app.history.records import HistoryRecords
+from app.history.status import create_history_report
+from app.history.writer import create_history_writer
 from app.instruments.catalog import Catalog, CatalogChange
 from app.instruments.repository import load_instruments
 from app.instruments.watcher import CatalogWatcher
@@ -183,6 +187,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     inbox: Inbox | None = None
     if settings.uses_redis or settings.producer == "on":
         inbox = create_inbox(settings, redis)
+    history_report = create_history_report(redis, prefix=settings.redis_key_prefix)
     producer: Producer | None = None
     if settings.producer == "on":
         producer = create_producer(
@@ -194,6 +199,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             checkpoints=SeqCheckpoints(sessions) if settings.uses_redis else None,
             counts=feed_counts,
             inbox=inbox,
+            history=create_history_writer(settings, HistoryRecords(engine), history_report),
+            witness=HubWitness(hub),
         )
         supervisor.spawn("producer", producer.run)
 
@@ -207,6 +214,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         revocations=revocations,
         catalog=catalog,
         feed_counts=feed_counts,
+        history_report=history_report if settings.history_days else None,
         store=store,
         broker=broker,
         hub=hub,

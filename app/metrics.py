@@ -140,3 +140,29 @@ class FeedCollector(Collector):
 
 
 FEED = FeedCollector()
+
+
+class HistoryCollector(Collector):
+    """The history writer's state (app/history/status.py), read from where the leader's
+    producer reports it when /metrics is scraped: every instance exports the same numbers."""
+
+    def __init__(self) -> None:
+        self.lag_seconds: float | None = None  # None: no writer has reported
+        self.dropped = 0
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        lag = self.lag_seconds
+        yield GaugeMetricFamily(
+            "pricefeed_history_write_lag_seconds",
+            "Age of the oldest published tick not yet written to the database (NaN: no writer)",
+            value=float("nan") if lag is None else lag,
+        )
+        yield CounterMetricFamily(
+            "pricefeed_history_dropped",
+            "Published ticks dropped from the history writer's full buffer, cluster-wide",
+            value=self.dropped,
+        )
+
+
+HISTORY = HistoryCollector()

@@ -15,6 +15,7 @@ from app.db import ping_database
 from app.deps import AppState, StateDep
 from app.errors import ErrorOutDoc, Unauthenticated
 from app.feed.leader import read_leader
+from app.history.status import HistoryState
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
@@ -49,6 +50,28 @@ async def _producer_role(state: AppState) -> str:
     return "leader" if holder is not None and holder.startswith(f"{state.instance}:") else "standby"
 
 
+async def _read_history(state: AppState) -> HistoryState | None:
+    """The writer's last report, also handed to /metrics; None if there is none to read."""
+    if state.history_report is None:
+        return None
+    try:
+        report = await asyncio.wait_for(state.history_report.read(), 1.0)
+    except Exception as exc:  # noqa: BLE001 - the store check in /readyz reports Redis down
+        logger.debug("history state unavailable (%s)", exc)
+        return None
+    if report is not None:
+        metrics.HISTORY.lag_seconds, metrics.HISTORY.dropped = report.lag_seconds, report.dropped
+    return report
+
+
+async def _history_health(state: AppState) -> str:
+    """`ok`, `degraded` (writes failing or behind, or no leader reporting) or `off`."""
+    if state.history_report is None:
+        return "off"
+    report = await _read_history(state)
+    return "degraded" if report is None else report.health()
+
+
 @router.get("/readyz", responses={503: {"description": "A dependency is down"}})
 async def read_readiness(state: StateDep) -> JSONResponse:
     """Ready: database, price store and broker reachable, background tasks healthy."""
@@ -68,6 +91,8 @@ async def read_readiness(state: StateDep) -> JSONResponse:
     age = state.hub.last_tick_age()
     fresh = age is not None and age <= state.settings.feed_stale_seconds
     checks["feed"] = "ok" if fresh else "stale"
+    # Nor is history that lags (the database slow or down): ticks still flow, and it catches up.
+    checks["history"] = await _history_health(state)
     return JSONResponse(
         {
             "status": "ready" if ready else "unavailable",
@@ -94,4 +119,5 @@ async def read_metrics(request: Request, state: StateDep) -> Response:
         metrics.FEED.counts = await asyncio.wait_for(state.feed_counts.read(), 1.0)
     except Exception as exc:  # noqa: BLE001 - the store check in /readyz reports Redis down
         logger.debug("feed counts unavailable (%s); /metrics shows the last ones", exc)
+    await _read_history(state)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -140,9 +140,10 @@ def live(
     return start
 
 
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh (empty) database with a random name on the local PostgreSQL, dropped afterwards."""
+@asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """A fresh (empty) database with a random name on the local PostgreSQL, dropped afterwards
+    (skips the test when PostgreSQL is unreachable, outside CI)."""
     try:
         admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -156,6 +157,13 @@ async def postgres_url() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh (empty) database with a random name on the local PostgreSQL, dropped afterwards."""
+    async with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -28,6 +28,10 @@ from app.feed.preflight import exit_cannot_start, exit_unless_source_ready
 from app.feed.producer import create_producer
 from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
+from app.feed.witness import PublishedTicks
+from app.history.records import HistoryRecords
+from app.history.status import create_history_report
+from app.history.writer import create_history_writer
 from app.instruments.catalog import Catalog
 from app.instruments.repository import load_instruments
 from app.instruments.watcher import CatalogWatcher
@@ -75,6 +79,12 @@ async def run_producer() -> None:
     await broker.connect()
     catalog = Catalog(instruments)  # the producer quotes what it holds on each round
     watcher = CatalogWatcher(sessions, catalog, poll_seconds=settings.instrument_poll_seconds)
+    witness = PublishedTicks(broker, catalog, keep=settings.retention_ticks)
+    history = create_history_writer(
+        settings,
+        HistoryRecords(engine),
+        create_history_report(redis, prefix=settings.redis_key_prefix),
+    )
     producer = create_producer(
         settings,
         instruments=catalog,
@@ -84,6 +94,8 @@ async def run_producer() -> None:
         checkpoints=SeqCheckpoints(sessions),
         counts=create_feed_counts(redis, prefix=settings.redis_key_prefix),
         inbox=create_inbox(settings, redis),
+        history=history,
+        witness=witness,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,6 +104,7 @@ async def run_producer() -> None:
     watchers = [
         asyncio.create_task(producer.run()),
         asyncio.create_task(watcher.run()),
+        asyncio.create_task(witness.run(leading=lambda: producer.is_leader)),
         asyncio.create_task(stop.wait()),
     ]
     parent = os.environ.get("PRICEFEED_PARENT_PID")

@@ -1,9 +1,10 @@
 """Seq high-water marks in the database: the producer's memory that outlives Redis.
 
-The producer writes each symbol's latest seq every few seconds. A new leader resumes from
-the store; if the store lost everything (Redis restarted empty) it resumes above the last
-checkpoint plus what could have been published since, so `seq` jumps forward (a gap clients
-see) but never restarts.
+The producer writes each symbol's latest seq every few seconds. A new leader resumes from the
+seq of record (the store, or what it saw published: app/feed/producer.py `_resume`); the
+database's history is evidence too. A checkpoint adds what neither has: ticks published while
+the history writer was behind. One ahead of every proof means ticks after it may have gone out
+unrecorded, so `seq` resumes past it by a margin: a jump clients see, never a seq used twice.
 """
 
 from __future__ import annotations

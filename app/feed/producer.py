@@ -13,10 +13,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from contextlib import aclosing
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -29,6 +29,8 @@ from app.feed.checkpoints import SeqCheckpoints
 from app.feed.inbox import Inbox, InboxEntry, Position
 from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
+from app.feed.witness import Witness
+from app.history.writer import HistoryWriter
 from app.prices.candles import INTERVALS_MS, Candle, fold_tick
 from app.prices.store import NotLeader, Run, TickStore
 from app.prices.ticks import Tick, encode_tick
@@ -56,6 +58,12 @@ STATS_SECONDS = 1.0
 # Pushed quotes written in one store call at most: a write runs as one Lua script, during
 # which Redis serves nobody else (2,000 ticks: a few milliseconds).
 MAX_QUOTES_PER_WRITE = 2000
+# The database's part in a term's start (newest ticks, checkpoints, candles): never longer.
+RESUME_DB_SECONDS = 2.0
+# A term's start re-writes the store's retention window to history: at most this many a symbol.
+BACKFILL_TICKS = 1_000_000
+
+_T = TypeVar("_T")
 
 
 _ZERO = Decimal(0)
@@ -63,6 +71,11 @@ _ZERO = Decimal(0)
 
 class LostLease(Exception):
     pass
+
+
+class CannotResume(Exception):
+    """Some symbol's last published seq cannot be proven (the store lost it and the database
+    does not answer): publishing it could reuse a seq, so this term ends and is retried."""
 
 
 class Producer:
@@ -80,8 +93,16 @@ class Producer:
         counts: FeedCounts | None = None,
         inbox: Inbox | None = None,
         ingest_stats: FeedStats | None = None,
+        history: HistoryWriter | None = None,
+        witness: Witness | None = None,
     ) -> None:
         self._source = source
+        # Published ticks go to the database through it (app/history/writer.py).
+        self._history = history
+        # The newest tick this process saw published per symbol, whoever published it (its
+        # server's hub, or app/feed/witness.py beside a producer of its own): evidence of the
+        # seq of record that outlives both Redis and the leader that published it.
+        self._witness = witness
         self._inbox = inbox
         self._checkpoints = checkpoints
         # Ticks that may have gone out after the last checkpoint: skipped over on resume.
@@ -149,6 +170,8 @@ class Producer:
                 await self._lead()
             except* (LostLease, NotLeader):
                 logger.warning("producer: lease lost; standing by")
+            except* CannotResume as group:
+                logger.error("producer: %s; standing by", _first_error(group))
             except* RedisError as group:
                 logger.warning("producer: Redis error (%s); standing by", _first_error(group))
             finally:
@@ -169,6 +192,10 @@ class Producer:
                     group.create_task(self._checkpoint_forever(), name="producer-checkpoint")
                 if self._inbox is not None:
                     group.create_task(self._apply_inbox_forever(), name="producer-inbox")
+                if self._history is not None:
+                    group.create_task(
+                        self._history.run(backfill=self._retained_runs), name="producer-history"
+                    )
         finally:
             await self._report()
 
@@ -209,41 +236,108 @@ class Producer:
                 raise LostLease
 
     async def _resume(self, symbols: list[str]) -> None:
-        """Take up `symbols` where the store (or, if it lost them, the checkpoint) left them."""
+        """Take up `symbols` at their seq of record, and their candles where they were left.
+
+        The seq of record is the newest tick proven published: the store's latest (written
+        before every publish), or the newest this process saw go out (`witness`: after Redis
+        restarted empty while the leader died). The database's history and the checkpoints
+        are evidence too, but not of the newest: the writer is up to a flush behind, and a
+        checkpoint a couple of seconds. Where they are all there is, or they are ahead of the
+        proof, ticks after them may have been published and stored nowhere: seq resumes past
+        them by the checkpoint margin, a jump a client sees, never a seq published twice."""
         symbols = [s for s in symbols if s not in self._resumed]
         if not symbols:
             return
-        latest = await self._store.read_latest(symbols)
-        for symbol, tick in latest.items():
-            if tick.seq > self._seq.get(symbol, 0):
-                self._seq[symbol] = tick.seq
-                self._ts[symbol] = tick.ts
-                price = tick.as_dict().get("price")
-                if isinstance(price, str):
-                    self._prices[symbol] = Decimal(price)
-        unknown = [s for s in symbols if s not in self._seq]
-        if unknown and self._checkpoints is not None:
-            # The store lost these (an empty Redis) and this process never published them:
-            # resume above the last checkpoint, never below it.
-            checkpointed = await self._checkpoints.read()
-            for symbol in unknown:
-                if symbol in checkpointed:
-                    self._seq[symbol] = checkpointed[symbol] + self._checkpoint_margin
-                    logger.warning(
-                        "producer: %s not in the store; seq resumes at %d (checkpoint + %d)",
-                        symbol,
-                        self._seq[symbol] + 1,
-                        self._checkpoint_margin,
-                    )
+        proven: dict[str, Tick] = dict(await self._store.read_latest(symbols))
+        if self._witness is not None:
+            seen = self._witness.latest()
+            for symbol in symbols:
+                tick = seen.get(symbol)
+                if tick is not None and (symbol not in proven or tick.seq > proven[symbol].seq):
+                    proven[symbol] = tick
+        self._take_newest(proven.values())
+        stored_candles: dict[tuple[str, str], Candle] = {}
         for symbol in symbols:
             for interval in INTERVALS_MS:
                 kept = await self._store.read_candles(symbol, interval, limit=1)
-                if kept and (
-                    (symbol, interval) not in self._candles
-                    or kept[-1].start >= self._candles[(symbol, interval)].start
-                ):
-                    self._candles[(symbol, interval)] = kept[-1]
+                if kept:
+                    stored_candles[(symbol, interval)] = kept[-1]
+        lost = [k for k in _keys(symbols) if k not in stored_candles and k not in self._candles]
+        try:
+            recorded, checkpointed, candles = await _bounded(
+                self._read_records(symbols, lost), RESUME_DB_SECONDS
+            )
+        except Exception as exc:  # a database that does not answer in time
+            unproven = [s for s in symbols if s not in proven]
+            if unproven and (self._history is not None or self._checkpoints is not None):
+                raise CannotResume(
+                    f"no seq of record for {', '.join(unproven[:5])}: the store has none and "
+                    f"the database did not answer ({type(exc).__name__}: {exc})"
+                ) from exc
+            recorded, checkpointed, candles = {}, {}, {}
+            if self._history is not None or self._checkpoints is not None:
+                logger.warning("producer: database not read at resume (%r); store only", exc)
+        self._take_newest(recorded.values())
+        for symbol in symbols:
+            evidence = max(
+                recorded[symbol].seq if symbol in recorded else 0, checkpointed.get(symbol, 0)
+            )
+            proof = proven.get(symbol)
+            if evidence == 0 or (proof is not None and proof.seq >= evidence):
+                continue  # exact: from the proof, or never published as far as anyone knows
+            self._seq[symbol] = max(self._seq.get(symbol, 0), evidence) + self._checkpoint_margin
+            logger.warning(
+                "producer: %s newest published seq unknown (the store lost it; history has "
+                "%d); seq resumes at %d, past what may have gone out unrecorded",
+                symbol,
+                evidence,
+                self._seq[symbol] + 1,
+            )
+        for key, candle in (candles | stored_candles).items():
+            if key not in self._candles or candle.start >= self._candles[key].start:
+                self._candles[key] = candle
         self._resumed.update(symbols)
+
+    def _take_newest(self, ticks: Iterable[Tick]) -> None:
+        """Go on from each of `ticks` that is newer than what this producer holds."""
+        for tick in ticks:
+            symbol = tick.symbol
+            if tick.seq > self._seq.get(symbol, 0):
+                self._seq[symbol] = tick.seq
+                self._ts[symbol] = max(tick.ts, self._ts.get(symbol, 0))
+                price = tick.as_dict().get("price")
+                if isinstance(price, str):
+                    self._prices[symbol] = Decimal(price)
+
+    async def _read_records(
+        self, symbols: list[str], lost_candles: list[tuple[str, str]]
+    ) -> tuple[dict[str, Tick], dict[str, int], dict[tuple[str, str], Candle]]:
+        """From the database: the newest tick of each symbol in history, the checkpoints, and
+        the newest candles of `lost_candles` (those the store no longer has)."""
+        recorded: dict[str, Tick] = {}
+        candles: dict[tuple[str, str], Candle] = {}
+        if self._history is not None:
+            recorded = await self._history.records.read_newest_ticks(symbols)
+            if lost_candles:
+                candles = await self._history.records.read_newest_candles(lost_candles)
+        checkpointed = await self._checkpoints.read() if self._checkpoints is not None else {}
+        return recorded, checkpointed, candles
+
+    async def _retained_runs(self) -> list[Run]:
+        """What the store keeps of every symbol, what the witness saw, and the candles this
+        producer holds: for the history writer to (re)write at the start of a term."""
+        runs = []
+        for symbol in [i.symbol for i in self._instruments]:
+            ticks = await self._store.read_history(symbol, since=None, limit=BACKFILL_TICKS)
+            if self._witness is not None:
+                ticks = self._witness.recent(symbol) + ticks
+            candles = [
+                (interval, self._candles[(symbol, interval)])
+                for interval in INTERVALS_MS
+                if (symbol, interval) in self._candles
+            ]
+            runs.append(Run(symbol, ticks, candles))
+        return runs
 
     async def _publish_forever(self) -> None:
         async for batch in self._source.stream(self._instruments, dict(self._prices)):
@@ -323,6 +417,8 @@ class Producer:
             # The store first: a tick the broker loses can still be refetched from it.
             await self._broker.publish_many(published)
             metrics.TICKS_PUBLISHED.inc(len(published))
+            if self._history is not None:
+                self._history.offer(runs)
 
     def _stamp(self, symbol: str, quotes: list[tuple[Quote, str | None]]) -> Run:
         """The ticks of one symbol's quotes: the next seqs, `ts` from this clock (never going
@@ -381,6 +477,28 @@ def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[Inbo
     return groups
 
 
+def _keys(symbols: list[str]) -> list[tuple[str, str]]:
+    return [(symbol, interval) for symbol in symbols for interval in INTERVALS_MS]
+
+
+async def _bounded(work: Awaitable[_T], seconds: float) -> _T:
+    """`work`, given `seconds` at most (TimeoutError past them). Never waited for longer,
+    nor cancelled: a database call stuck behind a lock ends by its own timeout (the driver's),
+    while one cancelled inside SQLAlchemy's aiosqlite adapter can leave a close behind that
+    never ends and hangs the event loop's shutdown."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_ignore_outcome)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    return task.result()
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The first error itself, however deep task groups nested it."""
     error: BaseException = group
@@ -399,12 +517,15 @@ def create_producer(
     checkpoints: SeqCheckpoints | None = None,
     counts: FeedCounts | None = None,
     inbox: Inbox | None = None,
+    history: HistoryWriter | None = None,
+    witness: Witness | None = None,
 ) -> Producer:
     """The producer of the source FEED_SOURCE names; SourceNotReady if it cannot start."""
     stats = FeedStats(settings.feed_source)
     source = create_source(settings, stats)
     # At most this many ticks of a symbol can follow its last checkpoint before a successor
-    # takes over: two checkpoint periods and a lease.
+    # takes over: two checkpoint periods and a lease. Used only when the newest published
+    # tick cannot be proven (see `_resume`).
     window = 2 * CHECKPOINT_SECONDS + settings.leader_lease_ms / 1000
     return Producer(
         source=source,
@@ -417,4 +538,6 @@ def create_producer(
         stats=stats,
         counts=counts,
         inbox=inbox,
+        history=history,
+        witness=witness,
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from app import metrics
 from app.broker import Broker, BurstSubscription, price_channel
@@ -81,6 +81,12 @@ class FanoutHub:
     def last_tick_age(self) -> float | None:
         """Seconds since a tick was last passed on (None: none yet): the feed's pulse."""
         return None if self._last_delivery is None else time.monotonic() - self._last_delivery
+
+    @property
+    def latest_passed_on(self) -> Mapping[str, Tick]:
+        """The newest tick passed on per followed symbol (read-only): a producer in this
+        process takes it as proof of what was published (app/feed/producer.py)."""
+        return self._latest
 
     @property
     def subscription_count(self) -> int:

@@ -93,7 +93,11 @@ class Collector:
         while not prices <= {t["price"] for t in self.ticks}:
             if time.monotonic() > deadline:
                 missing = len(prices - {t["price"] for t in self.ticks})
-                raise TimeoutError(f"{missing} accepted quotes never arrived")
+                seqs = [t["seq"] for t in self.ticks]
+                jumps = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b != a + 1]
+                raise TimeoutError(
+                    f"{missing} accepted quotes never arrived; seq jumps seen: {jumps[:10]}"
+                )
             await asyncio.sleep(0.05)
 
     async def stop(self) -> list[dict[str, Any]]:
@@ -170,7 +174,15 @@ class TestLeaderKilledMidPush:
     async def test_every_accepted_quote_arrives_once_in_order_on_the_survivor(
         self, redis: RedisServer, database_url: str, tmp_path: Path
     ) -> None:
-        env = {"BROADCAST_URL": redis.url, "FEED_SOURCE": "ingest", "RETENTION_TICKS": "10000"}
+        # FANOUT_MAX_LAG_MS: on a loaded machine the survivor's hub falls more than the default
+        # 50 ms behind and skips the older ticks of a burst on purpose (seq jumps, no log): not
+        # what this test is about, and what made it flaky (every seq was published).
+        env = {
+            "BROADCAST_URL": redis.url,
+            "FEED_SOURCE": "ingest",
+            "RETENTION_TICKS": "10000",
+            "FANOUT_MAX_LAG_MS": "60000",
+        }
         a = server_process(tmp_path, "a", database_url, **env)
         b = server_process(tmp_path, "b", database_url, **env)
         with running(a, b):

@@ -38,6 +38,7 @@ from app.feed.producer import Producer, create_producer
 from app.feed.routes import router as feed_router
 from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
+from app.history.service import History
 from app.instruments.catalog import Catalog, CatalogChange
 from app.instruments.repository import load_instruments
 from app.instruments.watcher import CatalogWatcher
@@ -126,6 +127,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
 
     redis = create_redis(settings.broadcast_url) if settings.uses_redis else None
     store = create_tick_store(settings, redis)
+    history = History(store=store, sessions=sessions, retention=settings.retention_ticks)
     lease = create_lease(settings, redis, store, instance=instance)
 
     broker = Broker(settings.broadcast_url)
@@ -133,6 +135,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     hub = FanoutHub(
         broker=broker,
         store=store,
+        history=history,
         retention=settings.retention_ticks,
         max_lag_ms=settings.fanout_max_lag_ms,
         direct_writes=settings.fanout_direct_writes,
@@ -208,6 +211,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         catalog=catalog,
         feed_counts=feed_counts,
         store=store,
+        history=history,
         broker=broker,
         hub=hub,
         streams=streams,

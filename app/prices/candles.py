@@ -7,7 +7,13 @@ from decimal import Decimal
 
 import orjson
 
-INTERVALS_MS: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
+# Buckets start on whole multiples of the interval since the epoch: days are UTC days.
+INTERVALS_MS: dict[str, int] = {
+    "1m": 60_000,
+    "5m": 300_000,
+    "1h": 3_600_000,
+    "1d": 86_400_000,
+}
 
 
 @dataclass(slots=True)

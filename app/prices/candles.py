@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import orjson
 
-# Buckets start on whole multiples of the interval since the epoch: days are UTC days.
 INTERVALS_MS: dict[str, int] = {
     "1m": 60_000,
     "5m": 300_000,

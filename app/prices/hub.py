@@ -6,7 +6,8 @@ together.
 Where a tick goes: broker → `Sequencer.on_burst` (app/prices/sequencer.py), called by the
 broker with every message of one read from Redis, in that read (no queue, no task switch:
 `Broker.subscribe_bursts`), which passes the new ticks on in seq order, refetching a gap from
-the store → `FanoutHub.deliver`, then one of three ways, fastest first:
+the store or the database (a gap stored nowhere: `FanoutHub.reset`) → `FanoutHub.deliver`,
+then one of three ways, fastest first:
 - a *lane* (app/prices/lanes.py): connections subscribed to one symbol that are up to date,
   keeping up and have nothing queued. At the end of the burst `Lanes.write` sends the
   symbol's frames (encoded once) to every lane member from one C loop over descriptors the

@@ -10,14 +10,20 @@ to the streams). A `deliver` that fails partway gives back what it did not pass 
 
 A seq the broker skipped (a reconnect, a producer crash between store and publish) is a gap:
 the ticks before it go on, the sequencer refetches the missing ones from the store, where the
-producer wrote them first, and passes them on before the tick that revealed the gap. While
-that refetch awaits the store, later bursts wait in a bounded backlog behind it (the oldest
-leave when it overflows, and the jump they leave behind is refetched in turn). A refetch that
-fails leaves a visible `seq` jump. A seq more than the retention ahead of the last passed on
-is checked with the store first: one the store does not have (a forged or corrupt message,
-say `seq: 10**15` published by hand) is dropped and counted, not taken as the new last seq,
-which would make every real tick after it look like a redelivery and freeze the symbol. A
-symbol's first tick is held to the store's latest seq (read at `start`) plus the retention.
+producer wrote them first, or the database beyond it (app/history/service.py), and passes them
+on before the tick that revealed the gap. While that refetch awaits, later bursts wait in a
+bounded backlog behind it (the oldest leave when it overflows, and the jump they leave behind
+is refetched in turn). A refetch that fails leaves a visible `seq` jump; one that answers
+without the missing ticks (stored nowhere) hands the tick after them to `reset`, and so does a
+seq that went back (lower, yet newer than the last tick passed on, and confirmed by the store),
+which would otherwise be dropped as a redelivery until the new run passed the old seq. Both
+checks sit off the path of a tick whose seq is the last + 1.
+
+A seq more than the retention ahead of the last passed on is checked with the store first: one
+the store does not have (a forged or corrupt message, say `seq: 10**15` published by hand) is
+dropped and counted, not taken as the new last seq, which would make every real tick after it
+look like a redelivery and freeze the symbol. A symbol's first tick is held to the store's
+latest seq (read at `start`) plus the retention.
 
 The symbols it takes can change while it runs (`take`, `drop`: instruments added or
 disabled); the others' ticks go on as before. It owns `last_seq`, the newest seq passed on per

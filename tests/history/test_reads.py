@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from app.deps import AppState
 from app.history.models import CandleRecord, TickRecord
@@ -171,6 +171,26 @@ class TestHistorySince:
 
             assert await history(client, limit=30) == frames(range(21, 51))
             assert await history(client, limit=5) == frames(range(46, 51))
+
+
+class TestDatabaseDown:
+    async def test_a_read_the_window_cannot_answer_alone_is_503(self, database_url: str) -> None:
+        async with app_and_state(database_url) as (client, state):
+            await store_ticks(state, range(1, 51))
+            async with state.engine.begin() as conn:  # every tick query fails from now on
+                await conn.execute(text("DROP TABLE ticks"))
+            inside = await client.get("/v1/prices/AAPL/history", params={"since": 40}, headers=ALL)
+            beyond = await client.get("/v1/prices/AAPL/history", params={"since": 5}, headers=ALL)
+            ranged = await client.get("/v1/prices/AAPL/history", params={"start": T0}, headers=ALL)
+
+        assert inside.status_code == 200, "inside the window the database is not needed"
+        assert [t["seq"] for t in inside.json()] == list(range(41, 51))
+        for response in (beyond, ranged):
+            assert response.status_code == 503
+            assert response.json() == {
+                "detail": "tick history unavailable; retry shortly",
+                "code": "unavailable",
+            }
 
 
 def next_link(response: httpx.Response) -> str | None:

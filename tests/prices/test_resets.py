@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import text
 
 from app.db import create_engine, create_session_factory
 from app.history.models import TickRecord
@@ -197,3 +198,21 @@ class TestResume:
             got = await until(outbox, 4)
 
         assert got == [("reset", 3), ("tick", 4)]
+
+    async def test_without_the_database_a_resume_replays_the_window_with_a_plain_jump(
+        self, sessions: Sessions
+    ) -> None:
+        """Unknown is not lost: the ticks may be readable later, so no reset."""
+        store = new_store()
+        history = History(store=store, sessions=sessions, retention=1000)
+        for seq in range(21, 26):
+            await store.append(tick("MSFT", seq), {}, fence=None)
+        async with sessions() as session:  # every tick query fails from now on
+            await session.execute(text("DROP TABLE ticks"))
+            await session.commit()
+        outbox = Outbox(limit=64, on_queued=lambda: None)
+        async with consuming_hub("MSFT", store=store, history=history) as fanout:
+            await fanout.hub.attach(outbox, "MSFT", since=5, subject="tester")
+            got = await until(outbox, 25)
+
+        assert got == [("tick", seq) for seq in range(21, 26)]

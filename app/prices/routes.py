@@ -110,7 +110,8 @@ async def read_price_history(
     principal: CurrentPrincipal,
     state: StateDep,
     since: Annotated[
-        int | None, Query(ge=0, le=MAX_SEQ, description="Only ticks with a greater seq")
+        int | None,
+        Query(ge=0, le=MAX_SEQ, description="Only ticks with a greater seq (not with `start`)"),
     ] = None,
     start: Annotated[
         int | None, Query(ge=0, le=MAX_SEQ, description=f"Range start, inclusive ({_MS})")
@@ -123,7 +124,7 @@ async def read_price_history(
         str | None,
         Query(description="Where the next page of a range begins: take it from `Link`"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many ticks")] = 100,
 ) -> Response:
     """Ticks, oldest first, from the retention window and the database (kept `HISTORY_DAYS`).
     `since=SEQ`: the ticks with a greater seq (a `seq` jump means they are stored nowhere).
@@ -177,7 +178,9 @@ async def read_candles(
     symbol: str,
     principal: CurrentPrincipal,
     state: StateDep,
-    interval: Annotated[Literal["1m", "5m", "1h", "1d"], Query()] = "1m",
+    interval: Annotated[
+        Literal["1m", "5m", "1h", "1d"], Query(description="Candle length; days are UTC days")
+    ] = "1m",
     start: Annotated[
         int | None,
         Query(ge=0, le=MAX_SEQ, description=f"Candles starting at or after this ({_MS})"),
@@ -185,7 +188,7 @@ async def read_candles(
     end: Annotated[
         int | None, Query(ge=0, le=MAX_SEQ, description=f"Candles starting before this ({_MS})")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many candles")] = 100,
 ) -> Response:
     """OHLCV candles, oldest first: the first `limit` from `start`, or the newest `limit`
     without it. Kept in the database, so they outlive a restart of Redis or of every

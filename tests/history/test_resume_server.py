@@ -89,11 +89,14 @@ async def copy_window_to_database(http: httpx.AsyncClient, database_url: str) ->
 
 @contextlib.asynccontextmanager
 async def server_with_redis(
-    tmp_path: Path, redis: RedisServer, database_url: str
+    tmp_path: Path, redis: RedisServer, database_url: str, *, writer: bool = True
 ) -> AsyncIterator[tuple[ServerProcess, httpx.AsyncClient]]:
-    server = server_process(
-        tmp_path, "solo", database_url, BROADCAST_URL=redis.url, FEED_SOURCE="ingest"
-    )
+    """`writer=False`: HISTORY_DAYS=0, no history writer, so what the test does not copy into
+    the database is stored nowhere once Redis lost it."""
+    env = {"BROADCAST_URL": redis.url, "FEED_SOURCE": "ingest"}
+    if not writer:
+        env["HISTORY_DAYS"] = "0"
+    server = server_process(tmp_path, "solo", database_url, **env)
     with running(server):
         await server.wait_ready()
         await leads_again(server)
@@ -159,7 +162,10 @@ class TestRedisRestartedEmpty:
     async def test_a_resume_over_ticks_stored_nowhere_gets_a_reset(
         self, redis: RedisServer, database_url: str, tmp_path: Path
     ) -> None:
-        async with server_with_redis(tmp_path, redis, database_url) as (server, http):
+        async with server_with_redis(tmp_path, redis, database_url, writer=False) as (
+            server,
+            http,
+        ):
             await push(http, 30, first=0)
             await latest_seq_reaches(http, 30)
             await restart_redis_empty(redis, server)  # nothing was written to the database
@@ -201,8 +207,11 @@ class TestResets:
         self, redis: RedisServer, database_url: str, tmp_path: Path
     ) -> None:
         """A tick reaches the broker after seqs that neither the store nor the database has
-        (published, never stored): subscribers get it as a reset, then the feed goes on."""
-        async with server_with_redis(tmp_path, redis, database_url) as (server, http):
+        (published, never stored): subscribers get it as a reset."""
+        async with server_with_redis(tmp_path, redis, database_url, writer=False) as (
+            server,
+            http,
+        ):
             await push(http, 3, first=0)
             await latest_seq_reaches(http, 3)
             token = make_token("watcher", ttl=600)

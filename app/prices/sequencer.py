@@ -289,7 +289,9 @@ class Sequencer:
                     if self._implausible(tick, last) and not await self._stored(tick):
                         continue  # forged or corrupt: passing it on would freeze the symbol
                     if last is not None and tick.seq <= last:
-                        if await self._confirm_went_back(tick, last):
+                        if self._went_back(tick, last) and await self._confirm_went_back(
+                            tick, last
+                        ):
                             self._restart(tick, run)
                         continue  # or a redelivery after all
                     if last is not None and tick.seq > last + 1:
@@ -414,8 +416,8 @@ class Sequencer:
             run.append(tick)
             return
         if run:
-            self._hand_on(run[:])
-            run.clear()
+            before, run[:] = run[:], []  # emptied first: a failing deliver hands nothing twice
+            self._hand_on(before)
         logger.warning("hub: %s starts afresh at seq %d (a reset)", tick.symbol, tick.seq)
         self._reset(tick)  # before the last seq moves: lanes leave at the old one
         self._last_seq[tick.symbol] = tick.seq

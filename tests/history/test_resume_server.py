@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from redis.asyncio import Redis
 
 from app.db import create_engine, create_session_factory
 from app.history.models import TickRecord
+from app.prices.store import RedisTickStore
+from app.prices.ticks import encode_tick
 from tests.prices.test_sse import open_events
 from tests.support import RedisServer, ServerProcess, Stream, open_stream, running, server_process
 from tests.support import token as make_token
@@ -233,3 +236,47 @@ class TestResets:
 
         assert kinds([snapshot]) == [("snapshot", 3)]
         assert reset == {**stray, "type": "snapshot", "reset": True}
+
+    async def test_a_seq_that_goes_back_live_is_a_reset(
+        self, redis: RedisServer, database_url: str, tmp_path: Path
+    ) -> None:
+        """The test is the producer (PRODUCER=off): ticks 1..5 stored, then published; then
+        Redis loses everything and the producer starts again at seq 1, later in time. A
+        subscriber gets tick 1 as a reset, not a silence until seq passes 5 again."""
+        server = server_process(
+            tmp_path,
+            "solo",
+            database_url,
+            BROADCAST_URL=redis.url,
+            PRODUCER="off",
+            HISTORY_DAYS="0",
+        )
+        client = Redis.from_url(redis.url)
+        store = RedisTickStore(client, prefix="pricefeed", retention=1000, candles_kept=10)
+        start = time.time_ns() // 1_000_000
+
+        async def produce(seq: int, ts: int) -> None:
+            tick = encode_tick(symbol="AAPL", price=Decimal(100 + seq), ts=ts, seq=seq)
+            await store.append(tick, {}, fence=None)  # the store first, as the producer does
+            await client.publish("prices:AAPL", tick.frame)
+
+        try:
+            with running(server):
+                await server.wait_ready()
+                async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+                    for seq in range(1, 6):
+                        await produce(seq, start + seq)
+                    await latest_seq_reaches(http, 5)
+                token = make_token("watcher", ttl=600)
+                async with open_stream(f"{server.ws}/v1/ws/prices/AAPL?token={token}") as stream:
+                    snapshot = await stream.recv_type("snapshot")
+                    await client.flushall()  # Redis lost everything
+                    await produce(1, start + 100)
+                    await produce(2, start + 101)
+                    after = [await stream.recv_type("tick", "snapshot", timeout=10) for _ in "12"]
+        finally:
+            await client.aclose()
+
+        assert kinds([snapshot]) == [("snapshot", 5)]
+        assert kinds(after) == [("reset", 1), ("tick", 2)]
+        assert after[0]["ts"] == start + 100

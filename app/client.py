@@ -264,6 +264,8 @@ class PricefeedClient:
         prev = last.get(symbol) if isinstance(symbol, str) else None
         if prev is None or not isinstance(seq, int) or seq <= prev + 1:
             return []
+        if frame.get("reset") is True:  # the service says they are stored nowhere
+            return []
         try:
             history = await self.read_history(
                 str(symbol), since=prev, limit=min(seq - prev - 1, HISTORY_LIMIT)
@@ -288,7 +290,12 @@ def _admit(frame: Tick, last: dict[str, int]) -> bool:
     if not isinstance(symbol, str) or not isinstance(seq, int):
         return False
     prev = last.get(symbol)
-    if prev is not None and seq <= prev:
+    if frame.get("reset") is True and prev is not None and seq != prev + 1:
+        # The feed starts afresh here: what lies between is stored nowhere (or seq went back).
+        logger.warning(
+            "%s: reset at seq %d after %d; the ticks between are lost", symbol, seq, prev
+        )
+    elif prev is not None and seq <= prev:
         # A snapshot behind what we saw means the service lost its history (a restart of
         # an in-memory store) and answered `since` afresh: follow it rather than go silent.
         if frame.get("type") != "snapshot" or seq == prev:

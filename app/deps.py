@@ -22,6 +22,7 @@ from app.errors import Forbidden, Unauthenticated
 from app.feed.inbox import Inbox
 from app.feed.producer import Producer
 from app.feed.stats import FeedCounts
+from app.history.service import History
 from app.history.status import HistoryReport
 from app.instruments.catalog import Catalog
 from app.logs import OncePer
@@ -43,6 +44,7 @@ class AppState:
     revocations: Revocations
     catalog: Catalog
     store: TickStore
+    history: History  # the window and the database behind it (app/history/service.py)
     broker: Broker
     hub: FanoutHub
     streams: StreamRegistry

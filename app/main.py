@@ -40,6 +40,7 @@ from app.feed.sources import SourceNotReady
 from app.feed.stats import create_feed_counts
 from app.feed.witness import HubWitness
 from app.history.records import HistoryRecords
+from app.history.service import History
 from app.history.status import create_history_report
 from app.history.writer import create_history_writer
 from app.instruments.catalog import Catalog, CatalogChange
@@ -130,6 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
 
     redis = create_redis(settings.broadcast_url) if settings.uses_redis else None
     store = create_tick_store(settings, redis)
+    history = History(store=store, sessions=sessions, retention=settings.retention_ticks)
     lease = create_lease(settings, redis, store, instance=instance)
 
     broker = Broker(settings.broadcast_url)
@@ -137,6 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
     hub = FanoutHub(
         broker=broker,
         store=store,
+        history=history,
         retention=settings.retention_ticks,
         max_lag_ms=settings.fanout_max_lag_ms,
         direct_writes=settings.fanout_direct_writes,
@@ -216,6 +219,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         feed_counts=feed_counts,
         history_report=history_report if settings.history_days else None,
         store=store,
+        history=history,
         broker=broker,
         hub=hub,
         streams=streams,

@@ -83,6 +83,12 @@ CLOSES = Counter("pricefeed_closes_total", "Streams closed by the server", ["cod
 GAPS_REPAIRED = Counter(
     "pricefeed_gap_ticks_repaired_total", "Ticks refetched from the store after a broker gap"
 )
+RESETS = Counter(
+    "pricefeed_stream_resets_total",
+    "Snapshots marked reset: a feed started afresh after ticks stored nowhere, or a seq that"
+    " went back; `where`: live (the hub) or resume (a since resume)",
+    ["where"],
+)
 BROKER_CONNECTED = Gauge("pricefeed_broker_connected", "1 while the broker subscription is live")
 BROKER_RECONNECTS = Counter("pricefeed_broker_reconnects_total", "Broker subscription reconnects")
 BROKER_DROPPED = Counter("pricefeed_broker_dropped_total", "Broker messages dropped", ["reason"])

@@ -6,7 +6,8 @@ together.
 Where a tick goes: broker → `Sequencer.on_burst` (app/prices/sequencer.py), called by the
 broker with every message of one read from Redis, in that read (no queue, no task switch:
 `Broker.subscribe_bursts`), which passes the new ticks on in seq order, refetching a gap from
-the store → `FanoutHub.deliver`, then one of three ways, fastest first:
+the store or the database (a gap stored nowhere: `FanoutHub.reset`) → `FanoutHub.deliver`,
+then one of three ways, fastest first:
 - a *lane* (app/prices/lanes.py): connections subscribed to one symbol that are up to date,
   keeping up and have nothing queued. At the end of the burst `Lanes.write` sends the
   symbol's frames (encoded once) to every lane member from one C loop over descriptors the
@@ -27,12 +28,14 @@ in order, and each outbox keeps a per-symbol floor and never enqueues a seq at o
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Mapping
 
 from app import metrics
 from app.broker import Broker, BurstSubscription, price_channel
 from app.errors import UnknownSymbol
+from app.history.service import History, HistoryUnavailable
 from app.prices.lanes import Lanes
 from app.prices.outbox import Frame, Outbox
 from app.prices.replays import ReplayBudget
@@ -40,6 +43,8 @@ from app.prices.sequencer import Sequencer
 from app.prices.store import TickStore
 from app.prices.ticks import Tick
 from app.prices.wire import text_frame
+
+logger = logging.getLogger(__name__)
 
 
 class FanoutHub:
@@ -51,6 +56,7 @@ class FanoutHub:
         broker: Broker,
         store: TickStore,
         retention: int,
+        history: History | None = None,
         max_lag_ms: int = 50,
         direct_writes: bool = True,
         max_connections: int = 10_000,
@@ -59,9 +65,18 @@ class FanoutHub:
         self._broker = broker
         self._store = store
         self._retention = retention
+        # Resumes and gap repairs read the window, and the database beyond it.
+        self._history = history or History(store=store, sessions=None, retention=retention)
         self.replays = replays or ReplayBudget()
+        self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
         self.sequencer = Sequencer(
-            store=store, retention=retention, max_lag_ms=max_lag_ms, deliver=self.deliver
+            store=store,
+            retention=retention,
+            max_lag_ms=max_lag_ms,
+            deliver=self.deliver,
+            history=self._history,
+            reset=self.reset,
+            newest=self._latest,
         )
         self.lanes = Lanes(
             last_seq=self.sequencer.last_seq,
@@ -72,7 +87,6 @@ class FanoutHub:
         )
         # Per symbol, every subscriber not on a lane: each is offered every tick.
         self._streams: dict[str, set[Outbox]] = {}
-        self._latest: dict[str, Tick] = {}  # the newest tick passed on, per symbol
         self._followed: dict[str, None] = {}  # the symbols passed on, in the order followed
         self._subscription: BurstSubscription | None = None  # while `consume` runs
         self._reconciling = asyncio.Lock()  # one change of the subscription at a time
@@ -231,10 +245,11 @@ class FanoutHub:
         self._streams.setdefault(symbol, set()).add(outbox)
 
     async def attach(self, outbox: Outbox, symbol: str, *, since: int | None, subject: str) -> None:
-        """Subscribe `outbox` to `symbol`: a snapshot (or the retained ticks after `since`,
-        if token subject `subject`'s replay budget allows them: app/prices/replays.py), then
-        every live tick, with no gap and no duplicate between the two. UnknownSymbol for a
-        symbol this hub does not follow (one disabled since the caller resolved it)."""
+        """Subscribe `outbox` to `symbol`: a snapshot (or the stored ticks after `since`, if
+        token subject `subject`'s replay budget allows them: app/prices/replays.py), then
+        every live tick, with no gap and no duplicate between the two. A `since` this feed
+        never reached, or a gap after it stored nowhere, gets a `reset` snapshot. UnknownSymbol
+        for a symbol this hub does not follow (one disabled since the caller resolved it)."""
         if outbox.closed:
             return
         if symbol not in self._followed:  # disabled after the caller resolved it
@@ -255,26 +270,66 @@ class FanoutHub:
                 latest = (await self._store.read_latest([symbol])).get(symbol) or latest
             if latest is not None:
                 if since is not None and since < latest.seq:
-                    # Priced before the store is read: past the budget, a snapshot instead.
-                    owed = min(latest.seq - since, self._retention)
-                    if not self.replays.take(subject, owed):
+                    # Priced before anything is read: past the budget, a snapshot instead.
+                    if not self.replays.take(subject, latest.seq - since):
                         since = None
-                if since is None or since > latest.seq:
-                    # No resume point (or no budget for it), or one from a future we never
-                    # produced: start afresh.
+                if since is None:  # no resume point, or no budget for it
                     initial = [Frame(symbol, latest.seq, latest.snapshot_frame, "snapshot")]
                     floor, first_live_is_snapshot = 0, False
+                elif since > latest.seq:
+                    # A seq this feed never reached: it restarted below the client's.
+                    metrics.RESETS.labels(where="resume").inc()
+                    initial = [Frame(symbol, latest.seq, latest.reset_frame, "reset")]
+                    floor, first_live_is_snapshot = 0, False
                 elif since < latest.seq:
-                    history = await self._store.read_history(
-                        symbol, since=since, limit=self._retention
-                    )
-                    initial = [Frame(t.symbol, t.seq, t.frame, "replay") for t in history]
+                    initial = await self._replay(symbol, since=since, upto=latest)
         finally:
             outbox.end_sync(
                 symbol, initial, floor=floor, first_live_is_snapshot=first_live_is_snapshot
             )
             if outbox.closed:  # its stream closed while the store answered
                 self.detach(outbox, [symbol])
+
+    async def _replay(self, symbol: str, *, since: int, upto: Tick) -> list[Frame]:
+        """The ticks after `since` up to `upto` (the latest), from the window and the database
+        beyond it. A seq stored in neither is lost for good: the tick after it is a `reset`
+        snapshot, and so is `upto` if nothing at all after `since` is stored. Without the
+        database (down), what the window has, with a plain `seq` jump: those ticks may be
+        readable later from `/history`."""
+        wanted = upto.seq - since
+        try:
+            ticks = await self._history.ticks_after(symbol, since=since, limit=wanted)
+        except HistoryUnavailable as exc:
+            logger.warning("hub: resume of %s from %d read the window only: %s", symbol, since, exc)
+            ticks = await self._store.read_history(symbol, since=since, limit=wanted)
+            return [Frame(t.symbol, t.seq, t.frame, "replay") for t in ticks]
+        if not ticks:
+            metrics.RESETS.labels(where="resume").inc()
+            return [Frame(symbol, upto.seq, upto.reset_frame, "reset")]
+        frames, last = [], since
+        for t in ticks:
+            if t.seq == last + 1:
+                frames.append(Frame(t.symbol, t.seq, t.frame, "replay"))
+            else:
+                metrics.RESETS.labels(where="resume").inc()
+                frames.append(Frame(t.symbol, t.seq, t.reset_frame, "reset"))
+            last = t.seq
+        return frames
+
+    def reset(self, tick: Tick) -> None:
+        """The sequencer's callback: `tick`'s symbol starts afresh at `tick`, after ticks the
+        store and the database do not have, or with a seq that went back. Every subscriber
+        gets it as a `reset` snapshot (off its lane first: a lane writes ticks only), then
+        its ticks from there on the per-tick path, until each qualifies for a lane again."""
+        symbol = tick.symbol
+        self._latest[symbol] = tick
+        self._last_delivery = time.monotonic()
+        metrics.RESETS.labels(where="live").inc()
+        for lane in self.lanes.by_symbol.get(symbol, ()):
+            for outbox in list(lane.members):
+                outbox.leave_lane()
+        for outbox in list(self._streams.get(symbol, ())):
+            outbox.reset(tick)
 
     def detach(self, outbox: Outbox, symbols: Iterable[str]) -> None:
         outbox.leave_lane()

@@ -32,12 +32,14 @@ class Frame:
     symbol: str
     seq: int
     text: str
-    event: str  # "tick", "snapshot", "replay" (a retained tick sent for `since`), "control"
+    # "tick", "snapshot", "replay" (a stored tick sent for `since`), "reset" (a snapshot
+    # marked `"reset": true`, after ticks stored nowhere), "control"
+    event: str
 
     @property
     def pinned(self) -> bool:
-        """Never conflated away."""
-        return self.event == "replay" or self.event == "control"
+        """Never conflated away: a reset must reach the client, or its jump is silent."""
+        return self.event == "replay" or self.event == "control" or self.event == "reset"
 
 
 class Outbox:
@@ -52,6 +54,7 @@ class Outbox:
         "_floor",
         "_syncing",
         "_awaiting_snapshot",
+        "_reset_while_syncing",
         "_on_queued",
         "_flushing",
         "_pinned",
@@ -80,6 +83,7 @@ class Outbox:
         self._floor: dict[str, int] = {}  # symbol → highest seq enqueued (subscribed symbols)
         self._syncing: dict[str, list[Tick]] = {}  # live ticks held while a snapshot loads
         self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
+        self._reset_while_syncing: set[str] = set()  # the held ticks start with a reset
         self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
         self._pinned = 0  # queued frames conflation keeps (they do not count against `limit`)
@@ -200,6 +204,21 @@ class Outbox:
         self._push(Frame(symbol, tick.seq, tick.frame, "tick"))
         return False
 
+    def reset(self, tick: Tick) -> None:
+        """The hub's feed of `tick`'s symbol starts afresh at `tick` (the ticks before it are
+        stored nowhere, or its seq went back): a `reset` snapshot, whatever the floor was,
+        then ticks from its seq on. Its caller took it off its lane first."""
+        symbol = tick.symbol
+        held = self._syncing.get(symbol)
+        if held is not None:  # its snapshot or replay is loading: that one is stale now
+            held[:] = [tick]
+            self._reset_while_syncing.add(symbol)
+            return
+        if symbol not in self._floor:
+            return
+        self._awaiting_snapshot.discard(symbol)
+        self._pin(Frame(symbol, tick.seq, tick.reset_frame, "reset"))
+
     def flush(self, now: float) -> int:
         """Write what `offer` corked, in one write; how many frames that carried."""
         direct = self.direct
@@ -265,9 +284,15 @@ class Outbox:
         held = self._syncing.pop(symbol, None)
         if held is None:  # unsubscribed while loading
             return
-        self._floor[symbol] = floor
+        if symbol in self._reset_while_syncing:  # what loaded is from before the reset
+            self._reset_while_syncing.discard(symbol)
+            self._floor[symbol] = held[0].seq - 1
+            self._pin(Frame(symbol, held[0].seq, held[0].reset_frame, "reset"))
+            initial, held, first_live_is_snapshot = [], held[1:], False
+        else:
+            self._floor[symbol] = floor
         for frame in initial:
-            if frame.event == "replay":
+            if frame.pinned:
                 self._pin(frame)
             else:
                 self._push(frame)
@@ -286,6 +311,7 @@ class Outbox:
     def remove(self, symbol: str) -> None:
         self._floor.pop(symbol, None)
         self._syncing.pop(symbol, None)
+        self._reset_while_syncing.discard(symbol)
         self._awaiting_snapshot.discard(symbol)
         self._frames = [f for f in self._frames if f.symbol != symbol]
         self._pinned = sum(1 for f in self._frames if f.pinned)

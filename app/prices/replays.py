@@ -1,10 +1,11 @@
 """The replay budget: how many retained ticks `since` resumes may cost a token subject.
 
 A resume (`?since=` on the one-symbol WebSocket, `"since"` on `/v1/ws`, `Last-Event-ID` on
-SSE) reads up to the retention window (`RETENTION_TICKS`) from the store and writes each tick
-again: a client looping subscribe `since: 0` / unsubscribe on many connections once took a
-core and slowed every other subscriber. So each resume is priced, before the store is read, at
-the ticks it would replay (the symbol's latest seq minus `since`, at most the retention), and:
+SSE) reads the ticks after `since` from the store and, beyond its window, the database
+(app/history/service.py), and writes each tick again: a client looping subscribe `since: 0` /
+unsubscribe on many connections once took a core and slowed every other subscriber. So each
+resume is priced, before anything is read, at the ticks it would replay (the symbol's latest
+seq minus `since`), and:
 
 - one resume may cost at most `per_subscribe` ticks (`WS_REPLAY_TICKS_PER_SUBSCRIBE`);
 - a token subject's resumes may cost `per_minute` ticks a minute (`WS_REPLAY_TICKS_PER_MINUTE`),

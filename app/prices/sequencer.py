@@ -10,14 +10,20 @@ to the streams). A `deliver` that fails partway gives back what it did not pass 
 
 A seq the broker skipped (a reconnect, a producer crash between store and publish) is a gap:
 the ticks before it go on, the sequencer refetches the missing ones from the store, where the
-producer wrote them first, and passes them on before the tick that revealed the gap. While
-that refetch awaits the store, later bursts wait in a bounded backlog behind it (the oldest
-leave when it overflows, and the jump they leave behind is refetched in turn). A refetch that
-fails leaves a visible `seq` jump. A seq more than the retention ahead of the last passed on
-is checked with the store first: one the store does not have (a forged or corrupt message,
-say `seq: 10**15` published by hand) is dropped and counted, not taken as the new last seq,
-which would make every real tick after it look like a redelivery and freeze the symbol. A
-symbol's first tick is held to the store's latest seq (read at `start`) plus the retention.
+producer wrote them first, or the database beyond it (app/history/service.py), and passes them
+on before the tick that revealed the gap. While that refetch awaits, later bursts wait in a
+bounded backlog behind it (the oldest leave when it overflows, and the jump they leave behind
+is refetched in turn). A refetch that fails leaves a visible `seq` jump; one that answers
+without the missing ticks (stored nowhere) hands the tick after them to `reset`, and so does a
+seq that went back (lower, yet newer than the last tick passed on, and confirmed by the store),
+which would otherwise be dropped as a redelivery until the new run passed the old seq. Both
+checks sit off the path of a tick whose seq is the last + 1.
+
+A seq more than the retention ahead of the last passed on is checked with the store first: one
+the store does not have (a forged or corrupt message, say `seq: 10**15` published by hand) is
+dropped and counted, not taken as the new last seq, which would make every real tick after it
+look like a redelivery and freeze the symbol. A symbol's first tick is held to the store's
+latest seq (read at `start`) plus the retention.
 
 The symbols it takes can change while it runs (`take`, `drop`: instruments added or
 disabled); the others' ticks go on as before. It owns `last_seq`, the newest seq passed on per
@@ -34,6 +40,7 @@ from collections.abc import Callable, Mapping
 
 from app import metrics
 from app.broker import price_channel
+from app.history.service import History
 from app.prices.store import TickStore
 from app.prices.ticks import MalformedTick, Tick, decode_tick
 
@@ -54,10 +61,21 @@ class Sequencer:
         retention: int,
         deliver: Callable[[list[Tick]], None],
         max_lag_ms: int = 50,
+        history: History | None = None,
+        reset: Callable[[Tick], None] | None = None,
+        newest: Mapping[str, Tick] | None = None,
     ) -> None:
+        """`history`: where gaps are refetched (the window, and the database beyond it).
+        `reset(tick)`: the feed of `tick`'s symbol starts afresh there (a gap stored nowhere,
+        a seq that went back); without it, such a gap is a plain jump. `newest`: the newest
+        tick passed on per symbol (the hub's), which tells a seq that went back from a
+        redelivery."""
         self._store = store
         self._retention = retention
         self.deliver = deliver
+        self._history = history or History(store=store, sessions=None, retention=retention)
+        self._reset = reset
+        self._newest: Mapping[str, Tick] = newest if newest is not None else {}
         self._max_lag_ms = max_lag_ms
         self._last_seq: dict[str, int] = {}
         # Before a symbol's first tick: the highest plausible seq (the store's latest at
@@ -181,6 +199,8 @@ class Sequencer:
                     if tick.seq > last + 1:
                         return ticks[i:]  # what came before the gap goes now (finally)
                     if tick.seq <= last:
+                        if self._went_back(tick, last):
+                            return ticks[i:]  # checked with the store, then a reset
                         continue  # passed on already: a redelivery
                 elif tick.seq > self._ceiling.get(symbol, tick.seq):
                     return ticks[i:]  # a first tick far past the store: checked there
@@ -190,6 +210,15 @@ class Sequencer:
         finally:
             if run:
                 self._hand_on(run)
+
+    def _went_back(self, tick: Tick, last: int) -> bool:
+        """Whether `tick`, at or below the last seq passed on, may be the start of a seq that
+        went back (its producer restarted below it) rather than a redelivery: it is newer than
+        the newest tick passed on. The store says which (`_confirm_went_back`)."""
+        if self._reset is None or tick.seq == last:
+            return False
+        newest = self._newest.get(tick.symbol)
+        return newest is not None and tick.ts > newest.ts
 
     def rewind(self, ticks: list[Tick]) -> None:
         """`deliver` failed before these ticks of its run (in order): they were not passed on
@@ -259,8 +288,16 @@ class Sequencer:
                     last = self._last_seq.get(tick.symbol)
                     if self._implausible(tick, last) and not await self._stored(tick):
                         continue  # forged or corrupt: passing it on would freeze the symbol
+                    if last is not None and tick.seq <= last:
+                        if self._went_back(tick, last) and await self._confirm_went_back(
+                            tick, last
+                        ):
+                            self._restart(tick, run)
+                        continue  # or a redelivery after all
                     if last is not None and tick.seq > last + 1:
-                        await self._repair_gap(tick.symbol, last, tick.seq, run)
+                        if await self._repair_gap(tick.symbol, last, tick.seq, run):
+                            self._restart(tick, run)
+                            continue
                     self._take(tick, run)  # refetched or not: no retry loop
                 finally:
                     if run:
@@ -325,22 +362,62 @@ class Sequencer:
         )
         return False
 
-    async def _repair_gap(self, symbol: str, last: int, upto: int, run: list[Tick]) -> None:
-        """The broker skipped seqs after `last`, up to `upto`: refetch them from the store,
-        where the producer wrote them first, onto `run`."""
+    async def _repair_gap(self, symbol: str, last: int, upto: int, run: list[Tick]) -> bool:
+        """The broker skipped seqs after `last`, up to `upto`: refetch them onto `run` from the
+        window (where the producer wrote them first) and the database beyond it. True when
+        the tick at `upto` must be a reset: the whole gap was asked for and some of it is
+        stored nowhere. A refetch that fails, or a gap longer than the retention (only its
+        start is refetched), leaves a plain `seq` jump: those ticks may be in `/history`."""
+        wanted = min(upto - last - 1, self._retention)
         try:
             missing = await asyncio.wait_for(
-                self._store.read_history(
-                    symbol, since=last, limit=min(upto - last - 1, self._retention)
-                ),
+                self._history.ticks_after(symbol, since=last, limit=wanted),
                 _REPAIR_TIMEOUT_SECONDS,
             )
         except Exception as exc:  # noqa: BLE001 - a failed repair leaves a visible seq jump
             logger.warning(
                 "hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc
             )
-            return
+            return False
         for tick in missing:
-            if tick.seq < upto:
-                metrics.GAPS_REPAIRED.inc()
+            if tick.seq >= upto:
+                break
+            metrics.GAPS_REPAIRED.inc()
+            before = self._last_seq.get(symbol)
+            if before is not None and tick.seq > before + 1 and wanted == upto - last - 1:
+                self._restart(tick, run)  # a hole inside the gap, stored nowhere
+            else:
                 self._take(tick, run)
+        reached = self._last_seq.get(symbol, last)
+        return self._reset is not None and wanted == upto - last - 1 and reached < upto - 1
+
+    async def _confirm_went_back(self, tick: Tick, last: int) -> bool:
+        """Whether the store agrees that `tick`'s seq went back: its latest is in the new,
+        lower run (at or past `tick`, below `last`). A store that cannot answer keeps the
+        feed as it was (the tick is dropped as a redelivery): a forged low seq must not
+        rewind a symbol."""
+        try:
+            latest = await asyncio.wait_for(
+                self._store.read_latest([tick.symbol]), _REPAIR_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # noqa: BLE001 - then it is taken for a redelivery
+            logger.warning("hub: could not check %s seq %d: %s", tick.symbol, tick.seq, exc)
+            return False
+        stored = latest.get(tick.symbol)
+        return stored is not None and tick.seq <= stored.seq < last
+
+    def _restart(self, tick: Tick, run: list[Tick]) -> None:
+        """`tick`'s symbol starts afresh at `tick`: what `run` holds goes on first, then the
+        reset. Without a `reset` callback, `tick` is passed on as any tick (a plain jump)."""
+        if price_channel(tick.symbol) not in self._channels:
+            return  # dropped while it was refetched
+        if self._reset is None:
+            self._last_seq[tick.symbol] = tick.seq
+            run.append(tick)
+            return
+        if run:
+            before, run[:] = run[:], []  # emptied first: a failing deliver hands nothing twice
+            self._hand_on(before)
+        logger.warning("hub: %s starts afresh at seq %d (a reset)", tick.symbol, tick.seq)
+        self._reset(tick)  # before the last seq moves: lanes leave at the old one
+        self._last_seq[tick.symbol] = tick.seq

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["streams"])
 
 _KEEPALIVE_SECONDS = 15.0
+# A replayed tick is a `tick` event; a reset is a `snapshot` event (its data says `reset`).
+_SSE_EVENTS = {"replay": "tick", "reset": "snapshot"}
 
 
 class EventStream:
@@ -243,7 +245,7 @@ async def stream_events(
                 stream.outbox.flushed()
                 metrics.MESSAGES_SENT.inc(len(frames))
                 yield "".join(
-                    f"event: {'tick' if f.event == 'replay' else f.event}\n"
+                    f"event: {_SSE_EVENTS.get(f.event, f.event)}\n"
                     f"id: {f.symbol}:{f.seq}\ndata: {f.text}\n\n"
                     for f in frames
                 )

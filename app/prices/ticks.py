@@ -19,6 +19,7 @@ SYMBOL_RE = re.compile(r"^[A-Z0-9][A-Z0-9.\-]{0,15}$")
 MAX_SEQ = 2**63 - 1
 _TICK_PREFIX = '{"type":"tick",'
 _SNAPSHOT_PREFIX = '{"type":"snapshot",'
+_RESET_PREFIX = '{"type":"snapshot","reset":true,'
 
 
 class MalformedTick(ValueError):
@@ -53,6 +54,12 @@ class Tick(NamedTuple):
         """The same tick as a `snapshot` frame."""
         return as_snapshot(self.frame)
 
+    @property
+    def reset_frame(self) -> str:
+        """The same tick as a `snapshot` marked `"reset": true`: the stream starts afresh
+        here, after ticks that are stored nowhere (app/prices/protocol.md)."""
+        return as_reset_snapshot(self.frame)
+
     def as_dict(self) -> dict[str, object]:
         value: dict[str, object] = orjson.loads(self.frame)
         return value
@@ -65,6 +72,15 @@ def as_snapshot(frame: str) -> str:
     body = orjson.loads(frame)
     body["type"] = "snapshot"
     return orjson.dumps(body).decode()
+
+
+def as_reset_snapshot(frame: str) -> str:
+    """A tick frame's text as a `snapshot` frame with `"reset": true`."""
+    if frame.startswith(_TICK_PREFIX):
+        return _RESET_PREFIX + frame[len(_TICK_PREFIX) :]
+    body = orjson.loads(frame)
+    body.pop("type", None)
+    return orjson.dumps({"type": "snapshot", "reset": True, **body}).decode()
 
 
 def _plain(value: Decimal) -> str:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from app.broker import Broker, price_channel
+from app.history.service import History
 from app.prices.hub import FanoutHub
 from app.prices.outbox import Outbox
 from app.prices.store import MemoryTickStore
@@ -212,8 +213,10 @@ async def consuming_hub(
     max_lag_ms: int = 50,
     direct_writes: bool = True,
     attach_first: Iterable[Outbox] = (),
+    history: History | None = None,
 ) -> AsyncIterator[Fanout]:
-    """A hub over `store` (by default an empty one) consuming `symbols` from a connected
+    """A hub over `store` (by default an empty one; `history`: the window and a database)
+    consuming `symbols` from a connected
     in-memory broker, once every outbox in `attach_first` is attached to each symbol (its
     snapshot taken before anything is consumed). Consuming stops, and the broker disconnects,
     at the end."""
@@ -227,6 +230,7 @@ async def consuming_hub(
         retention=retention,
         max_lag_ms=max_lag_ms,
         direct_writes=direct_writes,
+        history=history,
     )
     hub.lanes.direct_limit = 1000  # whatever this process's open-file limit: descriptors to spare
     fanout = Fanout(hub=hub, broker=broker, store=store, symbols=list(symbols))

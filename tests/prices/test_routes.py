@@ -21,7 +21,7 @@ ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 DECIMAL_RE = re.compile(r"^-?\d+(\.\d+)?$")
 SEED_SYMBOLS = set(SEED_LIST)
-INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
+INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
 
 
 def bearer(jwt: str) -> dict[str, str]:
@@ -270,7 +270,7 @@ class TestReadPriceHistory:
 
 
 class TestReadCandles:
-    @pytest.mark.parametrize("interval", ["1m", "5m", "1h"])
+    @pytest.mark.parametrize("interval", ["1m", "5m", "1h", "1d"])
     async def test_candles(self, client: httpx.AsyncClient, interval: str) -> None:
         await wait_for_seq(client, "AAPL", 3)
 
@@ -329,7 +329,7 @@ class TestReadCandles:
         "params",
         [
             pytest.param({"interval": "2m"}, id="interval-2m"),
-            pytest.param({"interval": "1d"}, id="interval-1d"),
+            pytest.param({"interval": "1w"}, id="interval-1w"),
             pytest.param({"interval": ""}, id="interval-empty"),
             pytest.param({"limit": 0}, id="limit-0"),
             pytest.param({"limit": 5000}, id="limit-5000"),

@@ -68,7 +68,9 @@ class TestDatabaseDownMidStream:
             await eventually(lambda: _more_than(watcher, 10))
             assert (await readiness(server.http))[1]["checks"]["history"] == "ok"
 
-            holder = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+            holder = sqlite3.connect(
+                database_url.split("///", 1)[1], isolation_level=None, timeout=30
+            )
             holder.execute("BEGIN EXCLUSIVE")  # another process's lock: every write refused
             try:
                 seen_at_outage = len(watcher.ticks)

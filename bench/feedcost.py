@@ -190,7 +190,9 @@ async def amain(opts: argparse.Namespace) -> int:
         "producer process only (source, stamp, fenced store, candles, publish, its loop); "
         "redis-server's own CPU beside it.\n"
     )
-    print("| load | producer | ticks/s done | asked | CPU % of a core | CPU µs/tick | redis µs/tick |")
+    print(
+        "| load | producer | ticks/s done | asked | CPU % of a core | CPU µs/tick | redis µs/tick |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (load, kind), runs in rows.items():
         asked = runs[0]["asked"]

@@ -322,6 +322,15 @@ SERVERS: dict[str, Server] = {
             "simulated feed at the scenario's rate) in its process tree, on the server core",
         ),
         Server(
+            "pricefeed-own-base",
+            "pricefeed",
+            "own",
+            "/readyz",
+            env={"PRODUCER": "on", "FEED_SOURCE": "simulated"},
+            tree=Path(os.environ["BENCH_BASE_TREE"]) if os.environ.get("BENCH_BASE_TREE") else None,
+            about="pricefeed-own from BENCH_BASE_TREE (another commit), side by side with this one",
+        ),
+        Server(
             "pricefeed-base",
             "pricefeed",
             "publish",

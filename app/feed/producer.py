@@ -271,9 +271,15 @@ class Producer:
             in_flight: list[asyncio.Task[None]] = []
             try:
                 while True:
+                    behind = not ready.empty()
                     batch = await ready.get()
                     while not ready.empty() and len(batch) < MAX_QUOTES_PER_WRITE:
                         batch = batch + ready.get_nowait()
+                    if not behind:  # the source is the slower: no task of its own
+                        while in_flight:
+                            await in_flight.pop(0)
+                        await self.emit_batch(batch)
+                        continue
                     in_flight.append(asyncio.create_task(self.emit_batch(batch)))
                     if len(in_flight) == 2:
                         await in_flight.pop(0)

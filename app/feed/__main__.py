@@ -61,8 +61,8 @@ def _tune_garbage_collector() -> None:
     collector's sight, and young objects collected less eagerly: every tick allocates, and
     with the defaults a full collection walking all of startup's objects ran so often that it
     was most of the producer's CPU at a few hundred ticks/s (perf: 60 % in gc_collect_main).
-    The server's workers do the same (app/main.py)."""
-    gc.collect()
+    The server's workers do the same (app/main.py), but for a collection first: what little
+    startup left as garbage is kept rather than make the lease wait for a full collection."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+
 from app.feed.sources import Quote
 from app.feed.sources.simulated import SimulatedSource
 from app.instruments.catalog import Catalog
@@ -52,18 +54,19 @@ class TestSpreadOverThePeriod:
         catalog = instruments(50)
         source = SimulatedSource(ticks_per_second=20, seed=1, clock=clock, sleep=clock.sleep)
         got = await play(source, catalog, clock, seconds=1)
-        # 50 ms a round, slots of 5 ms: ten slots of five instruments, each once a round.
-        first_round = [quote.symbol for _at, batch in got[:10] for quote in batch]
+        # 50 ms a round, slots of at least 20 ms: two slots of 25 instruments, each once a
+        # round.
+        first_round = [quote.symbol for _at, batch in got[:2] for quote in batch]
         assert sorted(first_round) == [i.symbol for i in catalog]
-        assert {len(batch) for _at, batch in got} == {5}
-        assert len({at for at, _batch in got[:10]}) == 10
-        assert len(got) >= 200  # 20 rounds in the second
+        assert {len(batch) for _at, batch in got} == {25}
+        assert got[1][0] - got[0][0] == pytest.approx(0.025)
+        assert len(got) >= 40  # 20 rounds in the second
 
-    async def test_a_slot_never_comes_closer_than_five_milliseconds(self) -> None:
+    async def test_a_slot_never_comes_closer_than_twenty_milliseconds(self) -> None:
         clock = FakeClock()
-        source = SimulatedSource(ticks_per_second=1000, seed=1, clock=clock, sleep=clock.sleep)
-        got = await play(source, instruments(10), clock, seconds=0.1)
-        # 1 ms a round: one slot of every instrument.
+        source = SimulatedSource(ticks_per_second=50, seed=1, clock=clock, sleep=clock.sleep)
+        got = await play(source, instruments(10), clock, seconds=0.2)
+        # 20 ms a round: one slot of every instrument.
         assert {len(batch) for _at, batch in got} == {10}
 
     async def test_an_instrument_disabled_mid_round_quotes_no_more(self) -> None:

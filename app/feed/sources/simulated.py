@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from app.feed.stats import FeedStats
 
 
-# The shortest gap between two slots of a round (the event loop's timers have about a
-# millisecond's resolution; the bench's burst publisher steps every 5 ms).
-SLOT_SECONDS = 0.005
+# The shortest gap between two slots of a round. Each slot is a batch, and on the machines
+# this was measured on a batch costs the producer about a millisecond of CPU whatever its
+# size (wake-ups and two Redis round trips: bench.feedcost); 20 ms halves the burst the
+# fan-out sends at once at S1's rate (50 symbols x 20/s: two slots of 25) for twice the
+# batches, where 5 ms slots cost the producer three times the CPU of whole rounds.
+SLOT_SECONDS = 0.02
 
 
 def create(settings: Settings, stats: FeedStats) -> SimulatedSource:

@@ -175,6 +175,33 @@ def merge_marks(marks: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class FeedWatch:
+    """Stands in for the publisher where the product's own producer publishes (producer
+    "own"): answers `mark` with the ticks it stored since the last one, counted from the
+    store's latest seqs in Redis (bench/feedcost.py), as the publisher counts what it sent."""
+
+    def __init__(self, redis_url: str) -> None:
+        from redis.asyncio import Redis as RedisClient
+
+        self._client = RedisClient.from_url(redis_url)
+        self._last: tuple[int, float] | None = None
+
+    async def cmd(self, line: str, timeout: float) -> dict[str, Any]:
+        from bench.feedcost import seq_total
+
+        if line != "mark":
+            return {}
+        _, ticks = await asyncio.wait_for(seq_total(self._client), timeout)
+        now = time.monotonic()
+        last, self._last = self._last, (ticks, now)
+        if last is None:
+            return {"ticks": 0, "elapsed": 0.0}
+        return {"ticks": ticks - last[0], "elapsed": now - last[1]}
+
+    async def quit(self) -> None:
+        await self._client.aclose()
+
+
 class Bench:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
@@ -231,7 +258,14 @@ class Bench:
                 log=server_log,
                 symbols=self.symbols,
             )
-            server = spec.start(port=port, redis_url=redis.url, workdir=workdir, log=server_log)
+            used, ticks_for = self._publishing(scen)
+            server = spec.start(
+                port=port,
+                redis_url=redis.url,
+                workdir=workdir,
+                log=server_log,
+                ticks_per_symbol=ticks_for(scen.rate) / len(used) if scen.rate else None,
+            )
             await procs.wait_http_ok(port, spec.health_path, server, timeout=60)
             await asyncio.sleep(0.5)
             if server.poll() is not None:  # a worker that failed after the first answered
@@ -384,7 +418,9 @@ class Bench:
         rate: float,
         workdir: Path,
         publish: str = "burst",
-    ) -> Ctl:
+    ) -> Ctl | FeedWatch:
+        if spec.producer == "own":
+            return FeedWatch(redis_url)
         cmd, cwd = spec.producer_cmd(
             redis_url=redis_url, symbols=symbols, rate=rate, publish=publish
         )
@@ -402,7 +438,7 @@ class Bench:
         redis_url: str,
         redis_pid: int,
         workdir: Path,
-    ) -> Ctl:
+    ) -> Ctl | FeedWatch:
         opts = self.opts
         await self._connect(row, lg, scen.clients)
         used, ticks_for = self._publishing(scen)
@@ -416,7 +452,7 @@ class Bench:
         row["publish"] = scen.publish
         await asyncio.sleep(opts.warmup)
 
-        load_pids = [lg.proc.pid, prod.proc.pid, redis_pid]
+        load_pids = [lg.proc.pid, redis_pid] + ([prod.proc.pid] if isinstance(prod, Ctl) else [])
 
         async def mark() -> dict[str, Any]:
             lm = await lg.cmd("mark", 30)
@@ -518,7 +554,7 @@ class Bench:
         lg: Ctl,
         redis_url: str,
         workdir: Path,
-    ) -> Ctl:
+    ) -> Ctl | FeedWatch:
         """The scale scenario: the asked rate climbs in steps (`--scale-from`, x`--scale-step`,
         up to the scenario's rate) until a step is not carried in full; the row is the last
         step that was. "In full": >= 97 % of the asked rate delivered, at most 1 % of it
@@ -776,6 +812,8 @@ async def amain(opts: argparse.Namespace) -> int:
         for scen in scens:
             if (spec.worker_cores is None) == (scen.name == "scale"):
                 continue  # the scale scenario is the capped pair's, and only theirs
+            if spec.producer == "own" and scen.publish != "burst":
+                continue  # its own feed publishes as it does (the simulated source's slots)
             print(
                 f"… {spec.name} {scen.name} ({scen.clients:,} clients"
                 + (f", {scen.rate:,.0f} msg/s" if scen.rate else ", idle")

@@ -86,7 +86,9 @@ def add_instruments(db: Path, symbols: list[str]) -> None:
 class Server:
     name: str
     client_kind: str  # loadgen --kind
-    producer: str  # "publish" / "sio" (bench/producer.py) or "node" (peers/node/producer.js)
+    # "publish" / "sio" (bench/producer.py), "node" (peers/node/producer.js), or "own": the
+    # product's own producer (PRODUCER=on, the simulated feed), no publisher of the bench's
+    producer: str
     health_path: str
     batch: bool = False  # pricefeed: clients opt in to array frames
     workers: int = 1
@@ -181,10 +183,19 @@ class Server:
         }
 
     def start(
-        self, *, port: int, redis_url: str, workdir: Path, log: Path
+        self,
+        *,
+        port: int,
+        redis_url: str,
+        workdir: Path,
+        log: Path,
+        ticks_per_symbol: float | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start the server; `ticks_per_symbol`: the rate of its own feed (producer "own")."""
         if self.client_kind == "pricefeed":
             env = self.pricefeed_env(port=port, redis_url=redis_url, workdir=workdir)
+            if self.producer == "own" and ticks_per_symbol is not None:
+                env["FEED_TICKS_PER_SECOND"] = f"{ticks_per_symbol:g}"
             # Run from its tree: `python -m` puts the working directory first on sys.path, so
             # that tree's `app` package is the one imported.
             return spawn(
@@ -300,6 +311,24 @@ SERVERS: dict[str, Server] = {
             "publish",
             "/readyz",
             about="python -m app, WORKERS=1, object frames",
+        ),
+        Server(
+            "pricefeed-own",
+            "pricefeed",
+            "own",
+            "/readyz",
+            env={"PRODUCER": "on", "FEED_SOURCE": "simulated"},
+            about="python -m app, WORKERS=1, with its own producer (python -m app.feed, the "
+            "simulated feed at the scenario's rate) in its process tree, on the server core",
+        ),
+        Server(
+            "pricefeed-own-base",
+            "pricefeed",
+            "own",
+            "/readyz",
+            env={"PRODUCER": "on", "FEED_SOURCE": "simulated"},
+            tree=Path(os.environ["BENCH_BASE_TREE"]) if os.environ.get("BENCH_BASE_TREE") else None,
+            about="pricefeed-own from BENCH_BASE_TREE (another commit), side by side with this one",
         ),
         Server(
             "pricefeed-base",

@@ -392,3 +392,25 @@ async def test_a_subscription_takes_channels_on_and_off_while_the_others_flow(
 
     assert [m for c, m in sink.messages if c == "prices:A"] == [str(i) for i in range(sent)]
     assert [m for c, m in sink.messages if c == "prices:B"] == ["b1"]
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_publish_many_delivers_each_message_once_in_order(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Runs of one channel, channels interleaved, an empty message, messages with newlines
+    of their own (Redis: a run of one channel travels joined by newlines)."""
+    url = request.getfixturevalue("redis").url if backend == "redis" else "memory://"
+    sink = Bursts()
+    channels = ["prices:AAPL", "prices:MSFT"]
+    sent = [("prices:AAPL", f"a{i}") for i in range(5)]
+    sent += [("prices:MSFT", "m0"), ("prices:AAPL", ""), ("prices:AAPL", "two\nlines")]
+    sent += [("prices:AAPL", "\n"), ("prices:MSFT", "m1"), ("prices:MSFT", "m2\n")]
+    sent += [("prices:MSFT", f"m{i}") for i in range(3, 8)]
+    async with connected(url) as broker, broker.subscribe_bursts(channels, sink):
+        await wait_until(lambda: broker.connected)
+        await broker.publish_many(sent)
+        await broker.publish_many([])
+        await wait_until(lambda: len(sink.messages) >= len(sent))
+        await asyncio.sleep(0.1)  # room for a duplicate to show
+    assert sink.messages == sent

@@ -78,8 +78,14 @@ class TestTwoInstances:
         b = server_process(tmp_path, "b", database_url, BROADCAST_URL=redis.url)
         with running(a, b):
             await asyncio.gather(a.wait_ready(), b.wait_ready())
-            roles = sorted([(await readiness(s))[1]["checks"]["producer"] for s in (a, b)])
-            assert roles == ["leader", "standby"], "one producer in the cluster"
+
+            async def roles() -> list[str]:
+                return sorted([(await readiness(s))[1]["checks"]["producer"] for s in (a, b)])
+
+            # Ready comes before either producer process has taken the lease (its own
+            # start): wait for one to lead, and never two.
+            await wait_for(lambda: _one_leads(a, b))
+            assert await roles() == ["leader", "standby"], "one producer in the cluster"
             async with watch(a, "AAPL") as on_a, watch(b, "AAPL") as on_b:
                 got_a, got_b = await asyncio.gather(collect(on_a, 2.0), collect(on_b, 2.0))
         assert len(got_a) > 20 and len(got_b) > 20
@@ -98,6 +104,7 @@ class TestTwoInstances:
         b = server_process(tmp_path, "b", database_url, BROADCAST_URL=redis.url)
         with running(a, b):
             await asyncio.gather(a.wait_ready(), b.wait_ready())
+            await wait_for(lambda: _one_leads(a, b))  # ready before either has the lease
             leader, standby = (
                 (a, b) if (await readiness(a))[1]["checks"]["producer"] == "leader" else (b, a)
             )
@@ -133,6 +140,12 @@ async def _all_gone(pids: list[int]) -> bool:
     return not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
+async def _one_leads(*servers: ServerProcess) -> bool:
+    roles = [(await readiness(s))[1]["checks"]["producer"] for s in servers]
+    assert roles.count("leader") <= 1, f"two producers in the cluster: {roles}"
+    return roles.count("leader") == 1
+
+
 async def _is_leader(server: ServerProcess) -> bool:
     status, body = await readiness(server)
     return status == 200 and body["checks"].get("producer") == "leader"
@@ -145,6 +158,7 @@ class TestRedisRestart:
         server = server_process(tmp_path, "solo", database_url, BROADCAST_URL=redis.url)
         with running(server):
             await server.wait_ready()
+            await wait_for(lambda: _is_leader(server))  # ready before its producer leads
             async with watch(server, "AAPL") as stream:
                 before = await collect(stream, 0.5)
                 redis.kill()
@@ -227,6 +241,7 @@ class TestSeqNeverRestarts:
         a = server_process(tmp_path, "a", database_url, BROADCAST_URL=redis.url)
         with running(a):
             await a.wait_ready()
+            await wait_for(lambda: _is_leader(a))  # ready before its producer leads
             async with watch(a, "AAPL") as stream:
                 await asyncio.sleep(2.5)  # past one checkpoint
                 before = await collect(stream, 0.5)
@@ -235,6 +250,7 @@ class TestSeqNeverRestarts:
         b = server_process(tmp_path, "b", database_url, BROADCAST_URL=redis.url)
         with running(b):
             await b.wait_ready()
+            await wait_for(lambda: _is_leader(b))  # once a's lease has lapsed
             async with watch(b, "AAPL") as stream:
                 after = await collect(stream, 1.0)
         assert before and after

@@ -31,7 +31,7 @@ from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
-from app.prices.candles import INTERVALS_MS, Candle, fold_tick
+from app.prices.candles import INTERVALS_MS, Candle, fold_prices
 from app.prices.store import NotLeader, Run, TickStore
 from app.prices.ticks import Tick, encode_tick
 
@@ -64,6 +64,9 @@ RESUME_DB_SECONDS = 2.0
 BACKFILL_TICKS = 1_000_000
 
 _T = TypeVar("_T")
+# Source batches read while the previous ones are written: enough to keep the source busy
+# during a write, few enough that a leadership that ends drops little already read.
+READ_AHEAD_BATCHES = 2
 
 
 _ZERO = Decimal(0)
@@ -125,8 +128,13 @@ class Producer:
         self._candles: dict[tuple[str, str], Candle] = {}
         # Symbols whose seq was read from the store in this leadership term.
         self._resumed: set[str] = set()
-        # One batch at a time (the source's and, later, pushed ones): seq order per symbol.
+        # One batch at a time is stamped and stored (the source's and pushed ones): seq order
+        # per symbol. Publishes go out in the order of the writes, each once the one before
+        # it is out: taken before the batch lets go of `_emitting`, so the next batch is
+        # stamped and stored while this one is published.
         self._emitting = asyncio.Lock()
+        self._publishing = asyncio.Lock()
+        self._unpublished = False  # a publish failed: none after it goes out this term
         self.is_leader = False
 
     @property
@@ -182,6 +190,7 @@ class Producer:
 
     async def _lead(self) -> None:
         self._resumed.clear()  # another leader may have published since this one last led
+        self._unpublished = False
         await self._resume([i.symbol for i in self._instruments])
         try:
             async with asyncio.TaskGroup() as group:
@@ -340,8 +349,42 @@ class Producer:
         return runs
 
     async def _publish_forever(self) -> None:
-        async for batch in self._source.stream(self._instruments, dict(self._prices)):
-            await self.emit_batch(batch)
+        """The source read one step ahead of the writes: while a batch is in Redis, the next
+        is read (a replay row parsed, an upstream message taken); what waited meanwhile is
+        written together, as one batch, so a busy source costs fewer round trips a tick."""
+        ready: asyncio.Queue[list[Quote]] = asyncio.Queue(maxsize=READ_AHEAD_BATCHES)
+
+        async def read() -> None:
+            async for batch in self._source.stream(self._instruments, dict(self._prices)):
+                if batch:
+                    await ready.put(batch)
+
+        async def write() -> None:
+            # Two batches in flight: one published while the next is stamped and stored
+            # (`_emit_marked` keeps both in order).
+            in_flight: list[asyncio.Task[None]] = []
+            try:
+                while True:
+                    behind = not ready.empty()
+                    batch = await ready.get()
+                    while not ready.empty() and len(batch) < MAX_QUOTES_PER_WRITE:
+                        batch = batch + ready.get_nowait()
+                    if not behind:  # the source is the slower: no task of its own
+                        while in_flight:
+                            await in_flight.pop(0)
+                        await self.emit_batch(batch)
+                        continue
+                    in_flight.append(asyncio.create_task(self.emit_batch(batch)))
+                    if len(in_flight) == 2:
+                        await in_flight.pop(0)
+            finally:  # the term ends: what is still in flight goes no further
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+        async with asyncio.TaskGroup() as group:  # the source's failure ends both
+            group.create_task(read(), name="producer-source")
+            group.create_task(write(), name="producer-write")
 
     async def _apply_inbox_forever(self) -> None:
         """Pushed batches, in the order they were accepted. This term starts from the marks
@@ -414,23 +457,32 @@ class Producer:
                     self._candles[(run.symbol, interval)] = candle
                 channel = price_channel(run.symbol)
                 published += [(channel, tick.frame) for tick in run.ticks[refused:]]
+            await self._publishing.acquire()
+        try:
+            if self._unpublished:
+                # What this batch follows never went out: publishing it would hide that gap.
+                raise RedisConnectionError("an earlier batch of this term was not published")
             # The store first: a tick the broker loses can still be refetched from it.
             await self._broker.publish_many(published)
             metrics.TICKS_PUBLISHED.inc(len(published))
             if self._history is not None:
                 self._history.offer(runs)
+        except BaseException:
+            self._unpublished = True
+            raise
+        finally:
+            self._publishing.release()
 
     def _stamp(self, symbol: str, quotes: list[tuple[Quote, str | None]]) -> Run:
         """The ticks of one symbol's quotes: the next seqs, `ts` from this clock (never going
-        back), and the candles they fold into; nothing of the producer's state changes."""
+        back; one reading for the run: they were stamped together), and the candles they
+        fold into; nothing of the producer's state changes."""
         seq = self._seq.get(symbol, 0)
-        ts = self._ts.get(symbol, 0)
-        candles = {i: self._candles.get((symbol, i)) for i in INTERVALS_MS}
-        states: dict[tuple[str, int], Candle] = {}  # every candle state, oldest first
+        ts = max(time.time_ns() // 1_000_000, self._ts.get(symbol, 0))
         ticks: list[Tick] = []
+        traded = _ZERO
         for quote, _mark in quotes:
             seq += 1
-            ts = max(time.time_ns() // 1_000_000, ts)
             ticks.append(
                 encode_tick(
                     symbol=symbol,
@@ -445,22 +497,27 @@ class Producer:
                     source_ts=quote.source_ts,
                 )
             )
-            traded = quote.traded or _ZERO
-            for interval, interval_ms in INTERVALS_MS.items():
-                candle = fold_tick(
-                    candles[interval],
+            traded += quote.traded or _ZERO
+        prices = [quote.price for quote, _mark in quotes]
+        high, low = max(prices), min(prices)
+        # One `ts` for the run: each interval's candle takes all of it (never two candles).
+        candles = [
+            (
+                interval,
+                fold_prices(
+                    self._candles.get((symbol, interval)),
                     interval_ms=interval_ms,
                     ts=ts,
-                    price=quote.price,
+                    open=prices[0],
+                    high=high,
+                    low=low,
+                    close=prices[-1],
                     volume=traded,
-                )
-                candles[interval] = states[(interval, candle.start)] = candle
-        return Run(
-            symbol,
-            ticks,
-            [(interval, candle) for (interval, _start), candle in states.items()],
-            mark=quotes[-1][1],
-        )
+                ),
+            )
+            for interval, interval_ms in INTERVALS_MS.items()
+        ]
+        return Run(symbol, ticks, candles, mark=quotes[-1][1])
 
 
 def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[InboxEntry]]:

@@ -8,6 +8,7 @@ finite, with at most the instrument's decimals; trailing zeros do not count.
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal, InvalidOperation
 
 SIDES = frozenset({"buy", "sell"})
@@ -28,7 +29,7 @@ def parse_amount(raw: object, field: str, *, decimals: int | None = None) -> Dec
     if not isinstance(raw, str):
         raise QuoteError(f"bad_{field}", f'{field} must be a decimal string, like "189.23"')
     text = raw.strip()
-    if not text or len(text) > 40 or not all(c.isdigit() or c == "." for c in text):
+    if len(text) > 40 or not text.replace(".", "").isdigit():
         # Refuses exponents ("1e9999"), signs, "NaN" and "Infinity" before Decimal sees them.
         raise QuoteError(f"bad_{field}", f"{field} must be a positive decimal string: {raw[:40]!r}")
     try:
@@ -46,8 +47,14 @@ def parse_amount(raw: object, field: str, *, decimals: int | None = None) -> Dec
             raise QuoteError(
                 "too_many_decimals", f"{field} {raw!r} has more than {decimals} decimals"
             )
-        value = value.quantize(Decimal(1).scaleb(-decimals))
+        value = value.quantize(_step(decimals))
     return value
+
+
+@functools.cache
+def _step(decimals: int) -> Decimal:
+    """10 ** -decimals: what an amount with `decimals` places is quantized to."""
+    return Decimal(1).scaleb(-decimals)
 
 
 def parse_price(raw: object, decimals: int) -> Decimal:

@@ -49,17 +49,30 @@ class Candle:
         )
 
 
-def fold_tick(
-    current: Candle | None, *, interval_ms: int, ts: int, price: Decimal, volume: Decimal
+def fold_prices(
+    current: Candle | None,
+    *,
+    interval_ms: int,
+    ts: int,
+    open: Decimal,
+    high: Decimal,
+    low: Decimal,
+    close: Decimal,
+    volume: Decimal,
 ) -> Candle:
-    """The candle of `interval_ms` that contains `ts`, after this tick."""
+    """The candle of `interval_ms` that contains `ts`, after ticks stamped `ts` with these
+    prices (the first `open`, the last `close`) and traded `volume` in all. A new object:
+    `current` is left as it was, so a batch that is never stored leaves no trace."""
     start = ts - ts % interval_ms
     if current is not None and start < current.start:
         start = current.start  # a clock step back (say, on failover) must not rewrite history
     if current is None or current.start != start:
-        return Candle(start=start, open=price, high=price, low=price, close=price, volume=volume)
-    current.high = max(current.high, price)
-    current.low = min(current.low, price)
-    current.close = price
-    current.volume += volume
-    return current
+        return Candle(start=start, open=open, high=high, low=low, close=close, volume=volume)
+    return Candle(
+        start=start,
+        open=current.open,
+        high=max(current.high, high),
+        low=min(current.low, low),
+        close=close,
+        volume=current.volume + volume,
+    )

@@ -19,28 +19,12 @@ from app.feed.sources.replay import BATCH_ROWS, RETRY_SECONDS, ReplaySource, cre
 from app.feed.stats import FeedStats
 from app.instruments.catalog import Catalog
 from app.instruments.repository import InstrumentInfo
-from tests.support import make_settings
+from tests.support import FakeClock, make_settings
 
 AAPL = InstrumentInfo("AAPL", "Apple", "equity", 4, Decimal("189.2300"))
 MSFT = InstrumentInfo("MSFT", "Microsoft", "equity", 4, Decimal("415.5000"))
 EURUSD = InstrumentInfo("EUR-USD", "Euro", "fx", 5, Decimal("1.08450"))
 T0 = 1_710_509_400_000  # 2024-03-15T13:30:00Z
-
-
-class FakeClock:
-    """The source's clock and sleep: a sleep moves time on at once, and is recorded."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 def write(tmp_path: Path, text: str, name: str = "ticks.csv") -> Path:

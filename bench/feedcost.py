@@ -1,0 +1,226 @@
+"""The producer alone: ticks/s and CPU per tick of `python -m app.feed` against a real Redis.
+
+What a tick costs the one producer of a cluster before any fan-out: the source's quote, the
+stamp (`seq`, `ts`, the frame), the fenced store write (one Lua call a batch), the candles
+and the publish (one more), and the loop's own overhead, with nobody subscribed. Each load
+runs a fresh `redis-server` and a fresh `python -m app.feed` from each tree (`pricefeed`: this
+checkout; `pricefeed-base`: `BENCH_BASE_TREE`, another commit, as in `python -m bench`),
+alternated, so a noisy minute hits both:
+
+- `NxR`: the simulated source (the default feed), N symbols at R ticks/s each
+  (`10x50` = 500 ticks/s; `50x20` = S1's 1,000 ticks/s).
+- `max`: a replay of a generated file at FEED_REPLAY_SPEED=0 (as fast as the producer takes
+  it; looped, 100 symbols): what one core sustains. Its per-tick cost includes reading and
+  checking the CSV row, as the simulated one includes the random walk.
+
+Ticks are counted from the store (the sum of every symbol's latest `seq` in Redis), CPU from
+`/proc` (the producer process only; Redis is shown beside it). Pinning as in `python -m
+bench`: the producer on core 0, Redis and this runner on core 1.
+
+    python -m bench.feedcost                                  # 10x50,50x20,max; 2 rounds
+    BENCH_BASE_TREE=/tmp/base python -m bench.feedcost --kinds pricefeed-base,pricefeed
+    python -m bench.feedcost --loads max --seconds 20 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis as RedisClient
+
+from bench import procs, report
+from bench.procs import SERVER_CORE, Redis, free_port, kill, spawn
+from bench.servers import SERVERS, bench_symbols
+
+PREFIX = "pricefeed"  # REDIS_KEY_PREFIX's default
+MAX_SYMBOLS = 100
+REPLAY_ROWS = 200_000
+
+
+def parse_load(text: str) -> tuple[int, float | None]:
+    """`NxR` → (N symbols, R ticks/s each); `max` → (MAX_SYMBOLS, None)."""
+    if text == "max":
+        return MAX_SYMBOLS, None
+    symbols, rate = text.lower().split("x")
+    return int(symbols), float(rate)
+
+
+def write_replay(path: Path, symbols: list[str]) -> None:
+    """REPLAY_ROWS rows round-robin over `symbols`, 1 ms apart, prices with 2 decimals (every
+    instrument takes at least 2), a random walk from 100."""
+    walk = random.Random(7)
+    prices = dict.fromkeys(symbols, 100.0)
+    lines = ["ts,symbol,price,volume\n"]
+    t0 = 1_764_300_000_000
+    for i in range(REPLAY_ROWS):
+        symbol = symbols[i % len(symbols)]
+        prices[symbol] = max(1.0, prices[symbol] * (1 + walk.gauss(0, 1e-4)))
+        lines.append(f"{t0 + i},{symbol},{prices[symbol]:.2f},{walk.randint(1, 500)}\n")
+    path.write_text("".join(lines))
+
+
+async def seq_total(redis: RedisClient) -> tuple[int, int]:
+    """(symbols in the store, the sum of their latest seq): every tick stored, across runs."""
+    import orjson
+
+    latest = await redis.hgetall(f"{PREFIX}:latest")
+    return len(latest), sum(orjson.loads(frame)["seq"] for frame in latest.values())
+
+
+async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, Any]:
+    spec = SERVERS[kind]
+    count, rate = parse_load(load)
+    workdir = Path(tempfile.mkdtemp(prefix=f"feedcost-{kind}-"))
+    redis = producer = None
+    client: RedisClient | None = None
+    try:
+        redis = Redis(workdir)
+        await redis.ready()
+        symbols = bench_symbols(count) if count <= 64 else _many_symbols(count)
+        port = free_port()
+        log = workdir / "producer.log"
+        await spec.prepare(
+            port=port, redis_url=redis.url, workdir=workdir, log=log, symbols=symbols
+        )
+        env = spec.pricefeed_env(port=port, redis_url=redis.url, workdir=workdir)
+        if rate is None:
+            replay = workdir / "replay.csv"
+            write_replay(replay, symbols)
+            env |= {
+                "FEED_SOURCE": "replay",
+                "FEED_REPLAY_PATH": str(replay),
+                "FEED_REPLAY_SPEED": "0",
+                "FEED_REPLAY_LOOP": "true",
+            }
+        else:
+            env |= {"FEED_SOURCE": "simulated", "FEED_TICKS_PER_SECOND": f"{rate:g}"}
+        producer = spawn(
+            [sys.executable, "-m", "app.feed"], core=SERVER_CORE, env=env, cwd=spec.tree, log=log
+        )
+        client = RedisClient.from_url(redis.url)
+        deadline = time.monotonic() + 60
+        while (await seq_total(client))[0] < len(symbols):  # leading, every symbol out
+            if producer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind}: producer not publishing: {log.read_text()[-600:]}")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(opts.warmup)
+        cpu0, redis0 = procs.tree_cpu_seconds(producer.pid), procs.tree_cpu_seconds(redis.proc.pid)
+        (_, seq0), t0 = await seq_total(client), time.monotonic()
+        steal0 = procs.system_cpu()[2]
+        await asyncio.sleep(opts.seconds)
+        cpu = procs.tree_cpu_seconds(producer.pid) - cpu0
+        redis_cpu = procs.tree_cpu_seconds(redis.proc.pid) - redis0
+        (_, seq1), span = await seq_total(client), time.monotonic() - t0
+        steal = procs.system_cpu()[2] - steal0
+        ticks = seq1 - seq0
+        if producer.poll() is not None:
+            raise RuntimeError(f"{kind}: producer exited: {log.read_text()[-600:]}")
+        return {
+            "kind": kind,
+            "load": load,
+            "asked": None if rate is None else rate * count,
+            "ticks_s": ticks / span,
+            "cpu_pct": 100 * cpu / span,
+            "us_per_tick": cpu * 1e6 / ticks if ticks else None,
+            "redis_us_per_tick": redis_cpu * 1e6 / ticks if ticks else None,
+            "steal_pct": 100 * steal / span,
+        }
+    finally:
+        if client is not None:
+            await client.aclose()
+        if producer is not None:
+            kill(producer, timeout=3)
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _many_symbols(count: int) -> list[str]:
+    """More symbols than the fan-out bench's 64: the same names, on to `count`."""
+    return bench_symbols(64) + [f"X{i:02d}-USD" for i in range(64, count)]
+
+
+def _cell(values: list[float]) -> str:
+    shown = ", ".join(f"{v:,.1f}" if v < 100 else f"{v:,.0f}" for v in values)
+    return f"{statistics.median(values):,.1f} ({shown})"
+
+
+async def amain(opts: argparse.Namespace) -> int:
+    kinds = [k for k in opts.kinds.split(",") if k]
+    for kind in kinds:
+        why = SERVERS[kind].unavailable() if kind in SERVERS else "not a pricefeed server"
+        if why:
+            print(f"{kind}: {why}", file=sys.stderr)
+            return 2
+    loads = [x.strip() for x in opts.loads.split(",") if x.strip()]
+    info = report.machine_info()
+    print("## Machine\n")
+    for key, val in info.items():
+        if key not in ("python-socketio", "node", "socket.io (node)", "websockets"):
+            print(f"- {key}: {val}")
+    for kind in kinds:
+        tree = SERVERS[kind].tree
+        commit = report._cmd_version(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
+        print(f"- {kind}: {tree} at {commit}")
+    print("- pinning: producer on core 0, redis-server and this runner on core 1\n", flush=True)
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for round_ in range(opts.rounds):
+        for load in loads:
+            for kind in kinds:  # alternated
+                await procs.wait_quiet(opts.quiet_wait)
+                row = await measure(kind, load, opts)
+                rows.setdefault((load, kind), []).append(row)
+                print(
+                    f"round {round_ + 1} {load:6s} {kind:15s} {row['ticks_s']:9,.0f} ticks/s "
+                    f"{row['cpu_pct']:5.1f}% CPU {row['us_per_tick'] or 0:7.1f} µs/tick "
+                    f"(redis {row['redis_us_per_tick'] or 0:.1f}, steal {row['steal_pct']:.0f}%)",
+                    flush=True,
+                )
+    print(
+        f"\n{opts.seconds:g} s windows after {opts.warmup:g} s; median (each run). CPU: the "
+        "producer process only (source, stamp, fenced store, candles, publish, its loop); "
+        "redis-server's own CPU beside it.\n"
+    )
+    print(
+        "| load | producer | ticks/s done | asked | CPU % of a core | CPU µs/tick | redis µs/tick |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (load, kind), runs in rows.items():
+        asked = runs[0]["asked"]
+        print(
+            f"| {load} | {kind} | {_cell([r['ticks_s'] for r in runs])} "
+            f"| {'as fast as taken' if asked is None else f'{asked:,.0f}'} "
+            f"| {_cell([r['cpu_pct'] for r in runs])} "
+            f"| {_cell([r['us_per_tick'] or 0 for r in runs])} "
+            f"| {_cell([r['redis_us_per_tick'] or 0 for r in runs])} |"
+        )
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.feedcost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--kinds", default="pricefeed", help="pricefeed and/or pricefeed-base")
+    ap.add_argument("--loads", default="10x50,50x20,max", help="NxR (simulated) and/or max")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quiet-wait", type=float, default=10.0)
+    opts = ap.parse_args()
+    return procs.run_main(amain(opts), "feedcost")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

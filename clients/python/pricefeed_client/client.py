@@ -59,6 +59,9 @@ class PricefeedClient:
         self._receive_buffer = receive_buffer
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         self._tokens = TokenKeeper(token_provider or self.fetch_token)
+        # Open watches, closed with the client: a loop left with `break` drops its generator
+        # unclosed, and only a task the garbage collector schedules would close its connection.
+        self._watches: set[AsyncGenerator[Tick | StreamEvent, None]] = set()
 
     async def __aenter__(self) -> PricefeedClient:
         return self
@@ -67,6 +70,9 @@ class PricefeedClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close every watch still open, then the HTTP connections."""
+        for watch in list(self._watches):
+            await watch.aclose()
         await self._http.aclose()
 
     # ------------------------------------------------------------------ auth
@@ -193,7 +199,10 @@ class PricefeedClient:
             open_timeout=self._timeout,
             receive_buffer=self._receive_buffer,
         )
-        return watch.run()
+        stream = watch.run()
+        self._watches = {w for w in self._watches if getattr(w, "ag_frame", None) is not None}
+        self._watches.add(stream)
+        return stream
 
     async def watch(
         self,

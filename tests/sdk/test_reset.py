@@ -10,9 +10,9 @@ import json
 import time
 from typing import Any
 
+from pricefeed_client import AccessToken, Connected, Disconnected, Gap, PricefeedClient, Reset
 from websockets.asyncio.server import ServerConnection, serve
 
-from pricefeed_client import AccessToken, Connected, Disconnected, Gap, PricefeedClient, Reset
 from tests.sdk.support import Seen
 
 

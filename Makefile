@@ -59,9 +59,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench scripts clients/python
+	$(VENV)/bin/ruff check app tests bench scripts clients/python/pricefeed_client
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff format --check app tests bench scripts clients/python
+	$(VENV)/bin/ruff format --check app tests bench scripts clients/python/pricefeed_client
 
 bench: install
 	$(PY) -m pip install -q -r bench/requirements.txt

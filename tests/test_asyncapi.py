@@ -109,6 +109,7 @@ class TestWhatARealServerSends:
                 {"op": "ping"},
                 {"op": "auth", "token": token()},
                 {"op": "subscribe", "symbols": ["NOPE"]},
+                {"op": "subscribe", "symbols": [""]},
                 {"op": "dance"},
                 {"op": "unsubscribe", "symbols": ["AAPL", "MSFT"]},
             ):
@@ -118,6 +119,8 @@ class TestWhatARealServerSends:
                 raw = await ws.conn.recv()
                 received.append(body := httpx.Response(200, content=raw).json())
                 kinds |= {f["type"] for f in (body if isinstance(body, list) else [body])}
+        errors = {f["code"] for f in received if isinstance(f, dict) and f["type"] == "error"}
+        assert errors >= {"unknown_symbol", "invalid_request", "unknown_op"}
         assert frames.problems(document, [("multiplexed", b) for b in received]) == []
 
     async def test_every_frame_of_a_one_symbol_stream(

@@ -26,6 +26,7 @@ SymbolName = Annotated[
 ErrorCode = Literal[
     "invalid_json",
     "invalid_message",
+    "invalid_request",
     "unknown_op",
     "unknown_symbol",
     "too_many_subscriptions",

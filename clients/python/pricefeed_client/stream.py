@@ -106,8 +106,8 @@ class Watch:
                     refused_tokens += 1
                     if refused_tokens > 1:
                         raise refusal(code, reason) from None
-            except ApiError as exc:  # from the token endpoint
-                if exc.status < 500:
+            except ApiError as exc:  # from the token endpoint: only a busy one is retried
+                if exc.status < 500 and exc.status != 429:
                     raise
                 reason = str(exc)
             except (OSError, InvalidHandshake, httpx.TransportError, _Retry) as exc:

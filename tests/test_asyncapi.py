@@ -143,3 +143,50 @@ class TestWhatARealServerSends:
                 received = [(await events.next()).data for _ in range(6)]
         assert {e["type"] for e in received} == {"snapshot", "tick"}
         assert frames.problems(document, [("events", e) for e in received]) == []
+
+
+REQUESTS = [  # (request, whether the spec allows it)
+    ({"op": "subscribe", "symbols": ["AAPL"], "since": {"AAPL": 1}, "batch": True}, True),
+    ({"op": "subscribe", "symbols": ["MSFT"], "since": None, "batch": None}, True),
+    ({"op": "unsubscribe", "symbols": ["MSFT"]}, True),
+    ({"op": "ping"}, True),
+    ({"op": "subscribe", "symbols": "AAPL"}, False),
+    ({"op": "subscribe", "symbols": [42]}, False),
+    ({"op": "subscribe"}, False),
+    ({"op": "subscribe", "symbols": ["AAPL"], "since": {"AAPL": "1"}}, False),
+    ({"op": "subscribe", "symbols": ["AAPL"], "since": {"AAPL": 1.5}}, False),
+    ({"op": "subscribe", "symbols": ["AAPL"], "batch": 1}, False),
+    ({"op": "auth", "token": 5}, False),
+    ({"op": "auth"}, False),
+]
+
+
+async def test_the_server_refuses_exactly_the_requests_the_spec_does_not_allow(
+    live: LiveFactory, document: dict[str, Any]
+) -> None:
+    """The service validates requests with the same dataclasses the spec is built from."""
+    import jsonschema_rs
+
+    messages = document["components"]["messages"]
+    spec = jsonschema_rs.validator_for(
+        {
+            "anyOf": [messages[n]["payload"] for n in ("subscribe", "unsubscribe", "ping", "auth")],
+            "components": document["components"],
+        }
+    )
+    assert [spec.is_valid(r) for r, _ in REQUESTS] == [allowed for _, allowed in REQUESTS]
+    async with (
+        live() as server,
+        open_stream(f"{server.ws}/v1/ws?token={token()}") as ws,
+    ):
+        refused = []
+        for request, _ in REQUESTS:
+            await ws.send(request)
+            await ws.send({"op": "mark"})  # answered unknown_op: all before it answered `request`
+            answers = []
+            while (frame := await ws.recv_type("pong", "error", "subscribed", "unsubscribed")).get(
+                "code"
+            ) != "unknown_op":
+                answers.append(frame)
+            refused.append(any(f.get("code") == "invalid_message" for f in answers))
+    assert refused == [not allowed for _, allowed in REQUESTS]

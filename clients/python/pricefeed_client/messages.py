@@ -9,7 +9,7 @@ Each field is the JSON field of the same name; a field with a default may be abs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pricefeed_client.models import EpochMillis, Seq, Tick, WireSchema
@@ -46,8 +46,8 @@ class Subscribe:
 
     op: Literal["subscribe"]
     symbols: list[SymbolName]
-    since: dict[str, Seq] = field(default_factory=dict)
-    batch: bool = False
+    since: dict[str, Seq] | None = None
+    batch: bool | None = None  # absent or null: as the connection's last subscribe said
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,7 +80,11 @@ def encode_request(message: ClientMessage) -> dict[str, Any]:
     """A request as the JSON object the service expects."""
     body: dict[str, Any] = {"op": message.op}
     if isinstance(message, Subscribe):
-        body.update(symbols=message.symbols, since=message.since, batch=message.batch)
+        body["symbols"] = message.symbols
+        if message.since:
+            body["since"] = message.since
+        if message.batch is not None:
+            body["batch"] = message.batch
     elif isinstance(message, Unsubscribe):
         body["symbols"] = message.symbols
     elif isinstance(message, Auth):

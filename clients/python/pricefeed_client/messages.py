@@ -2,8 +2,9 @@
 multiplexed WebSocket (`/v1/ws`), and every frame the service sends on either WebSocket route
 and on Server-Sent Events (`/v1/stream`). Ticks and snapshots are `pricefeed_client.Tick`.
 
-One definition serves both ends: the client parses frames with these, and the service builds
-its AsyncAPI document (`/asyncapi.json`) from them, so the spec cannot drift from the client.
+One definition serves both ends: the client parses frames with these, the service checks the
+requests it gets with them and builds its AsyncAPI document (`/asyncapi.json`) from them, so
+the spec can drift from neither.
 Each field is the JSON field of the same name; a field with a default may be absent."""
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
 async def test_latest_prices_history_and_candles_are_typed(live: LiveFactory) -> None:
     async with live() as server, PricefeedClient(server.http) as feed:
-        latest = await feed.latest("aapl")
+        async with asyncio.timeout(10):
+            while (latest := await feed.latest("aapl")).seq < 5:  # a history to read
+                await asyncio.sleep(0.05)
         both = await feed.prices(["MSFT", "AAPL"])
-        history = await feed.history("AAPL", since=max(latest.seq - 5, 0), limit=3)
+        history = await feed.history("AAPL", since=latest.seq - 5, limit=3)
         candles = await feed.candles("AAPL", interval="1m", limit=2)
 
     assert isinstance(latest, Tick) and latest.symbol == "AAPL"
@@ -37,7 +39,7 @@ async def test_latest_prices_history_and_candles_are_typed(live: LiveFactory) ->
     assert isinstance(latest.seq, int) and latest.time.tzinfo is UTC
     assert [t.symbol for t in both] == ["MSFT", "AAPL"]
     assert [t.seq for t in history] == [history[0].seq, history[0].seq + 1, history[0].seq + 2]
-    assert history[0].seq == max(latest.seq - 4, 1)
+    assert history[0].seq == latest.seq - 4
     assert candles and all(isinstance(c, Candle) and c.low <= c.high for c in candles)
 
 

@@ -5,7 +5,8 @@ The message shapes are the SDK's (`pricefeed_client.messages`, `pricefeed_client
 frozen dataclasses that the client parses frames into and the service checks requests with
 (app/prices/ws.py), turned into JSON Schema here by pydantic. One definition for all three,
 so the document cannot say one thing while the client or the service does another. The
-server's own close codes (app/errors.py CloseCode) fill the close-code tables. The document describes the service: `send` is what it sends, `receive` what it takes.
+server's own close codes (app/errors.py CloseCode) fill the close-code tables. The document
+describes the service: `send` is what it sends, `receive` what it takes.
 tests/test_asyncapi.py validates it against the AsyncAPI 3.0.0 schema, and every frame the
 test suite receives against it."""
 

@@ -10,12 +10,14 @@ COPY requirements/lock.txt requirements/build.lock.txt ./requirements/
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --require-hashes \
     -r requirements/lock.txt -r requirements/build.lock.txt
 COPY pyproject.toml README.md ./
+COPY clients/python ./clients/python
 COPY app ./app
 # The JavaScript client the service serves: app/prices/static/pricefeed.js links to it, and the
 # wheel carries it as a file.
 COPY clients/js/pricefeed.js ./clients/js/pricefeed.js
-# The project alone, built by the locked setuptools rather than one fetched for the build.
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
+# The project and its SDK (clients/python), built by the locked setuptools rather than one
+# fetched for the build; the SDK comes from this repo, never from an index.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation ./clients/python . \
     && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped
 
 FROM python:3.11-slim

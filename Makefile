@@ -16,14 +16,17 @@ UV     := $(TOOLS)/bin/uv
 # newer, each pin with the hashes of all its files. An existing lock's pins are kept unless
 # pyproject.toml rules them out: `make lock LOCK_ARGS=--upgrade` takes the newest of everything.
 COMPILE = $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+          --no-emit-package pricefeed-client \
           --custom-compile-command 'make lock' $(LOCK_ARGS)
 
 .PHONY: install lock run migrate test lint bench clean
 
-$(STAMP): pyproject.toml app/prices/_fanout.c $(LOCKS)
+$(STAMP): pyproject.toml clients/python/pyproject.toml app/prices/_fanout.c $(LOCKS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pricefeed needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r requirements/dev.lock.txt
+	@# The SDK (clients/python), which the app depends on: from this repo, not from an index.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e clients/python
 	@# The project itself: its dependencies are all in already, and setuptools (from the lock)
 	@# builds the C extension here rather than a fresh, unpinned one fetched for the build.
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -57,9 +60,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench scripts
+	$(VENV)/bin/ruff check app tests bench scripts clients/python/pricefeed_client
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff format --check app tests bench scripts
+	$(VENV)/bin/ruff format --check app tests bench scripts clients/python/pricefeed_client
 
 bench: install
 	$(PY) -m pip install -q -r bench/requirements.txt

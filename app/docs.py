@@ -8,6 +8,7 @@ handlers of app/errors.py answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi.openapi.docs import (
     get_swagger_ui_html,
     get_swagger_ui_oauth2_redirect_html,
 )
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.errors import document_error_shapes
@@ -25,11 +26,18 @@ from app.errors import document_error_shapes
 ASSETS_DIR = Path(__file__).parent / "static" / "docs"
 ASSETS_URL = "/static/docs"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
+ASYNCAPI_URL = "/asyncapi.json"  # the stream protocol; protocol.md links it from /docs
 
 
-def install_docs(app: FastAPI, *, public: bool = True) -> None:
-    """Document the error shapes in the schema, and (`public`) serve `/docs`, `/redoc` and
-    their assets. Not public: build FastAPI with `openapi_url=None` too (DOCS_PUBLIC=false)."""
+def install_docs(
+    app: FastAPI,
+    *,
+    public: bool = True,
+    stream_spec: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """Document the error shapes in the schema, and (`public`) serve `/docs`, `/redoc`, their
+    assets, and `stream_spec()` (the AsyncAPI document of the streams) at `/asyncapi.json`.
+    Not public: build FastAPI with `openapi_url=None` too (DOCS_PUBLIC=false)."""
     openapi_url = app.openapi_url or "/openapi.json"
     title = app.title
     build_schema = app.openapi
@@ -44,6 +52,13 @@ def install_docs(app: FastAPI, *, public: bool = True) -> None:
         return
 
     app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
+
+    if stream_spec is not None:
+        spec = stream_spec
+
+        @app.get(ASYNCAPI_URL, include_in_schema=False)
+        async def show_asyncapi() -> JSONResponse:
+            return JSONResponse(spec())
 
     @app.get("/docs", include_in_schema=False)
     async def show_swagger_ui() -> HTMLResponse:

@@ -48,6 +48,7 @@ from app.instruments.repository import load_instruments
 from app.instruments.watcher import CatalogWatcher
 from app.logs import install_client_error_filter, install_redaction
 from app.ops import router as ops_router
+from app.prices.asyncapi import build_asyncapi
 from app.prices.board import router as board_router
 from app.prices.hub import FanoutHub
 from app.prices.leases import StreamLeases
@@ -382,7 +383,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
     )
     install_error_handlers(app)
-    install_docs(app, public=settings.docs_public)
+    install_docs(app, public=settings.docs_public, stream_spec=partial(build_asyncapi, app.version))
     routers = (auth_router, prices_router, sse_router, feed_router, ops_router, board_router)
     for router in routers:
         app.include_router(router)

@@ -6,7 +6,11 @@ installs them so a release that breaks pricefeed shows up before anyone raises a
 
 Names keep their extras and environment markers: `uvicorn[standard]>=0.52.1,<0.56` prints
 `uvicorn[standard]`, `uvloop>=0.23; sys_platform != 'win32'` prints
-`uvloop; sys_platform != 'win32'`. Standard library only: it runs before any venv exists.
+`uvloop; sys_platform != 'win32'`. A package of this repo (a path in `[tool.uv.sources]`: the
+SDK, clients/python) prints as a direct reference to its directory, `pricefeed-client @
+file:///…/clients/python`: pip builds it from there, with the newest releases of what it
+needs, and never looks for its name on an index. Standard library only: it runs before any
+venv exists.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ REQUIREMENT = re.compile(
 )
 
 
-def unversioned(requirement: str) -> str:
+def unversioned(requirement: str, local: dict[str, Path] | None = None) -> str:
+    """`requirement` without its version; one of `local` (name → directory) as a reference
+    to its directory."""
     match = REQUIREMENT.match(requirement)
     if match is None or match["version"].lstrip().startswith("@"):
         raise ValueError(f"not a plain name with a version specifier: {requirement!r}")
     extras = (match["extras"] or "").replace(" ", "")
     marker = f"; {match['marker']}" if match["marker"] else ""
+    directory = (local or {}).get(match["name"])
+    if directory is not None:
+        return f"{match['name']}{extras} @ {directory.as_uri()}{marker}"
     return f"{match['name']}{extras}{marker}"
 
 
@@ -38,11 +47,18 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--extra", action="append", default=[], help="an optional group too")
     args = parser.parse_args(argv)
-    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    project = pyproject["project"]
     requirements = list(project["dependencies"])
     for extra in args.extra:
         requirements += project["optional-dependencies"][extra]
-    print(*(unversioned(r) for r in requirements), sep="\n")
+    sources = pyproject.get("tool", {}).get("uv", {}).get("sources", {})
+    local = {
+        name: (PYPROJECT.parent / source["path"]).resolve()
+        for name, source in sources.items()
+        if "path" in source
+    }
+    print(*(unversioned(r, local) for r in requirements), sep="\n")
 
 
 if __name__ == "__main__":

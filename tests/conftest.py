@@ -16,7 +16,9 @@ import uvloop
 from fastapi import FastAPI
 
 from app.main import create_app
+from app.prices.asyncapi import build_asyncapi
 from app.server.run import raise_fd_limit
+from tests import frames
 from tests.support import (
     LiveApp,
     RedisServer,
@@ -27,6 +29,29 @@ from tests.support import (
 )
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+FRAME_PROBLEMS = pytest.StashKey[list[str]]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every frame shape the run's WebSocket clients received must be one /asyncapi.json
+    allows, and one the SDK parses (tests/frames.py): else the run fails."""
+    seen = frames.recorded()
+    found = frames.problems(build_asyncapi("test"), seen) if seen else []
+    session.config.stash[FRAME_PROBLEMS] = found
+    if found and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    found = config.stash.get(FRAME_PROBLEMS, [])
+    if found:
+        terminalreporter.section("frames the spec (/asyncapi.json) does not allow", red=True)
+        for line in found:
+            terminalreporter.write_line(line)
+    elif frames.recorded():
+        terminalreporter.write_line(
+            f"{len(frames.recorded())} frames of every shape received: as /asyncapi.json says"
+        )
 
 
 def pytest_asyncio_loop_factories(

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from app.config import Settings
 from app.security import TokenSigner
 from app.server import guard
+from tests import frames
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -392,6 +393,9 @@ class Stream:
         if not self._pending:
             raw = await asyncio.wait_for(self.conn.recv(), timeout)
             body = orjson.loads(raw)
+            frames.record(
+                frames.channel_of(self.conn.request.path if self.conn.request else ""), body
+            )
             self._pending = body if isinstance(body, list) else [body]
         return self._pending.pop(0)
 

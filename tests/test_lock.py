@@ -17,6 +17,12 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+# Packages of this repo (the SDK): installed from their directory, so in no lock (a directory
+# has no hash); their own dependencies are locked like any other.
+LOCAL = {
+    canonicalize_name(name): REPO / source["path"]
+    for name, source in PYPROJECT["tool"]["uv"]["sources"].items()
+}
 # The image's platform: python:3.11-slim on Linux (x86_64 or aarch64 alike for these markers).
 IMAGE = {
     "python_version": "3.11", "python_full_version": "3.11.14", "sys_platform": "linux",
@@ -48,6 +54,14 @@ def assert_locked(requirements: list[str], lock: str) -> None:
     for text in requirements:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate(IMAGE):
+            continue
+        directory = LOCAL.get(canonicalize_name(req.name))
+        if directory is not None:
+            local = tomllib.loads((directory / "pyproject.toml").read_text())["project"]
+            assert req.specifier.contains(local["version"]), f"{text}: {directory} is not it"
+            assert_locked(local["dependencies"], lock)
+            for extra in req.extras:
+                assert_locked(local["optional-dependencies"][extra], lock)
             continue
         version = locked.get(canonicalize_name(req.name))
         if version is None or not req.specifier.contains(version, prereleases=True):
@@ -95,6 +109,12 @@ def test_the_canary_asks_for_every_dependency_with_no_version_at_all() -> None:
     declared += [Requirement(r) for r in project["optional-dependencies"]["dev"]]
     got = [Requirement(line) for line in printed]
     assert [str(r.specifier) for r in got] == [""] * len(declared)
+    assert [r.url for r in got] == [
+        LOCAL[canonicalize_name(r.name)].resolve().as_uri()
+        if canonicalize_name(r.name) in LOCAL
+        else None
+        for r in declared
+    ], "the repo's own packages come from their directory, never from an index"
     assert [(r.name, r.extras, r.marker) for r in got] == [
         (r.name, r.extras, r.marker) for r in declared
     ]

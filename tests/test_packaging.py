@@ -89,3 +89,57 @@ def test_the_wheel_holds_every_file_of_the_app_and_the_c_send_loop(tmp_path: Pat
     # The JavaScript client the service serves, as a file: clients/js/pricefeed.js itself.
     served = zipfile.ZipFile(wheel).read("app/prices/static/pricefeed.js")
     assert served == (REPO / "clients" / "js" / "pricefeed.js").read_bytes()
+
+
+def test_the_image_installs_the_sdk_from_this_repo_not_an_index() -> None:
+    """pricefeed-client (clients/python) is the app's dependency but no lock pins it: a
+    directory has no hash. The build stage copies it and installs it with the app, --no-deps,
+    so nothing named pricefeed-client is ever fetched."""
+    copied, runs = build_stage()
+    assert "clients/python" in copied
+    (install,) = [r for r in runs if "./clients/python" in r]
+    assert "--no-deps" in install and "--no-build-isolation" in install
+    for lock in ("lock.txt", "build.lock.txt", "dev.lock.txt"):
+        pins = (REPO / "requirements" / lock).read_text()
+        assert not re.search(r"^pricefeed-client\b", pins, flags=re.MULTILINE), lock
+
+
+def test_the_sdk_wheel_is_typed_and_needs_only_httpx_and_websockets(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--quiet", "--wheel-dir", str(tmp_path), str(REPO / "clients" / "python")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("pricefeed_client-*.whl")
+    packed = zipfile.ZipFile(wheel)
+    names = set(packed.namelist())
+    sources = {
+        p.relative_to(REPO / "clients" / "python").as_posix()
+        for p in (REPO / "clients" / "python" / "pricefeed_client").glob("*.py")
+    }
+    assert sources | {"pricefeed_client/py.typed"} <= names
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in packed.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    assert sorted(r.split(">")[0].split(";")[0] for r in requires) == [
+        "httpx", "rich", "websockets",
+    ]  # fmt: skip
+    assert [r for r in requires if r.startswith("rich")][0].endswith('extra == "cli"')
+
+
+def test_the_sdk_imports_nothing_of_the_server() -> None:
+    """A script that reads prices must not need (nor drag in) the server's stack."""
+    probe = (
+        "import sys, pricefeed_client, pricefeed_client.cli, pricefeed_client.sync\n"
+        "heavy = {'app', 'fastapi', 'pydantic', 'sqlalchemy', 'redis', 'orjson'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

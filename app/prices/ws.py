@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from pricefeed_client.messages import Auth, Ping, Subscribe, Unsubscribe
+from pydantic import TypeAdapter, ValidationError
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -286,8 +288,32 @@ def _since_field(request: dict[str, Any]) -> dict[str, int]:
     return {s.strip().upper(): v for s, v in since.items()}
 
 
+# The requests' shapes are the SDK's dataclasses, which /asyncapi.json is built from: a request
+# the spec does not allow is refused here. Strict: no "1" for 1, no 1 for true. The checks below
+# add what a shape cannot say (how many symbols, the range of a seq, which symbols exist).
+_REQUEST_SHAPES: dict[str, TypeAdapter[Any]] = {
+    "subscribe": TypeAdapter(Subscribe),
+    "unsubscribe": TypeAdapter(Unsubscribe),
+    "ping": TypeAdapter(Ping),
+    "auth": TypeAdapter(Auth),
+}
+
+
+def _check_shape(op: str, text: str) -> None:
+    shape = _REQUEST_SHAPES.get(op)
+    if shape is None:
+        return  # an unknown op: answered as such
+    try:
+        shape.validate_json(text, strict=True)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the request"
+        raise BadRequest("invalid_message", f"{op}: {where}: {error['msg']}"[:200]) from None
+
+
 async def _handle_request(stream: WebSocketStream, state: AppState, text: str) -> None:
     op, request = _parse(text)
+    _check_shape(op, text)
     if op == "ping":
         stream.outbox.push_control(control("pong"))
     elif op == "subscribe":

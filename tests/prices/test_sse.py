@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import frames
 from tests.support import SERVER_VARIANTS, LiveApp, token
 
 LiveFactory = Callable[..., AbstractAsyncContextManager[LiveApp]]
@@ -61,6 +62,7 @@ class EventReader:
                 self._read_block(), max(deadline - time.monotonic(), 0.01)
             )
             if "data" in fields:
+                frames.record("events", json.loads(fields["data"]))
                 return Event(
                     event=fields.get("event", "message"),
                     id=fields.get("id", ""),

@@ -1,0 +1,5 @@
+import sys
+
+from pricefeed_client.cli import main
+
+sys.exit(main())

@@ -322,6 +322,15 @@ SERVERS: dict[str, Server] = {
             "simulated feed at the scenario's rate) in its process tree, on the server core",
         ),
         Server(
+            "pricefeed-own-nohist",
+            "pricefeed",
+            "own",
+            "/readyz",
+            env={"PRODUCER": "on", "FEED_SOURCE": "simulated", "HISTORY_DAYS": "0"},
+            about="pricefeed-own with no history in the database (HISTORY_DAYS=0): beside "
+            "pricefeed-own, what writing every tick and candle to the database costs",
+        ),
+        Server(
             "pricefeed-own-base",
             "pricefeed",
             "own",

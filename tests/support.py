@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,26 @@ def migrate(database_url: str) -> None:
         check=True,
         capture_output=True,
     )
+
+
+@contextlib.asynccontextmanager
+async def sqlite_locked(path: str) -> AsyncIterator[None]:
+    """Another process's exclusive lock on the SQLite file: every write (and read) is refused
+    with `database is locked` until it ends. Taken in a thread: a write in flight holds its
+    lock until this event loop (which may run the server) moves it on, so waiting on the loop
+    itself would wait out the busy timeout instead (a deadlock, not an outage)."""
+
+    def lock() -> sqlite3.Connection:
+        holder = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")
+        return holder
+
+    holder = await asyncio.to_thread(lock)
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 # ---------------------------------------------------------------- in-process servers

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.conftest import PG_ADMIN_DSN, fresh_postgres_database
-from tests.support import migrate
+from tests.support import migrate, sqlite_locked
 
 
 @dataclass
@@ -22,19 +21,6 @@ class HistoryDatabase:
     url: str
     engine: AsyncEngine
     outage: Callable[[], AbstractAsyncContextManager[None]]
-
-
-@contextlib.asynccontextmanager
-async def _sqlite_locked(path: str) -> AsyncIterator[None]:
-    """Another process's exclusive lock on the file: every write (and read) is refused with
-    `database is locked` until it ends."""
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
 
 @contextlib.asynccontextmanager
@@ -60,7 +46,7 @@ async def history_db(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[
         migrate(url)
         # A short busy timeout: a locked database fails a write in 0.2 s, not 5.
         engine = create_async_engine(url, connect_args={"timeout": 0.2})
-        database = HistoryDatabase(url, engine, lambda: _sqlite_locked(path))
+        database = HistoryDatabase(url, engine, lambda: sqlite_locked(path))
         try:
             yield database
         finally:

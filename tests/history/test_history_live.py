@@ -19,7 +19,15 @@ import httpx
 import pytest
 
 from tests.feed.test_ingest_cluster import Collector, producer_pid, two_instances
-from tests.support import LiveApp, RedisServer, open_stream, running, server_process, token
+from tests.support import (
+    LiveApp,
+    RedisServer,
+    open_stream,
+    running,
+    server_process,
+    sqlite_locked,
+    token,
+)
 
 
 def history_seqs(database_url: str, symbol: str) -> list[int]:
@@ -68,11 +76,8 @@ class TestDatabaseDownMidStream:
             await eventually(lambda: _more_than(watcher, 10))
             assert (await readiness(server.http))[1]["checks"]["history"] == "ok"
 
-            holder = sqlite3.connect(
-                database_url.split("///", 1)[1], isolation_level=None, timeout=30
-            )
-            holder.execute("BEGIN EXCLUSIVE")  # another process's lock: every write refused
-            try:
+            # Another process's lock: every write refused.
+            async with sqlite_locked(database_url.split("///", 1)[1]):
                 seen_at_outage = len(watcher.ticks)
 
                 async def degraded() -> bool:
@@ -83,9 +88,6 @@ class TestDatabaseDownMidStream:
                 await eventually(degraded)
                 assert await metric(server.http, "pricefeed_history_write_lag_seconds") > 0
                 await eventually(lambda: _more_than(watcher, seen_at_outage + 100))
-            finally:
-                holder.execute("ROLLBACK")
-                holder.close()
 
             async def healthy() -> bool:
                 return bool((await readiness(server.http))[1]["checks"]["history"] == "ok")

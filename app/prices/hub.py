@@ -268,7 +268,9 @@ class FanoutHub:
             latest = self._latest.get(symbol)
             if latest is None or (since is not None and since > latest.seq):
                 latest = (await self._store.read_latest([symbol])).get(symbol) or latest
-            if latest is not None:
+            if latest is None:  # no tick yet: the first live one is the snapshot (or a reset)
+                floor, first_live_is_snapshot = 0, True
+            else:
                 if since is not None and since < latest.seq:
                     # Priced before anything is read: past the budget, a snapshot instead.
                     if not self.replays.take(subject, latest.seq - since):
@@ -285,7 +287,11 @@ class FanoutHub:
                     initial = await self._replay(symbol, since=since, upto=latest)
         finally:
             outbox.end_sync(
-                symbol, initial, floor=floor, first_live_is_snapshot=first_live_is_snapshot
+                symbol,
+                initial,
+                floor=floor,
+                first_live_is_snapshot=first_live_is_snapshot,
+                since=since,
             )
             if outbox.closed:  # its stream closed while the store answered
                 self.detach(outbox, [symbol])

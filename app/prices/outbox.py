@@ -82,7 +82,9 @@ class Outbox:
         self._limit = limit
         self._floor: dict[str, int] = {}  # symbol → highest seq enqueued (subscribed symbols)
         self._syncing: dict[str, list[Tick]] = {}  # live ticks held while a snapshot loads
-        self._awaiting_snapshot: set[str] = set()  # subscribed before the symbol's first tick
+        # Subscribed before the symbol's first tick: symbol -> the client's resume point (-1:
+        # none). A first tick at or below it is a `reset`: the feed restarted below the client.
+        self._awaiting_snapshot: dict[str, int] = {}
         self._reset_while_syncing: set[str] = set()  # the held ticks start with a reset
         self._on_queued = on_queued  # wakes whoever writes queued frames
         self._flushing = False  # the writer holds drained frames not yet written
@@ -190,8 +192,7 @@ class Outbox:
         if tick.seq <= floor:
             return False
         if self._awaiting_snapshot and symbol in self._awaiting_snapshot:
-            self._awaiting_snapshot.discard(symbol)
-            self._push(Frame(symbol, tick.seq, tick.snapshot_frame, "snapshot"))
+            self._enqueue(self._first_frame(tick, self._awaiting_snapshot.pop(symbol)))
             return False
         direct = self.direct
         if direct is not None and not self._frames and not self._flushing and direct.keeping_up():
@@ -216,7 +217,7 @@ class Outbox:
             return
         if symbol not in self._floor:
             return
-        self._awaiting_snapshot.discard(symbol)
+        self._awaiting_snapshot.pop(symbol, None)
         self._pin(Frame(symbol, tick.seq, tick.reset_frame, "reset"))
 
     def flush(self, now: float) -> int:
@@ -278,9 +279,18 @@ class Outbox:
         self._floor.pop(symbol, None)
 
     def end_sync(
-        self, symbol: str, initial: list[Frame], *, floor: int, first_live_is_snapshot: bool
+        self,
+        symbol: str,
+        initial: list[Frame],
+        *,
+        floor: int,
+        first_live_is_snapshot: bool,
+        since: int | None = None,
     ) -> None:
-        """Enqueue the snapshot/history frames, then the live ticks held meanwhile."""
+        """Enqueue the snapshot/history frames, then the live ticks held meanwhile. With
+        `first_live_is_snapshot` (no tick existed yet), the first live tick is the snapshot:
+        a `reset` one if it is at or below the client's resume point `since`."""
+        resume = -1 if since is None else since
         held = self._syncing.pop(symbol, None)
         if held is None:  # unsubscribed while loading
             return
@@ -292,27 +302,39 @@ class Outbox:
         else:
             self._floor[symbol] = floor
         for frame in initial:
-            if frame.pinned:
-                self._pin(frame)
-            else:
-                self._push(frame)
+            self._enqueue(frame)
         for tick in held:
             if tick.seq <= self._floor[symbol]:
                 continue
             if first_live_is_snapshot:
                 # No tick existed yet when the stream opened: the first one is its snapshot.
-                self._push(Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot"))
+                self._enqueue(self._first_frame(tick, resume))
                 first_live_is_snapshot = False
             else:
                 self._push(Frame(tick.symbol, tick.seq, tick.frame, "tick"))
         if first_live_is_snapshot:
-            self._awaiting_snapshot.add(symbol)
+            self._awaiting_snapshot[symbol] = resume
+
+    def _enqueue(self, frame: Frame) -> None:
+        if frame.pinned:
+            self._pin(frame)
+        else:
+            self._push(frame)
+
+    @staticmethod
+    def _first_frame(tick: Tick, resume: int) -> Frame:
+        """The first tick of a feed that had none when the stream opened: its snapshot, or a
+        `reset` one when the client resumed from a seq this feed is not past (it restarted)."""
+        if tick.seq <= resume:
+            metrics.RESETS.labels(where="resume").inc()
+            return Frame(tick.symbol, tick.seq, tick.reset_frame, "reset")
+        return Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot")
 
     def remove(self, symbol: str) -> None:
         self._floor.pop(symbol, None)
         self._syncing.pop(symbol, None)
         self._reset_while_syncing.discard(symbol)
-        self._awaiting_snapshot.discard(symbol)
+        self._awaiting_snapshot.pop(symbol, None)
         self._frames = [f for f in self._frames if f.symbol != symbol]
         self._pinned = sum(1 for f in self._frames if f.pinned)
 

@@ -199,6 +199,22 @@ class TestResume:
 
         assert got == [("reset", 3), ("tick", 4)]
 
+    @pytest.mark.parametrize(("since", "first"), [(1_000, "reset"), (3, "reset"), (1, "snapshot")])
+    async def test_a_resume_before_the_feed_ticked_is_answered_by_its_first_tick(
+        self, since: int, first: str
+    ) -> None:
+        """Nothing stored yet (a fresh feed, or Redis restarted empty and nothing published
+        since): the stream waits for the first tick, then sends it as the snapshot — marked
+        reset when it is at or below the client's seq — instead of staying silent until the
+        feed passes the client's seq."""
+        outbox = Outbox(limit=64, on_queued=lambda: None)
+        async with consuming_hub("MSFT") as fanout:
+            await fanout.hub.attach(outbox, "MSFT", since=since, subject="tester")
+            await fanout.produce("MSFT", [3, 4])
+            got = await until(outbox, 4)
+
+        assert got == [(first, 3), ("tick", 4)]
+
     async def test_without_the_database_a_resume_replays_the_window_with_a_plain_jump(
         self, sessions: Sessions
     ) -> None:

@@ -288,8 +288,8 @@ class Outbox:
         since: int | None = None,
     ) -> None:
         """Enqueue the snapshot/history frames, then the live ticks held meanwhile. With
-        `first_live_is_snapshot` (no tick existed yet), the first live tick is the snapshot:
-        a `reset` one if it is at or below the client's resume point `since`."""
+        `first_live_is_snapshot` (no tick existed yet), the first live tick is the snapshot,
+        or with a resume point `since` a tick, or a `reset` snapshot if at or below `since`."""
         resume = -1 if since is None else since
         held = self._syncing.pop(symbol, None)
         if held is None:  # unsubscribed while loading
@@ -323,12 +323,15 @@ class Outbox:
 
     @staticmethod
     def _first_frame(tick: Tick, resume: int) -> Frame:
-        """The first tick of a feed that had none when the stream opened: its snapshot, or a
-        `reset` one when the client resumed from a seq this feed is not past (it restarted)."""
+        """The first tick of a feed that had none when the stream opened: its snapshot (no
+        resume point), a tick after the client's resume point, or a `reset` snapshot when the
+        client resumed from a seq this feed is not past (it restarted below it)."""
+        if resume < 0:
+            return Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot")
         if tick.seq <= resume:
             metrics.RESETS.labels(where="resume").inc()
             return Frame(tick.symbol, tick.seq, tick.reset_frame, "reset")
-        return Frame(tick.symbol, tick.seq, tick.snapshot_frame, "snapshot")
+        return Frame(tick.symbol, tick.seq, tick.frame, "tick")
 
     def remove(self, symbol: str) -> None:
         self._floor.pop(symbol, None)

@@ -199,14 +199,16 @@ class TestResume:
 
         assert got == [("reset", 3), ("tick", 4)]
 
-    @pytest.mark.parametrize(("since", "first"), [(1_000, "reset"), (3, "reset"), (1, "snapshot")])
+    @pytest.mark.parametrize(
+        ("since", "first"), [(1_000, "reset"), (3, "reset"), (1, "tick"), (0, "tick")]
+    )
     async def test_a_resume_before_the_feed_ticked_is_answered_by_its_first_tick(
         self, since: int, first: str
     ) -> None:
         """Nothing stored yet (a fresh feed, or Redis restarted empty and nothing published
-        since): the stream waits for the first tick, then sends it as the snapshot — marked
-        reset when it is at or below the client's seq — instead of staying silent until the
-        feed passes the client's seq."""
+        since): the stream waits for the first tick and sends it as a tick after the client's
+        seq, or as a reset snapshot at or below it, instead of staying silent until the feed
+        passes the client's seq."""
         outbox = Outbox(limit=64, on_queued=lambda: None)
         async with consuming_hub("MSFT") as fanout:
             await fanout.hub.attach(outbox, "MSFT", since=since, subject="tester")

@@ -3,6 +3,7 @@ nothing else does: the key's type fixes the one algorithm it verifies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -144,8 +145,16 @@ Live = Callable[..., AbstractAsyncContextManager[LiveApp]]
 
 
 async def _rest(server: LiveApp, bearer: str) -> httpx.Response:
+    """The latest AAPL price with `bearer`; a 503 (the feed's first tick not out yet, just
+    after startup) is asked again, for up to 5 s."""
+    headers = {"Authorization": f"Bearer {bearer}"}
     async with httpx.AsyncClient(base_url=server.http) as http:
-        return await http.get("/v1/prices/AAPL", headers={"Authorization": f"Bearer {bearer}"})
+        for _ in range(50):
+            response = await http.get("/v1/prices/AAPL", headers=headers)
+            if response.status_code != 503:
+                break
+            await asyncio.sleep(0.1)
+        return response
 
 
 async def _ws_close(server: LiveApp, bearer: str) -> int | None:

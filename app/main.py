@@ -42,7 +42,7 @@ from app.feed.witness import HubWitness
 from app.history.records import HistoryRecords
 from app.history.service import History
 from app.history.status import create_history_report
-from app.history.writer import create_history_writer
+from app.history.writer import HistoryWriter, create_history_writer
 from app.instruments.catalog import Catalog, CatalogChange
 from app.instruments.repository import load_instruments
 from app.instruments.watcher import CatalogWatcher
@@ -193,7 +193,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         inbox = create_inbox(settings, redis)
     history_report = create_history_report(redis, prefix=settings.redis_key_prefix)
     producer: Producer | None = None
+    history_writer: HistoryWriter | None = None
     if settings.producer == "on":
+        history_writer = create_history_writer(settings, HistoryRecords(engine), history_report)
         producer = create_producer(
             settings,
             instruments=catalog,
@@ -203,7 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
             checkpoints=SeqCheckpoints(sessions) if settings.uses_redis else None,
             counts=feed_counts,
             inbox=inbox,
-            history=create_history_writer(settings, HistoryRecords(engine), history_report),
+            history=history_writer,
             witness=HubWitness(hub),
         )
         supervisor.spawn("producer", producer.run)
@@ -262,6 +264,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         closing = streams.close_all(CloseCode.GOING_AWAY, "server going away")
         await _within("closing streams", closing)
         await _within("stopping background tasks", supervisor.stop())
+        if history_writer is not None:  # what the producer published last (bounded by itself)
+            await _within("writing the last ticks to history", history_writer.flush())
         if leases is not None:
             await _within("releasing stream leases", leases.close())
         await _within("disconnecting the broker", broker.disconnect())
@@ -273,7 +277,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
 SHUTDOWN_STEP_SECONDS = 3.0
 
 
-async def _within(step: str, work: Awaitable[None]) -> None:
+async def _within(step: str, work: Awaitable[object]) -> None:
     try:
         async with asyncio.timeout(SHUTDOWN_STEP_SECONDS):
             await work

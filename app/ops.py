@@ -65,11 +65,29 @@ async def _read_history(state: AppState) -> HistoryState | None:
 
 
 async def _history_health(state: AppState) -> str:
-    """`ok`, `degraded` (writes failing or behind, or no leader reporting) or `off`."""
+    """`ok`; `degraded` (writes failing or behind, or a writer that stopped reporting, or a
+    leader that does not report); or `off`: nothing writes history (HISTORY_DAYS=0, or no
+    producer in this instance's cluster, so nothing is published either)."""
     if state.history_report is None:
         return "off"
     report = await _read_history(state)
-    return "degraded" if report is None else report.health()
+    if report is not None:
+        return report.health()
+    return "degraded" if await _a_producer_leads(state) else "off"
+
+
+async def _a_producer_leads(state: AppState) -> bool:
+    """Whether a producer that could report history leads: this process's, or with Redis any
+    instance's (a writer that reported once leaves its state behind, read above)."""
+    if state.producer is not None:
+        return True
+    if state.redis is None:  # memory://: a producer elsewhere could not reach this instance
+        return False
+    try:
+        holder = await asyncio.wait_for(read_leader(state.redis, state.store), 1.0)
+    except Exception:  # noqa: BLE001 - the store check reports Redis being down
+        return True  # unknown: as before, a writer not heard from is degraded
+    return holder is not None
 
 
 @router.get("/readyz", responses={503: {"description": "A dependency is down"}})

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.deps import AppState
 from app.main import create_app
-from tests.support import make_settings, token
+from tests.support import RedisServer, make_settings, token
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
@@ -193,6 +193,64 @@ class TestProbesIgnoreAuth:
             response = await client.get(path, headers={"Authorization": "Bearer garbage"})
 
         assert response.status_code == 200
+
+
+def history_check(response: httpx.Response) -> str:
+    check: str = response.json()["checks"]["history"]
+    return check
+
+
+class TestHistoryHealth:
+    """`checks.history` says whether history is being written: `ok`, `degraded`, or `off`
+    where nothing writes it, never `degraded` for a writer that does not exist."""
+
+    async def test_ok_once_the_producers_writer_reports(self, api: ApiFactory) -> None:
+        async with api() as client:
+            response = await poll(client, "/readyz", lambda r: history_check(r) == "ok")
+
+        assert history_check(response) == "ok"
+
+    async def test_off_when_no_history_is_kept(self, api: ApiFactory) -> None:
+        async with api(history_days=0) as client:
+            response = await client.get("/readyz")
+
+        assert history_check(response) == "off"
+
+    async def test_off_without_a_producer_on_memory(self, api: ApiFactory) -> None:
+        # memory:// is one process: with PRODUCER=off nothing publishes, nothing writes.
+        async with api(producer="off") as client:
+            response = await client.get("/readyz")
+
+        assert response.status_code == 200
+        assert response.json()["status"] == "ready"
+        assert response.json()["checks"]["producer"] == "off"
+        assert history_check(response) == "off"
+
+    @pytest.mark.redis
+    async def test_with_redis_off_until_a_producer_leads_then_its_report(
+        self, api: ApiFactory, redis: RedisServer
+    ) -> None:
+        async with api(broadcast_url=redis.url, producer="off") as web:
+            assert history_check(await web.get("/readyz")) == "off"
+            async with api(broadcast_url=redis.url) as _leader:
+                response = await poll(web, "/readyz", lambda r: history_check(r) == "ok")
+
+        assert history_check(response) == "ok"
+
+    @pytest.mark.redis
+    async def test_with_redis_a_leader_that_writes_no_history_is_degraded(
+        self, api: ApiFactory, redis: RedisServer
+    ) -> None:
+        """Its instance keeps none (HISTORY_DAYS=0) while this one expects it: a cluster
+        configured at odds, which /readyz should show."""
+        async with (
+            api(broadcast_url=redis.url, producer="off") as web,
+            api(broadcast_url=redis.url, history_days=0) as leader,
+        ):
+            await poll(leader, "/readyz", lambda r: r.json()["checks"]["producer"] == "leader")
+            response = await web.get("/readyz")
+
+        assert history_check(response) == "degraded"
 
 
 class TestFeedHealth:

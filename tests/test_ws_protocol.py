@@ -24,10 +24,8 @@ from tests.support import FAST_UNAVAILABLE, FAST_VARIANTS, NEEDS_FAST, Stream, o
 
 if FAST_UNAVAILABLE:
     pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
-from app.server.protocol import (  # only once admitted
-    PricefeedWebSocketProtocol,
-    WatchedTransport,
-)
+from app.server.direct_writes import WatchedTransport  # only once admitted
+from app.server.protocol import PricefeedWebSocketProtocol
 
 
 def server_protocols() -> list[PricefeedWebSocketProtocol]:

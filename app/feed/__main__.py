@@ -135,6 +135,8 @@ async def run_producer() -> None:
             async with asyncio.timeout(5):  # never linger: a successor may need the lease
                 await asyncio.gather(*watchers, return_exceptions=True)
                 await lease.release()
+                if history is not None:  # what it published last, not yet in the database
+                    await history.flush()
                 await broker.disconnect()
                 await redis.aclose()
                 await engine.dispose()

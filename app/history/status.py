@@ -3,7 +3,9 @@
 The writer runs in the leader's producer, which may be another process or another instance,
 so (as the feed's counts do, app/feed/stats.py) it hands its state on every second: with
 Redis to a hash every instance reads when /metrics or /readyz is asked, in process otherwise.
-A state nobody refreshed for `STALE_AFTER_SECONDS` (no leader writing) reads as degraded.
+A state nobody refreshed for `STALE_AFTER_SECONDS` (no leader writing) reads as degraded; where
+there is no state at all, /readyz tells "no producer to write it" from "a writer not heard
+from" (app/ops.py).
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ At the start of a term the writer also writes the retention window it finds in t
 (`backfill`): ticks a previous leader published but had not written when it died. Every write
 is idempotent (app/history/records.py), so writing a tick twice costs a little and changes
 nothing. Rows older than `HISTORY_DAYS` are deleted in chunks every `PURGE_EVERY_SECONDS`.
+
+On a graceful stop, once the producer has stopped offering, the process calls `flush`: what
+the buffer still holds (up to `FLUSH_SECONDS` of ticks) is written then, within
+`FLUSH_ON_STOP_SECONDS`, so that a stopped producer leaves no tick it published out of the
+database. A database that is down or too slow for that loses them (logged, with the count):
+the stop is not held up for it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ FLUSH_TICKS = 500
 MAX_BATCH_TICKS = 5_000  # per transaction: a catch-up after an outage goes in steps
 WRITE_TIMEOUT_SECONDS = 10.0
 STOP_WAIT_SECONDS = 1.0  # a write in flight when the term ends: let finish this long
+# Within the lifespan's shutdown step (3 s) and the feed process's cleanup (5 s).
+FLUSH_ON_STOP_SECONDS = 2.0
 REPORT_SECONDS = 1.0
 PURGE_EVERY_SECONDS = 60.0
 PURGE_CHUNK_ROWS = 5_000
@@ -169,6 +177,35 @@ class HistoryWriter:
                 purge_due = time.monotonic() + PURGE_EVERY_SECONDS
                 await self._purge()
 
+    async def flush(self, *, timeout: float = FLUSH_ON_STOP_SECONDS) -> int:
+        """Write everything the buffer holds, giving up after `timeout` seconds or at the
+        first failure; the number of ticks left unwritten (0: all of them are in the
+        database). For a process that stops: call it once `run` has ended and nothing more
+        is offered. A write still going at the deadline is left to end on its own, never
+        cancelled inside the driver (see `_write_forever`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        why = ""
+        while self._ticks or self._candles:
+            batch = [self._ticks.popleft() for _ in range(min(len(self._ticks), MAX_BATCH_TICKS))]
+            candles, self._candles = self._candles, {}
+            write = asyncio.ensure_future(self._write(batch, candles))
+            done, _ = await asyncio.wait({write}, timeout=max(deadline - loop.time(), 0))
+            if not done:
+                write.add_done_callback(_ignore_outcome)
+                self._restore(batch, candles)  # not known to be written
+                why = f"no answer within {timeout:.1f} s"
+                break
+            if write.cancelled() or write.exception() is not None:
+                self._restore(batch, candles)
+                error = write.exception() if not write.cancelled() else None
+                why = f"{type(error).__name__}: {error}" if error else "cancelled"
+                break
+        left = len(self._ticks)
+        if left:
+            logger.warning("history: stopping with %d ticks not written (%s)", left, why)
+        return left
+
     async def _write(self, ticks: list[Tick], candles: dict[CandleKey, CandleValues]) -> None:
         async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
             await self.records.write(ticks, candles)
@@ -212,6 +249,11 @@ class HistoryWriter:
                 self._dropped += dropped
                 logger.debug("history: state not reported (%s)", exc)
             await asyncio.sleep(REPORT_SECONDS)
+
+
+def _ignore_outcome(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def create_history_writer(

@@ -2,8 +2,8 @@
 write already-encoded WebSocket frames straight to the connection's transport (the app sees it
 only as `app.frames.FrameWriter`); and `pricefeed.control`, through which the app's message
 budget counts the client's pings and pongs (`app.frames.count_control_frames`), which
-websockets answers by itself: past the budget, or with its pongs piling up unread, the client
-is closed here.
+websockets answers by itself (past the budget, or with its pongs piling up unread, the client
+is closed here), and through which an idle stream parks its connection (`app.frames.park`).
 
 The hub encodes each tick's frame once and writes those same bytes to every subscriber: no
 per-connection encoding, no task switch, no ASGI message per tick. The extension is offered
@@ -15,16 +15,19 @@ Select it with `WS_IMPL=fast` (the default). This module reaches into uvicorn's 
 internals (private attributes of `WebSocketsSansIOProtocol`, `Protocol.parse`): only
 app/server/guard.py imports it, and only for the versions it was tested with; otherwise the
 service runs uvicorn's stock protocol.
+
+Top to bottom: the connection's life and where it leaves the hub's direct path (the writer and
+the watched transport are app/server/direct_writes.py), the park hook, keepalive pings on the
+timer wheel, the client's pings and pongs. What every connection of a server shares is held
+once per server (app/server/shared.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import weakref
 from asyncio import BaseTransport
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
@@ -38,248 +41,16 @@ from websockets.protocol import Protocol, State
 
 from app.errors import CloseCode
 from app.frames import CONTROL_EXTENSION, EXTENSION, Transport, frame_writer
+from app.server.direct_writes import HIGH_WATER_BYTES, SocketFrameWriter, WatchedTransport
 from app.server.lean import LeanEvent, LeanQueue
+from app.server.shared import share_per_server, shared_by
 from app.timers import coarse_timers
 
-HIGH_WATER_BYTES = 64 * 1024  # past this many unsent bytes, the app queues (and conflates) instead
 # Past this many unsent bytes after answering a ping, the client is closed 1013 (it does not read
 # what it asked for). The app never gets there: it stops writing at HIGH_WATER_BYTES and adds at
 # most one bounded outbox drain; only pongs, which websockets answers by itself, could.
 MAX_UNSENT_BYTES = 4 * HIGH_WATER_BYTES
 _CONTROL_OPCODES = (Opcode.PING, Opcode.PONG)
-
-
-class SocketFrameWriter:
-    """`app.frames.FrameWriter` for one connection of this protocol: writes whole frames, in
-    order with everything else it sends.
-
-    The hub may also write to `transport` itself, in a loop over many connections, while
-    `on_blocked` is set: the protocol calls it the moment such writes must stop (the transport
-    paused writing, or the app is sending its close frame). Anything that closes the transport
-    shows in `transport.is_closing()`, which those writers check."""
-
-    __slots__ = ("_protocol", "on_blocked")
-
-    def __init__(self, protocol: PricefeedWebSocketProtocol) -> None:
-        self._protocol = protocol
-        self.on_blocked: Callable[[], None] | None = None
-
-    @property
-    def transport(self) -> Transport:
-        """The connection's own transport (uvicorn writes through a watched stand-in)."""
-        return self._protocol.raw_transport
-
-    def duplicate_fd(self) -> int | None:
-        """A descriptor of its own for the connection's socket, for the hub to send() to
-        directly while nothing else writes (see `WatchedTransport`); None when the connection
-        cannot be written that way (TLS, no socket, out of descriptors) or its transport holds
-        unsent bytes, which must go first. The caller closes it.
-
-        A descriptor of its own, not the transport's: a transport closed under us frees its
-        number for the next accepted connection, and a send() to that number would land in a
-        stranger's stream."""
-        transport = self.transport
-        if (
-            transport.is_closing()
-            or transport.get_write_buffer_size()
-            or transport.get_extra_info("sslcontext") is not None
-        ):
-            return None
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
-        try:
-            return os.dup(sock.fileno())
-        except OSError:  # EMFILE: this connection stays on the transport's write path
-            return None
-
-    def blocked(self) -> None:
-        callback = self.on_blocked
-        if callback is not None:
-            self.on_blocked = None
-            callback()
-
-    def keeping_up(self) -> bool:
-        """Open, and its unsent bytes below the high-water mark."""
-        p = self._protocol
-        transport = p.raw_transport
-        return not (p.close_sent or p.disconnected or transport.is_closing()) and (
-            transport.get_write_buffer_size() <= HIGH_WATER_BYTES
-        )
-
-    async def wait_writable(self) -> None:
-        """Until the transport's buffer drained below its low-water mark."""
-        await self._protocol.writable.wait()
-
-    def write(self, data: bytes) -> bool:
-        """Write regardless of the buffer (the caller checked `keeping_up` or waited)."""
-        p = self._protocol
-        # uvicorn sends some close frames (a peer's close, shutdown) without `close_sent`,
-        # then closes the transport: nothing may follow them.
-        transport = p.raw_transport
-        if p.close_sent or p.disconnected or transport.is_closing():
-            return False
-        transport.write(data)
-        return True
-
-
-class WatchedTransport(asyncio.Transport):
-    """What uvicorn's protocol writes through: the connection's transport, plus a call to
-    `on_other_write` whenever a write may no longer be followed by the hub's direct ones.
-
-    The hub's fast path sends frames to the socket itself (`SocketFrameWriter.duplicate_fd`), which
-    is only in order while the transport holds no unsent bytes and has sent no close frame. So
-    a write that leaves bytes buffered (a pong behind a full socket) and any close, abort or
-    EOF call it first; a write that went out whole (a keepalive ping) does not."""
-
-    __slots__ = ("_transport", "_on_other_write")
-
-    def __init__(self, transport: Transport, on_other_write: Callable[[], None]) -> None:
-        super().__init__()
-        self._transport = transport
-        self._on_other_write = on_other_write
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        transport = self._transport
-        transport.write(data)
-        if transport.get_write_buffer_size():
-            self._on_other_write()
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.write(b"".join(list_of_data))
-
-    def write_eof(self) -> None:
-        self._on_other_write()
-        self._transport.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def close(self) -> None:
-        self._on_other_write()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._on_other_write()
-        self._transport.abort()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._transport.get_write_buffer_limits()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-
-# What uvicorn's protocol sets alike on every connection of one server: its config, app, loop,
-# logger, the server's sets of connections and tasks, timeouts from the config. (Its
-# `default_headers`, which the server renews every second for their Date, see _DefaultHeaders.)
-_SHARED = (
-    "config",
-    "app",
-    "loop",
-    "logger",
-    "root_path",
-    "asgi_version",
-    "app_state",
-    "connections",
-    "tasks",
-    "close_timeout",
-    "ping_interval",
-    "ping_timeout",
-)
-
-
-class _Shared:
-    """The `_SHARED` attributes of one server's connections, held once.
-
-    CPython shares one table of attribute names among a class's instances and gives each
-    only an array of values, up to 29 names; an instance that gets a 30th switches to a dict
-    of its own (~1.6 KB against ~0.3 KB). uvicorn's protocol sets 36 attributes, so every
-    connection paid for the dict. Thirteen of them are the same on every connection of a
-    server: kept here, the connection's own stay under the limit."""
-
-    __slots__ = (*_SHARED, "server_state", "__weakref__")
-
-    def __init__(self, server_state: ServerState) -> None:
-        self.server_state = weakref.ref(server_state)
-
-    def copy(self) -> _Shared:
-        server_state = self.server_state()
-        assert server_state is not None  # a connection of it is asking
-        twin = _Shared(server_state)
-        for name in _SHARED:
-            if hasattr(self, name):
-                setattr(twin, name, getattr(self, name))
-        return twin
-
-
-class _SharedAttribute:
-    """A `_SHARED` attribute, read from and written to the connection's `_Shared`. Writing
-    a value other than the one there (a test shortening one connection's `close_timeout`)
-    gives that connection a `_Shared` of its own first."""
-
-    __slots__ = ("_name",)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return getattr(instance._shared, self._name)
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        shared = instance._shared
-        current = getattr(shared, self._name, _UNSET)
-        if current is value:
-            return
-        if current is not _UNSET:
-            instance._shared = shared = shared.copy()
-        setattr(shared, self._name, value)
-
-
-class _DefaultHeaders:
-    """uvicorn's `default_headers` (Date and Server, for the handshake's response), read from
-    the server's state when used, as its HTTP protocol does, rather than a copy per
-    connection: the server renews the list every second. What uvicorn's `__init__` assigns
-    is that same list."""
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        server_state = instance._shared.server_state()
-        return server_state.default_headers if server_state is not None else []
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        pass
-
-
-_UNSET = object()
-_shared_by_server: weakref.WeakKeyDictionary[ServerState, _Shared] = weakref.WeakKeyDictionary()
 
 
 class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -297,10 +68,8 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        shared = _shared_by_server.get(server_state)
-        if shared is None:
-            _shared_by_server[server_state] = shared = _Shared(server_state)
-        self._shared = shared  # before uvicorn sets the attributes it holds
+        # Before uvicorn sets the attributes it holds (app/server/shared.py).
+        self.server_shared = shared_by(server_state)
         super().__init__(config, server_state, app_state, _loop)
         # Thousands of these live for hours: lighter stand-ins for two asyncio primitives.
         self.queue = LeanQueue()  # type: ignore[assignment]
@@ -530,6 +299,4 @@ class PricefeedWebSocketProtocol(WebSocketsSansIOProtocol):
         conn.parser = parser
 
 
-for _name in _SHARED:
-    setattr(PricefeedWebSocketProtocol, _name, _SharedAttribute(_name))
-PricefeedWebSocketProtocol.default_headers = _DefaultHeaders()  # type: ignore[assignment]
+share_per_server(PricefeedWebSocketProtocol)

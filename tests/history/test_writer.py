@@ -224,3 +224,33 @@ class TestRetention:
         assert starts == [now - (now % 60_000)], "the recent candle stays"
         # AAPL: 1,000, 1,000, then 500 (fewer: done); MSFT: 1,000, then none.
         assert len(deletes) == 3 + 2, "a chunk per transaction, never one big delete"
+
+
+class TestFlushOnStop:
+    """A process that stops gracefully writes what the buffer still holds (app/feed/__main__.py,
+    the lifespan's shutdown), bounded: a database that is away costs the ticks, not the stop."""
+
+    async def test_what_the_buffer_holds_when_the_term_ends_is_written(self, history_db) -> None:  # type: ignore[no-untyped-def]
+        writer = HistoryWriter(HistoryRecords(history_db.engine), max_ticks=100_000, days=7)
+        published = ticks_of("NVDA", range(1, 7001))
+        async with Running(writer):
+            pass  # the term ends before the first periodic write
+        # offered last, just before the producer stopped: more than one transaction's worth
+        candle = Candle(0, *(Decimal(1),) * 4, Decimal(7000))
+        writer.offer([Run("NVDA", published, [("1m", candle)])])
+        assert await writer.flush() == 0
+        assert writer.pending == 0
+        assert [seq for seq, _ in await stored(history_db, "NVDA")] == list(range(1, 7001))
+
+    async def test_a_database_that_is_away_loses_them_and_the_stop_goes_on(
+        self,
+        history_db,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        writer = HistoryWriter(HistoryRecords(history_db.engine), max_ticks=100_000, days=7)
+        writer.offer([Run("AMD", ticks_of("AMD", range(1, 101)))])
+        async with history_db.outage():
+            left = await writer.flush(timeout=1.0)
+        assert left == 100
+        assert "stopping with 100 ticks not written" in caplog.text
+        assert await stored(history_db, "AMD") == []

@@ -133,7 +133,7 @@ class FakeProtocol:
     def __init__(self, pause_at: int | None = None) -> None:
         if FAST_UNAVAILABLE:
             pytest.skip(NEEDS_FAST.kwargs["reason"])
-        from app.server.protocol import SocketFrameWriter  # only once admitted
+        from app.server.direct_writes import SocketFrameWriter  # only once admitted
 
         self.close_sent = False
         self.disconnected = False

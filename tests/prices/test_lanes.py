@@ -30,7 +30,7 @@ from tests.support import FAST_UNAVAILABLE, NEEDS_FAST
 
 if FAST_UNAVAILABLE:
     pytest.skip(NEEDS_FAST.kwargs["reason"], allow_module_level=True)
-from app.server.protocol import HIGH_WATER_BYTES, SocketFrameWriter  # only once admitted
+from app.server.direct_writes import HIGH_WATER_BYTES, SocketFrameWriter  # only once admitted
 
 
 class TestLanes:

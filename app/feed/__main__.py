@@ -136,6 +136,7 @@ async def run_producer() -> None:
                 await asyncio.gather(*watchers, return_exceptions=True)
                 await lease.release()
                 await broker.disconnect()
+                await store.close()
                 await redis.aclose()
                 await engine.dispose()
         except TimeoutError:

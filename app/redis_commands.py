@@ -10,11 +10,13 @@ answer in time `TimeoutError`, an error reply `ResponseError` (or its subclass f
 Commands reach Redis in the order they are called, including while the connection is being
 (re)opened (they wait in order, then go behind the handshake), and answers come back in that
 order: a caller may send a command and await its answer later, with more sent meanwhile
-(pipelining). A script goes as EVALSHA; one Redis does not know (restarted, SCRIPT FLUSH) is
-sent again as EVAL from the reading of its NOSCRIPT answer, so behind everything sent before
-that answer arrived (only a script the same Redis learnt meanwhile from another client could
-then run a later call first). A connection that fails fails every command awaiting an answer
-on it; the next call opens a new one. A call not answered within `timeout` drops the
+(pipelining). A script goes as EVALSHA; each new connection loads the scripts called so far
+first. One Redis forgot meanwhile (SCRIPT FLUSH) is answered NOSCRIPT, and sent again as EVAL;
+the calls sent after it have run already (calls of that script were refused too, and are sent
+again in their turn), and what is called from then on waits until they are answered: the
+scripts still run in call order (unless another client loaded the script in between, which
+would let a later call of it run first). A connection that fails fails every command awaiting
+an answer on it; the next call opens a new one. A call not answered within `timeout` drops the
 connection, so nothing later is matched against a stale answer.
 """
 
@@ -98,11 +100,21 @@ class _CommandProtocol(asyncio.Protocol):
         self._waiting: deque[_Waiting] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        # After a NOSCRIPT answer: how many commands sent before its EVAL are still to be
+        # answered, and what is called meanwhile, sent once they are (so behind their EVALs).
+        self._unsettled = 0
+        self._held: list[tuple[bytes, _Waiting]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, command: bytes, waiting: _Waiting) -> None:
+        if self._unsettled:
+            self._held.append((command, waiting))
+            return
+        self._write(command, waiting)
+
+    def _write(self, command: bytes, waiting: _Waiting) -> None:
         assert self.transport is not None
         self.transport.write(command)
         self._waiting.append(waiting)
@@ -115,22 +127,50 @@ class _CommandProtocol(asyncio.Protocol):
                 waiting = self._waiting.popleft()
                 if isinstance(reply, hiredis.ReplyError):
                     if waiting.instead is not None and str(reply).startswith("NOSCRIPT"):
-                        # Sent now, so behind everything sent before: the order holds.
-                        self.send(waiting.instead, _Waiting(waiting.future, None))
+                        self._send_instead(waiting)
                         continue
                     if not waiting.future.done():
                         waiting.future.set_exception(reply_error(reply))
                 elif not waiting.future.done():
                     waiting.future.set_result(reply)
+                self._settle_one()
         except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or an answer unasked
             self._fail(RedisConnectionError(f"Redis sent what cannot be read ({exc!r})"))
             self.close()
+
+    def _send_instead(self, waiting: _Waiting) -> None:
+        """EVAL what Redis answered NOSCRIPT to. What was sent after the EVALSHA ran already
+        (a call of the same script was refused too, and is sent again in its turn); what is
+        called from now on waits until those are answered, so it runs after every EVAL."""
+        assert waiting.instead is not None
+        settling = self._unsettled > 0
+        if settling:
+            self._unsettled -= 1
+        self._write(waiting.instead, _Waiting(waiting.future, None))
+        if not settling:
+            self._unsettled = len(self._waiting) - 1  # those sent before the EVAL
+        elif not self._unsettled:
+            self._release_held()
+
+    def _settle_one(self) -> None:
+        if self._unsettled:
+            self._unsettled -= 1
+            if not self._unsettled:
+                self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for command, waiting in held:
+            self._write(command, waiting)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._fail(RedisConnectionError(f"connection to Redis lost ({exc or 'closed'})"))
 
     def _fail(self, error: RedisError) -> None:
+        held, self._held = self._held, []
+        for _, waiting in held:
+            _fail(waiting.future, error)
         while self._waiting:
             _fail(self._waiting.popleft().future, error)
 
@@ -149,6 +189,7 @@ class CommandConnection:
         self._timeout = timeout
         self._proto: _CommandProtocol | None = None
         self._queued: list[tuple[bytes, _Waiting]] = []  # called while the connection opens
+        self._scripts: dict[bytes, bytes] = {}  # loaded by each new connection first
         self._opening: asyncio.Task[None] | None = None
 
     @classmethod
@@ -181,6 +222,7 @@ class CommandConnection:
         self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]
     ) -> asyncio.Future[Any]:
         """Run `script` (EVALSHA, EVAL if Redis does not know it): `send`'s future."""
+        self._scripts.setdefault(script.sha, script.body)
         tail = (len(keys), *keys, *args)
         return self.send(("EVALSHA", script.sha, *tail), instead=("EVAL", script.body, *tail))
 
@@ -249,6 +291,8 @@ class CommandConnection:
                 handshake.append(("AUTH", *((username,) if username else ()), password))
             if int(options.get("db") or 0):
                 handshake.append(("SELECT", int(options["db"])))
+            # So that a Redis that restarted answers no NOSCRIPT: that is for a SCRIPT FLUSH.
+            handshake += [("SCRIPT", "LOAD", body) for body in self._scripts.values()]
             for step in handshake:
                 # An error answer here fails what follows too (NOAUTH, or the wrong database
                 # refused): nothing runs where it should not.

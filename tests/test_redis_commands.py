@@ -78,7 +78,7 @@ class TestFailures:
         self, redis: RedisServer, commands: CommandConnection
     ) -> None:
         redis.kill()
-        sent = [commands.send("PING") for _ in range(3)]
+        sent = [commands.send(("PING",)) for _ in range(3)]
         for s in sent:
             with pytest.raises(RedisConnectionError):
                 await commands.answer(s)

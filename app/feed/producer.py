@@ -15,8 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import aclosing
-from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -29,12 +28,11 @@ from app.feed.checkpoints import SeqCheckpoints
 from app.feed.inbox import Inbox, InboxEntry, Position
 from app.feed.resume import CannotResume, FeedState, SeqOfRecord
 from app.feed.sources import Instruments, Quote, TickSource, create_source
+from app.feed.stamping import Stamper
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
-from app.prices.candles import INTERVALS_MS, fold_prices
-from app.prices.store import NotLeader, Run, TickStore
-from app.prices.ticks import Tick, encode_tick
+from app.prices.store import NotLeader, TickStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +60,9 @@ MAX_QUOTES_PER_WRITE = 2000
 # Source batches read while the previous ones are written: enough to keep the source busy
 # during a write, few enough that a leadership that ends drops little already read.
 READ_AHEAD_BATCHES = 2
-
-
-_ZERO = Decimal(0)
+# Source batches being written at once when the source is ahead: one whose write is in Redis
+# (or being published) while the next ones are stamped and sent (app/feed/stamping.py).
+IN_FLIGHT_BATCHES = 3
 
 
 class LostLease(Exception):
@@ -115,13 +113,12 @@ class Producer:
             checkpoints=checkpoints,
             checkpoint_margin=checkpoint_margin,
         )
-        # One batch at a time is stamped and stored (the source's and pushed ones): seq order
-        # per symbol. Publishes go out in the order of the writes, each once the one before
-        # it is out: taken before the batch lets go of `_emitting`, so the next batch is
-        # stamped and stored while this one is published.
+        self._stamper = Stamper(self._state)
+        # One batch at a time is stamped and its write sent (the source's and pushed ones):
+        # seq order per symbol. Each batch is published once the one before it is: whether
+        # the last batch stamped was (True), or failed to be (False).
         self._emitting = asyncio.Lock()
-        self._publishing = asyncio.Lock()
-        self._unpublished = False  # a publish failed: none after it goes out this term
+        self._published: asyncio.Future[bool] = _settled_future(True)
         self.is_leader = False
 
     @property
@@ -177,7 +174,8 @@ class Producer:
 
     async def _lead(self) -> None:
         self._record.new_term()
-        self._unpublished = False
+        self._stamper.new_term()
+        self._published = _settled_future(True)
         await self._record.resume([i.symbol for i in self._instruments])
         try:
             async with asyncio.TaskGroup() as group:
@@ -244,8 +242,8 @@ class Producer:
                     await ready.put(batch)
 
         async def write() -> None:
-            # Two batches in flight: one published while the next is stamped and stored
-            # (`_emit_marked` keeps both in order).
+            # Batches in flight: the next stamped and sent while the earlier are written and
+            # published (`_emit_marked` keeps them in order).
             in_flight: list[asyncio.Task[None]] = []
             try:
                 while True:
@@ -259,7 +257,7 @@ class Producer:
                         await self.emit_batch(batch)
                         continue
                     in_flight.append(asyncio.create_task(self.emit_batch(batch)))
-                    if len(in_flight) == 2:
+                    if len(in_flight) == IN_FLIGHT_BATCHES:
                         await in_flight.pop(0)
             finally:  # the term ends: what is still in flight goes no further
                 for task in in_flight:
@@ -324,81 +322,50 @@ class Producer:
 
         One store write for the whole batch (one Lua call: every symbol's ticks, candles and
         marks, fenced), then one publish round trip: the cost of a batch barely grows with
-        its size. Until the write succeeds nothing of this batch is taken as published."""
+        its size. Batches are stamped one at a time, in order; with a store that applies
+        writes in call order (`ordered_writes`) the next batch is stamped and its write sent
+        while this one's is in Redis (app/feed/stamping.py). A batch is taken as written,
+        then published, only once its write answered and the batch before it was published:
+        if any of them failed, nothing after it goes out this term."""
         by_symbol: dict[str, list[tuple[Quote, str | None]]] = {}
         for quote, mark in quotes:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
-        async with self._emitting:
-            await self._record.resume(list(by_symbol))  # an instrument added this term
-            runs = [self._stamp(symbol, run) for symbol, run in by_symbol.items()]
-            skipped = await self._store.append_runs(runs, fence=self._lease.token)
+        written: asyncio.Future[list[int]] | None = None
+        done: asyncio.Future[bool] | None = None
+        try:
+            async with self._emitting:
+                await self._record.resume(list(by_symbol))  # an instrument added this term
+                runs = [self._stamper.stamp(symbol, run) for symbol, run in by_symbol.items()]
+                before, done = self._published, asyncio.get_running_loop().create_future()
+                self._published = done
+                written = asyncio.ensure_future(
+                    self._store.append_runs(runs, fence=self._lease.token)
+                )
+                if not self._store.ordered_writes:  # the next one is sent once this answered
+                    await _settled(written)
+            skipped = await written
+            if not await before:
+                # What this batch follows never went out: publishing it would hide that gap.
+                raise RedisConnectionError("an earlier batch of this term was not published")
             published: list[tuple[str, str]] = []
             for run, refused in zip(runs, skipped, strict=True):
                 self._state.take_run(run, by_symbol[run.symbol][-1][0].price)
                 channel = price_channel(run.symbol)
                 published += [(channel, tick.frame) for tick in run.ticks[refused:]]
-            await self._publishing.acquire()
-        try:
-            if self._unpublished:
-                # What this batch follows never went out: publishing it would hide that gap.
-                raise RedisConnectionError("an earlier batch of this term was not published")
             # The store first: a tick the broker loses can still be refetched from it.
             await self._broker.publish_many(published)
             metrics.TICKS_PUBLISHED.inc(len(published))
             if self._history is not None:
                 self._history.offer(runs)
         except BaseException:
-            self._unpublished = True
+            if written is not None:
+                written.add_done_callback(_consume)
+                written.cancel()  # if it was not sent yet, it never is
+            if done is not None:
+                done.set_result(False)
             raise
-        finally:
-            self._publishing.release()
-
-    def _stamp(self, symbol: str, quotes: list[tuple[Quote, str | None]]) -> Run:
-        """The ticks of one symbol's quotes: the next seqs, `ts` from this clock (never going
-        back; one reading for the run: they were stamped together), and the candles they
-        fold into; nothing of the producer's state changes."""
-        state = self._state
-        seq = state.seq.get(symbol, 0)
-        ts = max(time.time_ns() // 1_000_000, state.ts.get(symbol, 0))
-        ticks: list[Tick] = []
-        traded = _ZERO
-        for quote, _mark in quotes:
-            seq += 1
-            ticks.append(
-                encode_tick(
-                    symbol=symbol,
-                    price=quote.price,
-                    ts=ts,
-                    seq=seq,
-                    bid=quote.bid,
-                    ask=quote.ask,
-                    volume=quote.volume,
-                    size=quote.size,
-                    side=quote.side,
-                    source_ts=quote.source_ts,
-                )
-            )
-            traded += quote.traded or _ZERO
-        prices = [quote.price for quote, _mark in quotes]
-        high, low = max(prices), min(prices)
-        # One `ts` for the run: each interval's candle takes all of it (never two candles).
-        candles = [
-            (
-                interval,
-                fold_prices(
-                    state.candles.get((symbol, interval)),
-                    interval_ms=interval_ms,
-                    ts=ts,
-                    open=prices[0],
-                    high=high,
-                    low=low,
-                    close=prices[-1],
-                    volume=traded,
-                ),
-            )
-            for interval, interval_ms in INTERVALS_MS.items()
-        ]
-        return Run(symbol, ticks, candles, mark=quotes[-1][1])
+        assert done is not None
+        done.set_result(True)
 
 
 def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[InboxEntry]]:
@@ -413,6 +380,23 @@ def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[Inbo
         groups[-1].append(entry)
         size += len(entry.quotes)
     return groups
+
+
+def _settled_future(outcome: bool) -> asyncio.Future[bool]:
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait until `task` is done, whatever its outcome (that is awaited later)."""
+    await asyncio.wait({task})
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an outcome nobody may await, so that it logs nothing."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

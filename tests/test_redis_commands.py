@@ -1,6 +1,7 @@
 """app/redis_commands.py against a real redis-server: commands answered in call order while
 pipelined, a restart survived by reconnecting, NOSCRIPT after SCRIPT FLUSH answered by EVAL,
-a silent Redis given up on, redis-py's exception types, and the store's fenced write on it."""
+a silent Redis given up on, redis-py's exception types, and the store's fenced write on it;
+and, on a wire of the test's own, the call order kept across a NOSCRIPT."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.prices.store import NotLeader, RedisTickStore, Run
 from app.prices.ticks import encode_tick
-from app.redis_commands import CommandConnection, Script
+from app.redis_commands import CommandConnection, Script, _CommandProtocol, _Waiting, pack
 from tests.support import RedisServer, redis_server
 
 pytestmark = pytest.mark.redis
@@ -139,3 +140,45 @@ class TestStoreWrites:
             assert [t.seq for t in history] == [1, 2, 3]
         finally:
             await store.close()
+
+
+class Wire(asyncio.Transport):
+    """What a protocol writes, command by command."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class TestCallOrderAfterNoscript:
+    async def test_what_is_called_after_a_noscript_runs_after_every_eval(self) -> None:
+        """SHA1 and SHA2 are in flight when Redis forgets the script: their EVALs go out as
+        their NOSCRIPTs arrive, one at a time, and a call made between the two waits for the
+        second, so Redis runs EVAL1, EVAL2, then it."""
+        loop = asyncio.get_running_loop()
+        proto, wire = _CommandProtocol(), Wire()
+        proto.connection_made(wire)
+        sent = []
+        for n in (1, 2):
+            future = loop.create_future()
+            proto.send(pack(("EVALSHA", "sha", n)), _Waiting(future, pack(("EVAL", "body", n))))
+            sent.append(future)
+        proto.data_received(b"-NOSCRIPT No matching script\r\n")
+        later = loop.create_future()
+        proto.send(pack(("GET", "after")), _Waiting(later, None))
+        assert wire.written[-1] == pack(("EVAL", "body", 1)), "held until SHA2 is answered"
+        proto.data_received(b"-NOSCRIPT No matching script\r\n")
+        assert wire.written[2:] == [
+            pack(("EVAL", "body", 1)),
+            pack(("EVAL", "body", 2)),
+            pack(("GET", "after")),
+        ]
+        proto.data_received(b":1\r\n:2\r\n$1\r\nx\r\n")
+        assert [await f for f in sent] == [1, 2]
+        assert await later == b"x"

@@ -269,6 +269,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         if leases is not None:
             await _within("releasing stream leases", leases.close())
         await _within("disconnecting the broker", broker.disconnect())
+        await _within("closing the tick store", store.close())
         if redis is not None:
             await _within("closing Redis", redis.aclose())
         await _within("closing the database", engine.dispose())

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 logger = logging.getLogger(__name__)
@@ -116,19 +114,3 @@ def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve an unawaited future's outcome, so a lost connection logs no orphan error."""
     if not future.cancelled():
         future.exception()
-
-
-def ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:
-    """TLS for rediss:// URLs, with redis-py's query options (ssl_cert_reqs, ssl_ca_certs,
-    ssl_check_hostname), as redis-py's `parse_url` reads them."""
-    if options.get("connection_class") is not SSLConnection:
-        return None
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-    reqs = str(options.get("ssl_cert_reqs", "required")).lower()
-    if reqs == "none":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.verify_mode = ssl.CERT_OPTIONAL if reqs == "optional" else ssl.CERT_REQUIRED
-        context.check_hostname = bool(options.get("ssl_check_hostname", True))
-    return context

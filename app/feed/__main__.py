@@ -138,6 +138,7 @@ async def run_producer() -> None:
                 if history is not None:  # what it published last, not yet in the database
                     await history.flush()
                 await broker.disconnect()
+                await store.close()
                 await redis.aclose()
                 await engine.dispose()
         except TimeoutError:

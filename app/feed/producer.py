@@ -13,10 +13,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
-from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -27,13 +26,13 @@ from app.broker import Broker, price_channel
 from app.config import Settings
 from app.feed.checkpoints import SeqCheckpoints
 from app.feed.inbox import Inbox, InboxEntry, Position
+from app.feed.resume import CannotResume, FeedState, SeqOfRecord
 from app.feed.sources import Instruments, Quote, TickSource, create_source
+from app.feed.stamping import Stamper
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
-from app.prices.candles import INTERVALS_MS, Candle, fold_prices
-from app.prices.store import NotLeader, Run, TickStore
-from app.prices.ticks import Tick, encode_tick
+from app.prices.store import NotLeader, TickStore
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +57,16 @@ STATS_SECONDS = 1.0
 # Pushed quotes written in one store call at most: a write runs as one Lua script, during
 # which Redis serves nobody else (2,000 ticks: a few milliseconds).
 MAX_QUOTES_PER_WRITE = 2000
-# The database's part in a term's start (newest ticks, checkpoints, candles): never longer.
-RESUME_DB_SECONDS = 2.0
-# A term's start re-writes the store's retention window to history: at most this many a symbol.
-BACKFILL_TICKS = 1_000_000
-
-_T = TypeVar("_T")
 # Source batches read while the previous ones are written: enough to keep the source busy
 # during a write, few enough that a leadership that ends drops little already read.
 READ_AHEAD_BATCHES = 2
-
-
-_ZERO = Decimal(0)
+# Source batches being written at once when the source is ahead: one whose write is in Redis
+# (or being published) while the next ones are stamped and sent (app/feed/stamping.py).
+IN_FLIGHT_BATCHES = 3
 
 
 class LostLease(Exception):
     pass
-
-
-class CannotResume(Exception):
-    """Some symbol's last published seq cannot be proven (the store lost it and the database
-    does not answer): publishing it could reuse a seq, so this term ends and is retried."""
 
 
 class Producer:
@@ -102,14 +90,8 @@ class Producer:
         self._source = source
         # Published ticks go to the database through it (app/history/writer.py).
         self._history = history
-        # The newest tick this process saw published per symbol, whoever published it (its
-        # server's hub, or app/feed/witness.py beside a producer of its own): evidence of the
-        # seq of record that outlives both Redis and the leader that published it.
-        self._witness = witness
         self._inbox = inbox
         self._checkpoints = checkpoints
-        # Ticks that may have gone out after the last checkpoint: skipped over on resume.
-        self._checkpoint_margin = checkpoint_margin
         self._instruments = instruments  # live: instruments come and go while it runs
         self._stats = stats or FeedStats(source.name)
         # Pushed quotes skipped by the producer (a symbol disabled since the push) count
@@ -121,20 +103,22 @@ class Producer:
         self._store = store
         self._broker = broker
         self._lease = lease
-        # Kept across leadership terms: if Redis restarts empty, seq and prices carry on.
-        self._seq: dict[str, int] = {}
-        self._ts: dict[str, int] = {}
-        self._prices: dict[str, Decimal] = {}
-        self._candles: dict[tuple[str, str], Candle] = {}
-        # Symbols whose seq was read from the store in this leadership term.
-        self._resumed: set[str] = set()
-        # One batch at a time is stamped and stored (the source's and pushed ones): seq order
-        # per symbol. Publishes go out in the order of the writes, each once the one before
-        # it is out: taken before the batch lets go of `_emitting`, so the next batch is
-        # stamped and stored while this one is published.
+        self._state = FeedState()
+        self._record = SeqOfRecord(
+            self._state,
+            store=store,
+            instruments=instruments,
+            witness=witness,
+            history=history,
+            checkpoints=checkpoints,
+            checkpoint_margin=checkpoint_margin,
+        )
+        self._stamper = Stamper(self._state)
+        # One batch at a time is stamped and its write sent (the source's and pushed ones):
+        # seq order per symbol. Each batch is published once the one before it is: whether
+        # the last batch stamped was (True), or failed to be (False).
         self._emitting = asyncio.Lock()
-        self._publishing = asyncio.Lock()
-        self._unpublished = False  # a publish failed: none after it goes out this term
+        self._published: asyncio.Future[bool] = _settled_future(True)
         self.is_leader = False
 
     @property
@@ -189,9 +173,10 @@ class Producer:
             await lead_again.sleep(ran_for=time.monotonic() - led_from)
 
     async def _lead(self) -> None:
-        self._resumed.clear()  # another leader may have published since this one last led
-        self._unpublished = False
-        await self._resume([i.symbol for i in self._instruments])
+        self._record.new_term()
+        self._stamper.new_term()
+        self._published = _settled_future(True)
+        await self._record.resume([i.symbol for i in self._instruments])
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._keep_lease(), name="producer-lease")
@@ -203,7 +188,8 @@ class Producer:
                     group.create_task(self._apply_inbox_forever(), name="producer-inbox")
                 if self._history is not None:
                     group.create_task(
-                        self._history.run(backfill=self._retained_runs), name="producer-history"
+                        self._history.run(backfill=self._record.retained_runs),
+                        name="producer-history",
                     )
         finally:
             await self._report()
@@ -230,7 +216,7 @@ class Producer:
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
             try:
-                await self._checkpoints.write(dict(self._seq))
+                await self._checkpoints.write(dict(self._state.seq))
             except Exception as exc:  # noqa: BLE001 - the next checkpoint tries again
                 logger.warning("producer: seq checkpoint failed (%s)", exc)
 
@@ -244,110 +230,6 @@ class Producer:
             if not renewed:
                 raise LostLease
 
-    async def _resume(self, symbols: list[str]) -> None:
-        """Take up `symbols` at their seq of record, and their candles where they were left.
-
-        The seq of record is the newest tick proven published: the store's latest (written
-        before every publish), or the newest this process saw go out (`witness`: after Redis
-        restarted empty while the leader died). The database's history and the checkpoints
-        are evidence too, but not of the newest: the writer is up to a flush behind, and a
-        checkpoint a couple of seconds. Where they are all there is, or they are ahead of the
-        proof, ticks after them may have been published and stored nowhere: seq resumes past
-        them by the checkpoint margin, a jump a client sees, never a seq published twice."""
-        symbols = [s for s in symbols if s not in self._resumed]
-        if not symbols:
-            return
-        proven: dict[str, Tick] = dict(await self._store.read_latest(symbols))
-        if self._witness is not None:
-            seen = self._witness.latest()
-            for symbol in symbols:
-                tick = seen.get(symbol)
-                if tick is not None and (symbol not in proven or tick.seq > proven[symbol].seq):
-                    proven[symbol] = tick
-        self._take_newest(proven.values())
-        stored_candles: dict[tuple[str, str], Candle] = {}
-        for symbol in symbols:
-            for interval in INTERVALS_MS:
-                kept = await self._store.read_candles(symbol, interval, limit=1)
-                if kept:
-                    stored_candles[(symbol, interval)] = kept[-1]
-        lost = [k for k in _keys(symbols) if k not in stored_candles and k not in self._candles]
-        try:
-            recorded, checkpointed, candles = await _bounded(
-                self._read_records(symbols, lost), RESUME_DB_SECONDS
-            )
-        except Exception as exc:  # a database that does not answer in time
-            unproven = [s for s in symbols if s not in proven]
-            if unproven and (self._history is not None or self._checkpoints is not None):
-                raise CannotResume(
-                    f"no seq of record for {', '.join(unproven[:5])}: the store has none and "
-                    f"the database did not answer ({type(exc).__name__}: {exc})"
-                ) from exc
-            recorded, checkpointed, candles = {}, {}, {}
-            if self._history is not None or self._checkpoints is not None:
-                logger.warning("producer: database not read at resume (%r); store only", exc)
-        self._take_newest(recorded.values())
-        for symbol in symbols:
-            evidence = max(
-                recorded[symbol].seq if symbol in recorded else 0, checkpointed.get(symbol, 0)
-            )
-            proof = proven.get(symbol)
-            if evidence == 0 or (proof is not None and proof.seq >= evidence):
-                continue  # exact: from the proof, or never published as far as anyone knows
-            self._seq[symbol] = max(self._seq.get(symbol, 0), evidence) + self._checkpoint_margin
-            logger.warning(
-                "producer: %s newest published seq unknown (the store lost it; history has "
-                "%d); seq resumes at %d, past what may have gone out unrecorded",
-                symbol,
-                evidence,
-                self._seq[symbol] + 1,
-            )
-        for key, candle in (candles | stored_candles).items():
-            if key not in self._candles or candle.start >= self._candles[key].start:
-                self._candles[key] = candle
-        self._resumed.update(symbols)
-
-    def _take_newest(self, ticks: Iterable[Tick]) -> None:
-        """Go on from each of `ticks` that is newer than what this producer holds."""
-        for tick in ticks:
-            symbol = tick.symbol
-            if tick.seq > self._seq.get(symbol, 0):
-                self._seq[symbol] = tick.seq
-                self._ts[symbol] = max(tick.ts, self._ts.get(symbol, 0))
-                price = tick.as_dict().get("price")
-                if isinstance(price, str):
-                    self._prices[symbol] = Decimal(price)
-
-    async def _read_records(
-        self, symbols: list[str], lost_candles: list[tuple[str, str]]
-    ) -> tuple[dict[str, Tick], dict[str, int], dict[tuple[str, str], Candle]]:
-        """From the database: the newest tick of each symbol in history, the checkpoints, and
-        the newest candles of `lost_candles` (those the store no longer has)."""
-        recorded: dict[str, Tick] = {}
-        candles: dict[tuple[str, str], Candle] = {}
-        if self._history is not None:
-            recorded = await self._history.records.read_newest_ticks(symbols)
-            if lost_candles:
-                candles = await self._history.records.read_newest_candles(lost_candles)
-        checkpointed = await self._checkpoints.read() if self._checkpoints is not None else {}
-        return recorded, checkpointed, candles
-
-    async def _retained_runs(self) -> list[Run]:
-        """What the store keeps of every symbol, what the witness saw, and the candles this
-        producer holds: for the history writer to (re)write at the start of a term."""
-        runs = []
-        for symbol in [i.symbol for i in self._instruments]:
-            ticks = await self._store.read_history(symbol, since=None, limit=BACKFILL_TICKS)
-            if self._witness is not None:
-                ticks = self._witness.recent(symbol) + ticks
-            candles = [
-                (interval, self._candles[(symbol, interval)])
-                for interval in INTERVALS_MS
-                if (symbol, interval) in self._candles
-            ]
-            runs.append(Run(symbol, ticks, candles))
-        return runs
-
     async def _publish_forever(self) -> None:
         """The source read one step ahead of the writes: while a batch is in Redis, the next
         is read (a replay row parsed, an upstream message taken); what waited meanwhile is
@@ -355,13 +237,13 @@ class Producer:
         ready: asyncio.Queue[list[Quote]] = asyncio.Queue(maxsize=READ_AHEAD_BATCHES)
 
         async def read() -> None:
-            async for batch in self._source.stream(self._instruments, dict(self._prices)):
+            async for batch in self._source.stream(self._instruments, dict(self._state.prices)):
                 if batch:
                     await ready.put(batch)
 
         async def write() -> None:
-            # Two batches in flight: one published while the next is stamped and stored
-            # (`_emit_marked` keeps both in order).
+            # Batches in flight: the next stamped and sent while the earlier are written and
+            # published (`_emit_marked` keeps them in order).
             in_flight: list[asyncio.Task[None]] = []
             try:
                 while True:
@@ -375,7 +257,7 @@ class Producer:
                         await self.emit_batch(batch)
                         continue
                     in_flight.append(asyncio.create_task(self.emit_batch(batch)))
-                    if len(in_flight) == 2:
+                    if len(in_flight) == IN_FLIGHT_BATCHES:
                         await in_flight.pop(0)
             finally:  # the term ends: what is still in flight goes no further
                 for task in in_flight:
@@ -440,84 +322,50 @@ class Producer:
 
         One store write for the whole batch (one Lua call: every symbol's ticks, candles and
         marks, fenced), then one publish round trip: the cost of a batch barely grows with
-        its size. Until the write succeeds nothing of this batch is taken as published."""
+        its size. Batches are stamped one at a time, in order; with a store that applies
+        writes in call order (`ordered_writes`) the next batch is stamped and its write sent
+        while this one's is in Redis (app/feed/stamping.py). A batch is taken as written,
+        then published, only once its write answered and the batch before it was published:
+        if any of them failed, nothing after it goes out this term."""
         by_symbol: dict[str, list[tuple[Quote, str | None]]] = {}
         for quote, mark in quotes:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
-        async with self._emitting:
-            await self._resume(list(by_symbol))  # an instrument added since the term began
-            runs = [self._stamp(symbol, run) for symbol, run in by_symbol.items()]
-            skipped = await self._store.append_runs(runs, fence=self._lease.token)
-            published: list[tuple[str, str]] = []
-            for run, refused in zip(runs, skipped, strict=True):
-                last = run.ticks[-1]
-                self._seq[run.symbol], self._ts[run.symbol] = last.seq, last.ts
-                self._prices[run.symbol] = by_symbol[run.symbol][-1][0].price
-                for interval, candle in run.candles:
-                    self._candles[(run.symbol, interval)] = candle
-                channel = price_channel(run.symbol)
-                published += [(channel, tick.frame) for tick in run.ticks[refused:]]
-            await self._publishing.acquire()
+        written: asyncio.Future[list[int]] | None = None
+        done: asyncio.Future[bool] | None = None
         try:
-            if self._unpublished:
+            async with self._emitting:
+                await self._record.resume(list(by_symbol))  # an instrument added this term
+                runs = [self._stamper.stamp(symbol, run) for symbol, run in by_symbol.items()]
+                before, done = self._published, asyncio.get_running_loop().create_future()
+                self._published = done
+                written = asyncio.ensure_future(
+                    self._store.append_runs(runs, fence=self._lease.token)
+                )
+                if not self._store.ordered_writes:  # the next one is sent once this answered
+                    await _settled(written)
+            skipped = await written
+            if not await before:
                 # What this batch follows never went out: publishing it would hide that gap.
                 raise RedisConnectionError("an earlier batch of this term was not published")
+            published: list[tuple[str, str]] = []
+            for run, refused in zip(runs, skipped, strict=True):
+                self._state.take_run(run, by_symbol[run.symbol][-1][0].price)
+                channel = price_channel(run.symbol)
+                published += [(channel, tick.frame) for tick in run.ticks[refused:]]
             # The store first: a tick the broker loses can still be refetched from it.
             await self._broker.publish_many(published)
             metrics.TICKS_PUBLISHED.inc(len(published))
             if self._history is not None:
                 self._history.offer(runs)
         except BaseException:
-            self._unpublished = True
+            if written is not None:
+                written.add_done_callback(_consume)
+                written.cancel()  # if it was not sent yet, it never is
+            if done is not None:
+                done.set_result(False)
             raise
-        finally:
-            self._publishing.release()
-
-    def _stamp(self, symbol: str, quotes: list[tuple[Quote, str | None]]) -> Run:
-        """The ticks of one symbol's quotes: the next seqs, `ts` from this clock (never going
-        back; one reading for the run: they were stamped together), and the candles they
-        fold into; nothing of the producer's state changes."""
-        seq = self._seq.get(symbol, 0)
-        ts = max(time.time_ns() // 1_000_000, self._ts.get(symbol, 0))
-        ticks: list[Tick] = []
-        traded = _ZERO
-        for quote, _mark in quotes:
-            seq += 1
-            ticks.append(
-                encode_tick(
-                    symbol=symbol,
-                    price=quote.price,
-                    ts=ts,
-                    seq=seq,
-                    bid=quote.bid,
-                    ask=quote.ask,
-                    volume=quote.volume,
-                    size=quote.size,
-                    side=quote.side,
-                    source_ts=quote.source_ts,
-                )
-            )
-            traded += quote.traded or _ZERO
-        prices = [quote.price for quote, _mark in quotes]
-        high, low = max(prices), min(prices)
-        # One `ts` for the run: each interval's candle takes all of it (never two candles).
-        candles = [
-            (
-                interval,
-                fold_prices(
-                    self._candles.get((symbol, interval)),
-                    interval_ms=interval_ms,
-                    ts=ts,
-                    open=prices[0],
-                    high=high,
-                    low=low,
-                    close=prices[-1],
-                    volume=traded,
-                ),
-            )
-            for interval, interval_ms in INTERVALS_MS.items()
-        ]
-        return Run(symbol, ticks, candles, mark=quotes[-1][1])
+        assert done is not None
+        done.set_result(True)
 
 
 def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[InboxEntry]]:
@@ -534,26 +382,21 @@ def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[Inbo
     return groups
 
 
-def _keys(symbols: list[str]) -> list[tuple[str, str]]:
-    return [(symbol, interval) for symbol in symbols for interval in INTERVALS_MS]
+def _settled_future(outcome: bool) -> asyncio.Future[bool]:
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
 
 
-async def _bounded(work: Awaitable[_T], seconds: float) -> _T:
-    """`work`, given `seconds` at most (TimeoutError past them). Never waited for longer,
-    nor cancelled: a database call stuck behind a lock ends by its own timeout (the driver's),
-    while one cancelled inside SQLAlchemy's aiosqlite adapter can leave a close behind that
-    never ends and hangs the event loop's shutdown."""
-    task = asyncio.ensure_future(work)
-    task.add_done_callback(_ignore_outcome)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    if not done:
-        raise TimeoutError(f"no answer within {seconds:.0f} s")
-    return task.result()
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait until `task` is done, whatever its outcome (that is awaited later)."""
+    await asyncio.wait({task})
 
 
-def _ignore_outcome(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an outcome nobody may await, so that it logs nothing."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -582,7 +425,7 @@ def create_producer(
     source = create_source(settings, stats)
     # At most this many ticks of a symbol can follow its last checkpoint before a successor
     # takes over: two checkpoint periods and a lease. Used only when the newest published
-    # tick cannot be proven (see `_resume`).
+    # tick cannot be proven (app/feed/resume.py).
     window = 2 * CHECKPOINT_SECONDS + settings.leader_lease_ms / 1000
     return Producer(
         source=source,

@@ -6,7 +6,7 @@ the database is up to a flush behind; the one record left of the newest ticks is
 subscribers received. So while this producer stands by, it subscribes to the price channels
 too and keeps the newest ticks per symbol (the retention window's worth); when it leads, it
 stops (it publishes them itself). Its producer takes the newest as proof of the seq of record
-(app/feed/producer.py, `_resume`), and writes the window to history with the store's: ticks
+(app/feed/resume.py), and writes the window to history with the store's: ticks
 the dead leader published but had not written yet are kept after all.
 
 A producer inside a server asks its hub instead (`HubWitness`): the newest tick it passed on.

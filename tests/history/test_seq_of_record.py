@@ -1,8 +1,8 @@
-"""app/feed/producer.py `_resume`: a new producer takes each symbol's seq from the newest tick
-proven published (the store, or what it witnessed go out), never below what the database's
-history holds; from the database alone it resumes past a margin (ticks may have gone out
-unwritten) rather than reuse a seq; with neither store nor database to ask, it publishes
-nothing. Candles the store lost go on from the database's."""
+"""app/feed/resume.py, through the producer: a new producer takes each symbol's seq from the
+newest tick proven published (the store, or what it witnessed go out), never below what the
+database's history holds; from the database alone it resumes past a margin (ticks may have
+gone out unwritten) rather than reuse a seq; with neither store nor database to ask, it
+publishes nothing. Candles the store lost go on from the database's."""
 
 from __future__ import annotations
 

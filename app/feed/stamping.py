@@ -1,0 +1,84 @@
+"""Stamping: a symbol's quotes become its next ticks (`seq`, `ts`, the frame) and the candles
+they fold into, ahead of what the store has confirmed.
+
+The producer sends a batch's fenced write and stamps the next batch while that write is in
+Redis, so a batch is stamped from what the batches before it were stamped with, not from what
+the store confirmed (`FeedState`, app/feed/resume.py). What is stamped ahead is kept apart
+here, and forgotten at a term's start: a batch that was never confirmed (its write refused,
+its lease lost, its answer lost) leaves nothing in the state a next term starts from, which
+takes each symbol up at its seq of record again (a written batch whose answer was lost is
+found in the store then; its seq is never stamped twice)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+
+from app.feed.resume import FeedState
+from app.feed.sources import Quote
+from app.prices.candles import INTERVALS_MS, fold_prices
+from app.prices.store import Run
+from app.prices.ticks import Tick, encode_tick
+
+_ZERO = Decimal(0)
+
+
+class Stamper:
+    def __init__(self, confirmed: FeedState) -> None:
+        self._confirmed = confirmed
+        self._ahead = FeedState()  # what batches in flight were stamped with, per symbol
+
+    def new_term(self) -> None:
+        """Forget what was stamped ahead: stamp from what the store confirmed."""
+        self._ahead = FeedState()
+
+    def stamp(self, symbol: str, quotes: Sequence[tuple[Quote, str | None]]) -> Run:
+        """The ticks of one symbol's quotes (each with its inbox mark, or None): the next seqs,
+        `ts` from this clock (never going back; one reading for the run: they were stamped
+        together), and the candles they fold into. The next run of `symbol` follows it."""
+        ahead, confirmed = self._ahead, self._confirmed
+        seq = ahead.seq.get(symbol) or confirmed.seq.get(symbol, 0)
+        ts = max(time.time_ns() // 1_000_000, ahead.ts.get(symbol) or confirmed.ts.get(symbol, 0))
+        ticks: list[Tick] = []
+        traded = _ZERO
+        for quote, _mark in quotes:
+            seq += 1
+            ticks.append(
+                encode_tick(
+                    symbol=symbol,
+                    price=quote.price,
+                    ts=ts,
+                    seq=seq,
+                    bid=quote.bid,
+                    ask=quote.ask,
+                    volume=quote.volume,
+                    size=quote.size,
+                    side=quote.side,
+                    source_ts=quote.source_ts,
+                )
+            )
+            traded += quote.traded or _ZERO
+        prices = [quote.price for quote, _mark in quotes]
+        high, low = max(prices), min(prices)
+        # One `ts` for the run: each interval's candle takes all of it (never two candles).
+        candles = [
+            (
+                interval,
+                fold_prices(
+                    ahead.candles.get((symbol, interval))
+                    or confirmed.candles.get((symbol, interval)),
+                    interval_ms=interval_ms,
+                    ts=ts,
+                    open=prices[0],
+                    high=high,
+                    low=low,
+                    close=prices[-1],
+                    volume=traded,
+                ),
+            )
+            for interval, interval_ms in INTERVALS_MS.items()
+        ]
+        run = Run(symbol, ticks, candles, mark=quotes[-1][1])
+        ahead.take_run(run, prices[-1])
+        return run

@@ -1,0 +1,195 @@
+"""app/feed/producer.py with app/feed/stamping.py, on a real Redis through the lean write
+connection: batches are stamped and their writes sent while earlier writes are in Redis, yet a
+batch whose fenced write is refused is never published, nothing after a failed batch goes out
+in that term, no seq is stamped twice across the lease changing hands mid-flight, and every
+published tick goes out once, in seq order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from app.broker import Broker, price_channel
+from app.feed.producer import Producer
+from app.feed.sources import Quote
+from app.instruments.catalog import Catalog
+from app.instruments.repository import InstrumentInfo
+from app.prices.store import NotLeader, RedisTickStore, Run
+from app.prices.ticks import decode_tick
+from app.redis_commands import CommandConnection
+from tests.feed.test_producer_order import OneBatch
+from tests.support import RedisServer
+
+pytestmark = pytest.mark.redis
+
+AAPL = InstrumentInfo("AAPL", "Apple", "equity", 2, Decimal("190.00"))
+MSFT = InstrumentInfo("MSFT", "Microsoft", "equity", 2, Decimal("410.00"))
+
+
+class Fence:
+    """A lease that is held as `token` (whether Redis agrees is the store's to check)."""
+
+    renew_interval = 1.0
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+class LeaseTakenAt(RedisTickStore):
+    """Writes on the lean connection; just before its `at`-th write is sent, the lease key is
+    handed to a successor on that same connection, so Redis runs the hand-over between two
+    writes that are both in flight. Counts how many writes were in flight at once."""
+
+    def __init__(self, client: Redis, *, at: int, timeout: float = 5.0) -> None:
+        self.commands = CommandConnection.like(client, timeout=timeout)
+        super().__init__(
+            client, prefix="t", retention=1000, candles_kept=10, commands=self.commands
+        )
+        self.at = at
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+        self.calls += 1
+        if self.calls == self.at:
+            self.commands.send(("SET", self.leader_key, "successor"))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await super().append_runs(runs, fence=fence)
+        finally:
+            self.in_flight -= 1
+
+
+class Published:
+    """Every frame the broker delivers, in order."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, list[int]] = {}
+
+    def __call__(self, burst: list[tuple[str, str]]) -> None:
+        for _channel, frame in burst:
+            tick = decode_tick(frame)
+            self.seqs.setdefault(tick.symbol, []).append(tick.seq)
+
+
+@pytest.fixture
+async def client(redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(client: Redis) -> AsyncIterator[list[LeaseTakenAt]]:
+    made: list[LeaseTakenAt] = []
+    yield made
+    for store in made:
+        await store.close()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    broker = Broker("memory://")
+    await broker.connect()
+    yield broker
+    await broker.disconnect()
+
+
+def producer(store: RedisTickStore, broker: Broker, token: str) -> Producer:
+    return Producer(
+        source=OneBatch([]),
+        instruments=Catalog([AAPL, MSFT]),
+        store=store,
+        broker=broker,
+        lease=Fence(token),  # type: ignore[arg-type]
+    )
+
+
+def batch(n: int) -> list[Quote]:
+    return [Quote("AAPL", Decimal(f"190.{n:02d}")), Quote("MSFT", Decimal(f"410.{n:02d}"))] * 3
+
+
+async def settle() -> None:
+    """Let the memory broker hand over what was published."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+class TestSpeculativeStamping:
+    async def test_the_lease_lost_mid_flight_publishes_what_was_written_and_no_seq_twice(
+        self, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+    ) -> None:
+        store = LeaseTakenAt(client, at=4)
+        stores.append(store)
+        await client.set(store.leader_key, "first")
+        seen = Published()
+        channels = [price_channel("AAPL"), price_channel("MSFT")]
+        async with broker.subscribe_bursts(channels, seen):
+            first = producer(store, broker, "first")
+            emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in range(6)]
+            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            assert store.most_in_flight > 1, "writes were sent before earlier ones answered"
+            assert outcomes[:3] == [None, None, None]
+            assert isinstance(outcomes[3], NotLeader)
+            assert all(isinstance(o, Exception) for o in outcomes[3:])
+            await settle()
+            assert seen.seqs == {"AAPL": list(range(1, 10)), "MSFT": list(range(1, 10))}
+
+            successor = producer(store, broker, "successor")
+            await successor.emit_batch(batch(9))
+            await settle()
+        stored = await store.read_history("AAPL", since=None, limit=100)
+        assert [t.seq for t in stored] == list(range(1, 13)), "no seq stored twice or skipped"
+        assert seen.seqs["AAPL"] == list(range(1, 13)), "each once, in order"
+        assert seen.seqs["MSFT"] == list(range(1, 13))
+
+    async def test_a_refused_fence_publishes_nothing(
+        self, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+    ) -> None:
+        store = LeaseTakenAt(client, at=0)
+        stores.append(store)
+        await client.set(store.leader_key, "someone-else")
+        seen = Published()
+        async with broker.subscribe_bursts([price_channel("AAPL")], seen):
+            stale = producer(store, broker, "me")
+            emits = [asyncio.ensure_future(stale.emit_batch(batch(n))) for n in range(3)]
+            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            await settle()
+        assert all(isinstance(o, Exception) for o in outcomes)
+        assert isinstance(outcomes[0], NotLeader)
+        assert seen.seqs == {}
+        assert await store.read_latest(["AAPL", "MSFT"]) == {}
+
+    async def test_redis_gone_mid_flight_publishes_nothing_after_it_and_resumes_after_it(
+        self, redis: RedisServer, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+    ) -> None:
+        store = LeaseTakenAt(client, at=0, timeout=0.3)
+        stores.append(store)
+        await client.set(store.leader_key, "first")
+        seen = Published()
+        async with broker.subscribe_bursts([price_channel("AAPL")], seen):
+            first = producer(store, broker, "first")
+            await first.emit_batch(batch(0))  # seq 1..3
+            redis.freeze()  # the next writes are sent, and not answered in time
+            try:
+                emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in (1, 2)]
+                outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            finally:
+                redis.thaw()
+            assert all(isinstance(o, Exception) for o in outcomes)
+            await settle()
+            assert seen.seqs == {"AAPL": [1, 2, 3]}, "nothing whose write did not answer"
+            # Redis ran the writes it had read: a next term takes up after them.
+            again = producer(store, broker, "first")
+            await again.emit_batch(batch(3))
+            await settle()
+        latest = (await store.read_latest(["AAPL"]))["AAPL"].seq
+        stored = [t.seq for t in await store.read_history("AAPL", since=None, limit=100)]
+        assert stored == list(range(1, latest + 1)), "no seq stored twice"
+        assert seen.seqs["AAPL"] == [1, 2, 3, latest - 2, latest - 1, latest]

@@ -30,9 +30,10 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 import orjson
 
-from bench import cpuquota, procs, report
+from bench import cpuquota, procs, pubwatch, report
 from bench.loadgen import make_token
 from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
+from bench.pubwatch import PublishWatch
 from bench.servers import (
     BUILD,
     C_FLAGS,
@@ -185,6 +186,9 @@ class FeedWatch:
 
         self._client = RedisClient.from_url(redis_url)
         self._last: tuple[int, float] | None = None
+        # The producer's part of each tick's latency (bench/pubwatch.py), from the warm-up on.
+        self._published = PublishWatch()
+        self._watching = asyncio.get_running_loop().create_task(self._published.start(redis_url))
 
     async def cmd(self, line: str, timeout: float) -> dict[str, Any]:
         from bench.feedcost import seq_total
@@ -194,11 +198,13 @@ class FeedWatch:
         _, ticks = await asyncio.wait_for(seq_total(self._client), timeout)
         now = time.monotonic()
         last, self._last = self._last, (ticks, now)
+        published = self._published.mark() if self._watching.done() else {}
         if last is None:
-            return {"ticks": 0, "elapsed": 0.0}
-        return {"ticks": ticks - last[0], "elapsed": now - last[1]}
+            return {"ticks": 0, "elapsed": 0.0, "published_hist": {}}
+        return {"ticks": ticks - last[0], "elapsed": now - last[1], "published_hist": published}
 
     async def quit(self) -> None:
+        self._published.close()
         await self._client.aclose()
 
 
@@ -517,6 +523,13 @@ class Bench:
             row["conflations"] = confl1 - confl0
         row["producer_asked"] = prod_rate
         row["producer_done"] = b["prod"]["ticks"] / b["prod"]["elapsed"]
+        if published := b["prod"].get("published_hist"):
+            # The producer's part (ts -> published), the rest is the fan-out's (pubwatch.py).
+            row["published"] = pubwatch.summary(published)
+            row["notes"].append(
+                "tick ts -> published on Redis (the producer's part of the latency): "
+                "p50 {p50_ms} / p99 {p99_ms} ms".format(**row["published"])
+            )
         util = procs.core_util(a["cores"], b["cores"])
         row["server_core_pct"] = util.get(procs.SERVER_CORE)  # includes softirq work
         row["load_core_pct"] = util.get(LOAD_CORE)

@@ -163,6 +163,35 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def feed_pids(pid: int) -> list[int]:
+    """The product's own producer processes (`python -m app.feed`) under server `pid`."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            if "app.feed" in child.cmdline():
+                out.append(child.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of exactly `pids` (not their descendants)."""
+    total = 0
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
 def worker_pids(pid: int, workers: int) -> list[int]:
     """The processes that serve: `pid` itself with one worker; with several, uvicorn's
     multiprocessing workers under it (not its resource tracker)."""

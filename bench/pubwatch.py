@@ -77,8 +77,8 @@ class PublishWatch:
         transport, _ = await loop.create_connection(
             lambda: _Protocol(self.hist), url.hostname or "127.0.0.1", url.port or 6379
         )
-        self._transport = transport  # type: ignore[assignment]
-        transport.write(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$8\r\nprices:*\r\n")  # type: ignore[attr-defined]
+        self._transport = transport
+        transport.write(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$8\r\nprices:*\r\n")
 
     def mark(self) -> dict[int, int]:
         """The histogram since the last mark."""

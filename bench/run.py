@@ -460,12 +460,15 @@ class Bench:
         await asyncio.sleep(opts.warmup)
 
         load_pids = [lg.proc.pid, redis_pid] + ([prod.proc.pid] if isinstance(prod, Ctl) else [])
+        # The product's own producer, inside the server's tree: its share is shown apart.
+        feed = procs.feed_pids(server.pid) if spec.producer == "own" else []
 
         async def mark() -> dict[str, Any]:
             lm = await lg.cmd("mark", 30)
             out = {
                 "lg": lm,
                 "cpu": procs.tree_cpu_seconds(server.pid),
+                "feed_cpu": procs.cpu_seconds(feed),
                 "load_cpu": sum(procs.tree_cpu_seconds(p) for p in load_pids),
                 "cores": procs.core_busy(),
                 "sys": procs.system_cpu(),
@@ -495,6 +498,14 @@ class Bench:
         cpu = b["cpu"] - a["cpu"]
         row["srv_cpu_pct"] = 100 * cpu / (b["t"] - a["t"])
         row["cpu_us_per_msg"] = cpu * 1e6 / lm["ticks"] if lm["ticks"] else None
+        if feed and lm["ticks"]:
+            feed_cpu = b["feed_cpu"] - a["feed_cpu"]
+            row["feed_cpu_us_per_msg"] = feed_cpu * 1e6 / lm["ticks"]
+            row["notes"].append(
+                f"of the CPU µs/msg, the producer (python -m app.feed) "
+                f"{row['feed_cpu_us_per_msg']:.1f}, the server "
+                f"{row['cpu_us_per_msg'] - row['feed_cpu_us_per_msg']:.1f}"
+            )
         hist = {int(k): v for k, v in lm["hist"].items()}
         row["p50_ms"] = report.percentile(hist, 0.50)
         row["p99_ms"] = report.percentile(hist, 0.99)

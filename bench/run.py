@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,10 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 import orjson
 
-from bench import cpuquota, procs, report
+from bench import cpuquota, procs, pubwatch, report
 from bench.loadgen import make_token
 from bench.procs import LOAD_CORE, Redis, free_port, kill, spawn
+from bench.pubwatch import PublishWatch
 from bench.servers import (
     BUILD,
     C_FLAGS,
@@ -185,6 +187,9 @@ class FeedWatch:
 
         self._client = RedisClient.from_url(redis_url)
         self._last: tuple[int, float] | None = None
+        # The producer's part of each tick's latency (bench/pubwatch.py), from the warm-up on.
+        self._published = PublishWatch()
+        self._watching = asyncio.get_running_loop().create_task(self._published.start(redis_url))
 
     async def cmd(self, line: str, timeout: float) -> dict[str, Any]:
         from bench.feedcost import seq_total
@@ -194,11 +199,13 @@ class FeedWatch:
         _, ticks = await asyncio.wait_for(seq_total(self._client), timeout)
         now = time.monotonic()
         last, self._last = self._last, (ticks, now)
+        published = self._published.mark() if self._watching.done() else {}
         if last is None:
-            return {"ticks": 0, "elapsed": 0.0}
-        return {"ticks": ticks - last[0], "elapsed": now - last[1]}
+            return {"ticks": 0, "elapsed": 0.0, "published_hist": {}}
+        return {"ticks": ticks - last[0], "elapsed": now - last[1], "published_hist": published}
 
     async def quit(self) -> None:
+        self._published.close()
         await self._client.aclose()
 
 
@@ -453,12 +460,15 @@ class Bench:
         await asyncio.sleep(opts.warmup)
 
         load_pids = [lg.proc.pid, redis_pid] + ([prod.proc.pid] if isinstance(prod, Ctl) else [])
+        # The product's own producer, inside the server's tree: its share is shown apart.
+        feed = procs.feed_pids(server.pid) if spec.producer == "own" else []
 
         async def mark() -> dict[str, Any]:
             lm = await lg.cmd("mark", 30)
             out = {
                 "lg": lm,
                 "cpu": procs.tree_cpu_seconds(server.pid),
+                "feed_cpu": procs.cpu_seconds(feed),
                 "load_cpu": sum(procs.tree_cpu_seconds(p) for p in load_pids),
                 "cores": procs.core_busy(),
                 "sys": procs.system_cpu(),
@@ -488,6 +498,14 @@ class Bench:
         cpu = b["cpu"] - a["cpu"]
         row["srv_cpu_pct"] = 100 * cpu / (b["t"] - a["t"])
         row["cpu_us_per_msg"] = cpu * 1e6 / lm["ticks"] if lm["ticks"] else None
+        if feed and lm["ticks"]:
+            feed_cpu = b["feed_cpu"] - a["feed_cpu"]
+            row["feed_cpu_us_per_msg"] = feed_cpu * 1e6 / lm["ticks"]
+            row["notes"].append(
+                f"of the CPU µs/msg, the producer (python -m app.feed) "
+                f"{row['feed_cpu_us_per_msg']:.1f}, the server "
+                f"{row['cpu_us_per_msg'] - row['feed_cpu_us_per_msg']:.1f}"
+            )
         hist = {int(k): v for k, v in lm["hist"].items()}
         row["p50_ms"] = report.percentile(hist, 0.50)
         row["p99_ms"] = report.percentile(hist, 0.99)
@@ -517,6 +535,13 @@ class Bench:
             row["conflations"] = confl1 - confl0
         row["producer_asked"] = prod_rate
         row["producer_done"] = b["prod"]["ticks"] / b["prod"]["elapsed"]
+        if published := b["prod"].get("published_hist"):
+            # The producer's part (ts -> published), the rest is the fan-out's (pubwatch.py).
+            row["published"] = pubwatch.summary(published)
+            row["notes"].append(
+                "tick ts -> published on Redis (the producer's part of the latency): "
+                "p50 {p50_ms} / p99 {p99_ms} ms".format(**row["published"])
+            )
         util = procs.core_util(a["cores"], b["cores"])
         row["server_core_pct"] = util.get(procs.SERVER_CORE)  # includes softirq work
         row["load_core_pct"] = util.get(LOAD_CORE)
@@ -684,6 +709,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run every process the bench starts (servers, Redis, load generator, publisher) "
+        "at this nice value; below 0 (root only) other work on a shared machine disturbs "
+        "the windows less, every row alike (default 0)",
+    )
+    ap.add_argument(
         "--quiet-wait",
         type=float,
         help="before each scenario, wait up to this many seconds for other processes "
@@ -803,6 +836,8 @@ async def amain(opts: argparse.Namespace) -> int:
         else "NOT pinned"
     )
     print(f"- pinning: {pin}")
+    if procs.NICE:
+        print(f"- priority: every process the bench starts at nice {procs.NICE}")
     print(f"- fd limit: {procs.raise_fd_limit()}\n", flush=True)
 
     bench = Bench(opts)
@@ -868,6 +903,9 @@ async def amain(opts: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     procs.PIN = procs.PIN and not opts.no_pin
+    procs.NICE = opts.nice
+    if opts.nice:
+        os.nice(opts.nice)  # the runner too: its marks and bench/pubwatch.py
     procs.raise_fd_limit()
     return procs.run_main(amain(opts), "bench")
 

@@ -54,20 +54,26 @@ class TestSpreadOverThePeriod:
         catalog = instruments(50)
         source = SimulatedSource(ticks_per_second=20, seed=1, clock=clock, sleep=clock.sleep)
         got = await play(source, catalog, clock, seconds=1)
-        # 50 ms a round, slots of at least 20 ms: two slots of 25 instruments, each once a
+        # 50 ms a round, slots of at least 10 ms: five slots of 10 instruments, each once a
         # round.
-        first_round = [quote.symbol for _at, batch in got[:2] for quote in batch]
+        first_round = [quote.symbol for _at, batch in got[:5] for quote in batch]
         assert sorted(first_round) == [i.symbol for i in catalog]
-        assert {len(batch) for _at, batch in got} == {25}
-        assert got[1][0] - got[0][0] == pytest.approx(0.025)
-        assert len(got) >= 40  # 20 rounds in the second
+        assert {len(batch) for _at, batch in got} == {10}
+        assert got[1][0] - got[0][0] == pytest.approx(0.010)
+        assert len(got) >= 100  # 20 rounds in the second
 
-    async def test_a_slot_never_comes_closer_than_twenty_milliseconds(self) -> None:
+    async def test_a_slot_never_comes_closer_than_ten_milliseconds(self) -> None:
+        clock = FakeClock()
+        source = SimulatedSource(ticks_per_second=100, seed=1, clock=clock, sleep=clock.sleep)
+        got = await play(source, instruments(10), clock, seconds=0.2)
+        # 10 ms a round: one slot of every instrument.
+        assert {len(batch) for _at, batch in got} == {10}
+        # 20 ms a round: two slots of 5, 10 ms apart.
         clock = FakeClock()
         source = SimulatedSource(ticks_per_second=50, seed=1, clock=clock, sleep=clock.sleep)
         got = await play(source, instruments(10), clock, seconds=0.2)
-        # 20 ms a round: one slot of every instrument.
-        assert {len(batch) for _at, batch in got} == {10}
+        assert {len(batch) for _at, batch in got} == {5}
+        assert got[1][0] - got[0][0] == pytest.approx(0.010)
 
     async def test_an_instrument_disabled_mid_round_quotes_no_more(self) -> None:
         clock = FakeClock()

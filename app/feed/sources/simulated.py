@@ -18,12 +18,13 @@ if TYPE_CHECKING:
     from app.feed.stats import FeedStats
 
 
-# The shortest gap between two slots of a round. Each slot is a batch, and on the machines
-# this was measured on a batch costs the producer about a millisecond of CPU whatever its
-# size (wake-ups and two Redis round trips: bench.feedcost); 20 ms halves the burst the
-# fan-out sends at once at S1's rate (50 symbols x 20/s: two slots of 25) for twice the
-# batches, where 5 ms slots cost the producer three times the CPU of whole rounds.
-SLOT_SECONDS = 0.02
+# The shortest gap between two slots of a round. A slot is one producer batch, and every
+# tick of it reaches its subscribers only once the fan-out has sent the whole slot: at S1
+# (50 symbols x 20/s, 20 subscribers each) 20 ms slots were 25 ticks, 500 sends, about
+# 3.5 ms for the last of them, which with the producer's stamp -> store -> publish put p99
+# near 10 ms. 10 ms slots (five of 10) halve that span; each slot costs the producer a batch
+# (0.2-0.3 ms of CPU once batches are cheap, ~1 ms before: docs/performance.md, issue 13).
+SLOT_SECONDS = 0.01
 
 
 def create(settings: Settings, stats: FeedStats) -> SimulatedSource:

@@ -117,7 +117,7 @@ async def run_producer() -> None:
     watchers = [
         asyncio.create_task(producer.run()),
         asyncio.create_task(watcher.run()),
-        asyncio.create_task(witness.run(leading=lambda: producer.is_leader)),
+        asyncio.create_task(witness.run()),
         asyncio.create_task(stop.wait()),
     ]
     parent = os.environ.get("PRICEFEED_PARENT_PID")

@@ -1,13 +1,18 @@
-"""What a standby producer saw published: the newest tick of each symbol on the broker.
+"""What a producer saw published: the newest tick of each symbol on the broker.
 
 A producer in a process of its own (`python -m app.feed`) has no hub to ask what went out.
 When Redis restarts empty and the leader dies with it, the store has forgotten every seq and
 the database is up to a flush behind; the one record left of the newest ticks is what the
-subscribers received. So while this producer stands by, it subscribes to the price channels
-too and keeps the newest ticks per symbol (the retention window's worth); when it leads, it
-stops (it publishes them itself). Its producer takes the newest as proof of the seq of record
-(app/feed/resume.py), and writes the window to history with the store's: ticks
-the dead leader published but had not written yet are kept after all.
+subscribers received. So this producer subscribes to the price channels too and keeps the
+newest ticks per symbol (the retention window's worth). Its producer takes the newest as proof
+of the seq of record (app/feed/resume.py), and writes the window to history with the store's:
+ticks the dead leader published but had not written yet are kept after all.
+
+It watches from the start and all along, its own producer's terms included: what that
+producer published is proven too when Redis loses it (a term ended by Redis restarting empty
+resumes where it was, not past the database by the checkpoint margin), and there is no gap
+between one of its terms and the watch after it in which another leader could publish
+unseen. Only while the broker reconnects (Redis itself down or restarting) is nothing seen.
 
 A producer inside a server asks its hub instead (`HubWitness`): the newest tick it passed on.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from app.broker import Broker, price_channel
@@ -53,7 +58,7 @@ class HubWitness:
 
 
 class PublishedTicks:
-    """The broker's price channels, watched while this producer stands by."""
+    """The broker's price channels, watched for as long as the process runs."""
 
     def __init__(self, broker: Broker, instruments: Instruments, *, keep: int) -> None:
         self._broker = broker
@@ -68,17 +73,16 @@ class PublishedTicks:
     def recent(self, symbol: str) -> list[Tick]:
         return list(self._recent.get(symbol, ()))
 
-    async def run(self, *, leading: Callable[[], bool]) -> None:
-        """Watch while `leading()` is false, until cancelled."""
-        while True:
-            while leading():
+    async def run(self) -> None:
+        """Watch until cancelled. Never paused while this process leads: a term's ticks were
+        seen only if they were watched as they went out, and a pause would leave a gap when
+        the term ends (the term's end seen up to a poll late, then a subscribe to make)."""
+        channels = [price_channel(i.symbol) for i in self._instruments]
+        async with self._broker.subscribe_bursts(channels, self._on_burst) as subscription:
+            while True:
                 await asyncio.sleep(POLL_SECONDS)
-            channels = [price_channel(i.symbol) for i in self._instruments]
-            async with self._broker.subscribe_bursts(channels, self._on_burst) as subscription:
-                while not leading():
-                    await asyncio.sleep(POLL_SECONDS)
-                    # Instruments added since: watched too.
-                    await subscription.add(price_channel(i.symbol) for i in self._instruments)
+                # Instruments added since: watched too.
+                await subscription.add(price_channel(i.symbol) for i in self._instruments)
 
     def _on_burst(self, messages: list[tuple[str, str]]) -> None:
         latest, recent = self._latest, self._recent

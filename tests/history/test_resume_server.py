@@ -20,10 +20,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.db import create_engine, create_session_factory
-from app.history.models import TickRecord
+from app.db import create_engine
+from app.history.records import HistoryRecords
 from app.prices.store import RedisTickStore
-from app.prices.ticks import encode_tick
+from app.prices.ticks import Tick, encode_tick
 from tests.prices.test_sse import open_events
 from tests.support import RedisServer, ServerProcess, Stream, open_stream, running, server_process
 from tests.support import token as make_token
@@ -70,21 +70,22 @@ async def leads_again(server: ServerProcess, timeout: float = 30) -> None:
 
 
 async def copy_window_to_database(http: httpx.AsyncClient, database_url: str) -> list[int]:
-    """What the history writer does: every published tick into the table, as published."""
+    """What the history writer does, as it does it (a tick kept already stays): every
+    published tick into the table, as published. The writer itself may be writing the same
+    ticks meanwhile, so no read-then-insert (a merge) that it could come between."""
     response = await http.get(
         "/v1/prices/AAPL/history", params={"since": 0, "limit": 1000}, headers=READER
     )
     ticks = response.json()
     engine = create_engine(database_url)
     try:
-        async with create_session_factory(engine)() as session:
-            for t in ticks:
-                await session.merge(
-                    TickRecord(
-                        symbol="AAPL", seq=t["seq"], ts=t["ts"], frame=orjson.dumps(t).decode()
-                    )
-                )
-            await session.commit()
+        await HistoryRecords(engine).write(
+            [
+                Tick(symbol="AAPL", seq=t["seq"], ts=t["ts"], frame=orjson.dumps(t).decode())
+                for t in ticks
+            ],
+            {},
+        )
     finally:
         await engine.dispose()
     return [t["seq"] for t in ticks]

@@ -91,7 +91,7 @@ class TestSeqOfRecord:
         await history_up_to(history_db, 50)
         async with memory_broker() as broker:
             witness = PublishedTicks(broker, Catalog([AAPL]), keep=100)
-            watching = asyncio.create_task(witness.run(leading=lambda: False))
+            watching = asyncio.create_task(witness.run())
             old = producer(broker, history_db)  # the leader that dies, unwritten ticks and all
             try:
                 last = 0

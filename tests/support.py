@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from redis import Redis as SyncRedis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -233,7 +233,7 @@ class RedisServer:
     directory: str
     process: subprocess.Popen[bytes] | None = None
     args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--requirepass", "s3cret")
-    password: str | None = None  # what PING must authenticate with to see it up
+    password: str | None = None  # what PING must authenticate with to see it up ("user pass")
 
     @property
     def url(self) -> str:
@@ -261,24 +261,32 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.process = None
                 raise RuntimeError(f"redis-server exited: is port {self.port} taken?")
             if self._answers():
                 return
             time.sleep(0.05)
+        self.kill()
         raise RuntimeError("redis-server did not start")
 
     def _answers(self) -> bool:
         """Whether this redis-server answers on its port: not another one that holds it."""
         assert self.process is not None
+        username, _, password = (self.password or "").rpartition(" ")  # "user pass": ACL AUTH
         client = SyncRedis(
             host="127.0.0.1",
             port=self.port,
-            password=self.password,
+            username=username or None,
+            password=password or None,
             socket_connect_timeout=0.2,
             socket_timeout=1,
         )
         try:
-            return bool(client.info("server")["process_id"] == self.process.pid)
+            client.ping()
+            try:
+                return bool(client.info("server")["process_id"] == self.process.pid)
+            except NoPermissionError:  # an ACL that denies INFO: the PONG is all there is
+                return True
         except RedisError:
             return False
         finally:

@@ -19,6 +19,11 @@ COMPILE = $(UV) pip compile --quiet --universal --python-version 3.11 --generate
           --no-emit-package pricefeed-client \
           --custom-compile-command 'make lock' $(LOCK_ARGS)
 
+# The suite runs on two pytest-xdist workers: most of its time is waiting (on servers starting,
+# timers, tokens expiring), not computing, so two workers take ~55% of one's time on 2 cores.
+# Each worker has ports of its own (tests/support.py: free_port). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 .PHONY: install lock run migrate test lint bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml app/prices/_fanout.c $(LOCKS)
@@ -57,7 +62,7 @@ run: migrate
 test: install
 	@scripts/ensure-redis.sh
 	@scripts/ensure-node.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app tests bench scripts clients/python/pricefeed_client

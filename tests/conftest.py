@@ -34,12 +34,24 @@ FRAME_PROBLEMS = pytest.StashKey[list[str]]()
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every frame shape the run's WebSocket clients received must be one /asyncapi.json
-    allows, and one the SDK parses (tests/frames.py): else the run fails."""
+    allows, and one the SDK parses (tests/frames.py): else the run fails. Under pytest-xdist
+    a worker hands its frames to the controller (pytest_testnodedown), which checks them all."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["frames"] = frames.recorded()
+        return
     seen = frames.recorded()
     found = frames.problems(build_asyncapi("test"), seen) if seen else []
     session.config.stash[FRAME_PROBLEMS] = found
     if found and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """An xdist worker is done: keep the frames it received for the check at the end."""
+    for channel, body in getattr(node, "workeroutput", {}).get("frames", []):
+        frames.record(channel, body)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

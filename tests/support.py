@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ import orjson
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from redis import Redis as SyncRedis
+from redis.exceptions import NoPermissionError, RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -59,10 +63,26 @@ TEST_ENV = {
 }
 
 
+# The tests' servers listen on ports below the kernel's ephemeral range (32768 and up on
+# Linux), which hands out the source ports of client connections. Each pytest-xdist worker
+# has a block of its own, walked in order from a random start: two workers never pick the same
+# port, and a port a test lets go (a redis-server it kills to restart on the same port) is not
+# handed to another server meanwhile, as the kernel's `bind(("127.0.0.1", 0))` might.
+PORT_BLOCK = 3000
+PORT_BLOCKS_FROM = 20000  # four blocks: 20000-31999
+_next_port = itertools.count(random.randrange(PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing on 127.0.0.1 listens on now, from this worker's block."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base = PORT_BLOCKS_FROM + (worker % 4) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = base + next(_next_port) % PORT_BLOCK
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + PORT_BLOCK - 1}")
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
@@ -213,7 +233,7 @@ class RedisServer:
     directory: str
     process: subprocess.Popen[bytes] | None = None
     args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--requirepass", "s3cret")
-    password: str | None = None  # what PING must authenticate with to see it up
+    password: str | None = None  # what PING must authenticate with to see it up ("user pass")
 
     @property
     def url(self) -> str:
@@ -240,18 +260,37 @@ class RedisServer:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
-            ):
-                if self.password is not None:
-                    s.sendall(f"AUTH {self.password}\r\n".encode())
-                    s.recv(16)
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
+            if self.process.poll() is not None:
+                self.process = None
+                raise RuntimeError(f"redis-server exited: is port {self.port} taken?")
+            if self._answers():
+                return
             time.sleep(0.05)
+        self.kill()
         raise RuntimeError("redis-server did not start")
+
+    def _answers(self) -> bool:
+        """Whether this redis-server answers on its port: not another one that holds it."""
+        assert self.process is not None
+        username, _, password = (self.password or "").rpartition(" ")  # "user pass": ACL AUTH
+        client = SyncRedis(
+            host="127.0.0.1",
+            port=self.port,
+            username=username or None,
+            password=password or None,
+            socket_connect_timeout=0.2,
+            socket_timeout=1,
+        )
+        try:
+            client.ping()
+            try:
+                return bool(client.info("server")["process_id"] == self.process.pid)
+            except NoPermissionError:  # an ACL that denies INFO: the PONG is all there is
+                return True
+        except RedisError:
+            return False
+        finally:
+            client.close()
 
     def kill(self) -> None:
         if self.process is not None:

@@ -5,9 +5,8 @@ with senders on distinct loopback addresses (127.0.0.1 and 127.0.0.2)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
@@ -43,12 +42,6 @@ async def request_token(client: httpx.AsyncClient, client_id: str, secret: str) 
     return await client.post("/v1/auth/token", data=form)
 
 
-async def timed(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = await request
-    return response, time.monotonic() - started
-
-
 class TestRateLimits:
     async def test_a_guessing_address_gets_429_while_others_get_their_tokens(
         self, live: LiveFactory, database_url: str
@@ -62,7 +55,7 @@ class TestRateLimits:
             guesses = await asyncio.gather(
                 *(request_token(guesser, "demo", f"guess-{i}") for i in range(30))
             )
-            renewal, took = await timed(request_token(desk, "desk", "desk-secret"))
+            renewal = await request_token(desk, "desk", "desk-secret")
             demo_elsewhere = await request_token(desk, "demo", "demo-secret")
 
         assert Counter(r.status_code for r in guesses) == {401: 5, 429: 25}
@@ -72,7 +65,7 @@ class TestRateLimits:
             "code": "rate_limited",
         }
         assert refused.headers["Retry-After"] == "10"  # a request every 10 s at 6 a minute
-        assert renewal.status_code == 200 and took < 2
+        assert renewal.status_code == 200
         # the guessed client_id is limited from every address
         assert demo_elsewhere.status_code == 429
         assert (
@@ -101,7 +94,8 @@ class TestSecretChecks:
         self, live: LiveFactory, database_url: str
     ) -> None:
         """Unknown client ids run no scrypt and take no check slot: a renewal amid 200 of them
-        is answered at once (before: it waited behind their 200 checks, ~3.5 s here)."""
+        gets its check (before: it queued behind their 200 checks for the one slot, and with a
+        0.5 s wait for a slot it was refused 503, as were most of the strangers)."""
         await add_client(database_url, "desk", "desk-secret")
         async with (
             live(
@@ -113,9 +107,8 @@ class TestSecretChecks:
             flood = [request_token(strangers, f"stranger-{i}", "x") for i in range(200)]
             flooding = asyncio.gather(*flood)
             await asyncio.sleep(0.2)  # the flood is in flight
-            renewal, took = await timed(request_token(desk, "desk", "desk-secret"))
+            renewal = await request_token(desk, "desk", "desk-secret")
             answers = await flooding
 
         assert {r.status_code for r in answers} == {401}  # no stranger took a check slot
-        assert renewal.status_code == 200
-        assert took < 2, took
+        assert renewal.status_code == 200, renewal.text

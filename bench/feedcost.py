@@ -226,7 +226,9 @@ def main() -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--kinds", default="pricefeed", help="pricefeed, pricefeed-base; -nohist: HISTORY_DAYS=0")
+    ap.add_argument(
+        "--kinds", default="pricefeed", help="pricefeed, pricefeed-base; -nohist: HISTORY_DAYS=0"
+    )
     ap.add_argument("--loads", default="10x50,50x20,max", help="NxR (simulated) and/or max")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=3.0)

@@ -203,21 +203,27 @@ class HistoryRecords:
         """Delete ticks with `ts` and candles with `start` before `cutoff_ms`, at most `chunk`
         rows per transaction (short locks, a bounded WAL/journal per step). The rows deleted."""
         deleted = 0
+        # One connection for the whole pass, committed after each step that deleted rows: most
+        # steps delete nothing (a purge every minute finds a minute's rows at most), and a
+        # transaction of its own per step was 5 a symbol, each a commit and thread hops on
+        # SQLite (a tenth of the producer's CPU in a 10-second window with 50 symbols).
         async with self._engine.connect() as conn:
             symbols = [row[0] for row in await conn.execute(_SYMBOLS_WITH_TICKS)]
-        for symbol in symbols:
-            steps: list[tuple[TextClause, dict[str, str]]] = [(_DELETE_OLD_TICKS, {})] + [
-                (_DELETE_OLD_CANDLES, {"interval": i}) for i in intervals
-            ]
-            for statement, extra in steps:
-                while True:
-                    async with self._engine.begin() as conn:
+            for symbol in symbols:
+                steps: list[tuple[TextClause, dict[str, str]]] = [(_DELETE_OLD_TICKS, {})] + [
+                    (_DELETE_OLD_CANDLES, {"interval": i}) for i in intervals
+                ]
+                for statement, extra in steps:
+                    while True:
                         result = await conn.execute(
                             statement,
                             {"symbol": symbol, "cutoff": cutoff_ms, "rows": chunk, **extra},
                         )
-                    count = max(result.rowcount or 0, 0)
-                    deleted += count
-                    if count < chunk:
-                        break
+                        count = max(result.rowcount or 0, 0)
+                        deleted += count
+                        if count:
+                            await conn.commit()  # at most `chunk` rows a transaction
+                        if count < chunk:
+                            break
+            await conn.commit()
         return deleted

@@ -91,11 +91,12 @@ def reply_error(reply: hiredis.ReplyError) -> RedisError:
 
 class _Waiting:
     """A command awaiting its answer: the future it goes to, and what to send instead if the
-    answer is NOSCRIPT (the EVAL of an EVALSHA)."""
+    answer is NOSCRIPT (the EVAL of an EVALSHA), packed only then: packing it with every call
+    cost as much again as the EVALSHA itself (the batch's JSON, the script's text)."""
 
     __slots__ = ("future", "instead")
 
-    def __init__(self, future: asyncio.Future[Any], instead: bytes | None) -> None:
+    def __init__(self, future: asyncio.Future[Any], instead: Sequence[Arg] | None) -> None:
         self.future = future
         self.instead = instead
 
@@ -152,7 +153,7 @@ class _CommandProtocol(asyncio.Protocol):
         settling = self._unsettled > 0
         if settling:
             self._unsettled -= 1
-        self._write(waiting.instead, _Waiting(waiting.future, None))
+        self._write(pack(waiting.instead), _Waiting(waiting.future, None))
         if not settling:
             self._unsettled = len(self._waiting) - 1  # those sent before the EVAL
         elif not self._unsettled:
@@ -214,7 +215,7 @@ class CommandConnection:
         """Send a command now (or as soon as the connection is open, in call order): the future
         gets its answer. `instead`: sent if the answer is NOSCRIPT."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiting = _Waiting(future, None if instead is None else pack(instead))
+        waiting = _Waiting(future, instead)
         proto = self._proto
         if proto is not None and not proto.lost:
             proto.send(pack(args), waiting)

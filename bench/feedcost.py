@@ -15,10 +15,13 @@ alternated, so a noisy minute hits both:
 
 Ticks are counted from the store (the sum of every symbol's latest `seq` in Redis), CPU from
 `/proc` (the producer process only; Redis is shown beside it). Pinning as in `python -m
-bench`: the producer on core 0, Redis and this runner on core 1.
+bench`: the producer on core 0, Redis and this runner on core 1. A kind ending in `-nohist`
+(`pricefeed-nohist`, `pricefeed-base-nohist`) runs the same producer with HISTORY_DAYS=0:
+beside the kind itself, what writing every tick and candle to the database costs.
 
     python -m bench.feedcost                                  # 10x50,50x20,max; 2 rounds
     BENCH_BASE_TREE=/tmp/base python -m bench.feedcost --kinds pricefeed-base,pricefeed
+    python -m bench.feedcost --kinds pricefeed-nohist,pricefeed --loads 50x20
     python -m bench.feedcost --loads max --seconds 20 --rounds 1
 """
 
@@ -76,8 +79,16 @@ async def seq_total(redis: RedisClient) -> tuple[int, int]:
     return len(latest), sum(orjson.loads(frame)["seq"] for frame in latest.values())
 
 
+NOHIST = "-nohist"  # a kind's suffix: the same producer with HISTORY_DAYS=0
+
+
+def server_of(kind: str) -> str:
+    """The server `kind` runs (`pricefeed-nohist`: `pricefeed`, with no history)."""
+    return kind.removesuffix(NOHIST)
+
+
 async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, Any]:
-    spec = SERVERS[kind]
+    spec = SERVERS[server_of(kind)]
     count, rate = parse_load(load)
     workdir = Path(tempfile.mkdtemp(prefix=f"feedcost-{kind}-"))
     redis = producer = None
@@ -92,6 +103,8 @@ async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, A
             port=port, redis_url=redis.url, workdir=workdir, log=log, symbols=symbols
         )
         env = spec.pricefeed_env(port=port, redis_url=redis.url, workdir=workdir)
+        if kind.endswith(NOHIST):
+            env["HISTORY_DAYS"] = "0"
         if rate is None:
             replay = workdir / "replay.csv"
             write_replay(replay, symbols)
@@ -157,7 +170,8 @@ def _cell(values: list[float]) -> str:
 async def amain(opts: argparse.Namespace) -> int:
     kinds = [k for k in opts.kinds.split(",") if k]
     for kind in kinds:
-        why = SERVERS[kind].unavailable() if kind in SERVERS else "not a pricefeed server"
+        server = server_of(kind)
+        why = SERVERS[server].unavailable() if server in SERVERS else "not a pricefeed server"
         if why:
             print(f"{kind}: {why}", file=sys.stderr)
             return 2
@@ -168,7 +182,7 @@ async def amain(opts: argparse.Namespace) -> int:
         if key not in ("python-socketio", "node", "socket.io (node)", "websockets"):
             print(f"- {key}: {val}")
     for kind in kinds:
-        tree = SERVERS[kind].tree
+        tree = SERVERS[server_of(kind)].tree
         commit = report._cmd_version(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
         print(f"- {kind}: {tree} at {commit}")
     print("- pinning: producer on core 0, redis-server and this runner on core 1\n", flush=True)
@@ -212,7 +226,9 @@ def main() -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--kinds", default="pricefeed", help="pricefeed and/or pricefeed-base")
+    ap.add_argument(
+        "--kinds", default="pricefeed", help="pricefeed, pricefeed-base; -nohist: HISTORY_DAYS=0"
+    )
     ap.add_argument("--loads", default="10x50,50x20,max", help="NxR (simulated) and/or max")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=3.0)

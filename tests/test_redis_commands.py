@@ -167,7 +167,7 @@ class TestCallOrderAfterNoscript:
         sent = []
         for n in (1, 2):
             future = loop.create_future()
-            proto.send(pack(("EVALSHA", "sha", n)), _Waiting(future, pack(("EVAL", "body", n))))
+            proto.send(pack(("EVALSHA", "sha", n)), _Waiting(future, ("EVAL", "body", n)))
             sent.append(future)
         proto.data_received(b"-NOSCRIPT No matching script\r\n")
         later = loop.create_future()

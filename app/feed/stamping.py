@@ -22,6 +22,7 @@ from app.prices.store import Run
 from app.prices.ticks import Tick, encode_tick
 
 _ZERO = Decimal(0)
+_INTERVALS = tuple(INTERVALS_MS.items())
 
 
 class Stamper:
@@ -59,26 +60,20 @@ class Stamper:
                 )
             )
             traded += quote.traded or _ZERO
-        prices = [quote.price for quote, _mark in quotes]
-        high, low = max(prices), min(prices)
+        if len(quotes) == 1:  # the usual run of a paced source: one quote per symbol a batch
+            first = last = high = low = quotes[0][0].price
+        else:
+            prices = [quote.price for quote, _mark in quotes]
+            first, last, high, low = prices[0], prices[-1], max(prices), min(prices)
         # One `ts` for the run: each interval's candle takes all of it (never two candles).
-        candles = [
-            (
-                interval,
-                fold_prices(
-                    ahead.candles.get((symbol, interval))
-                    or confirmed.candles.get((symbol, interval)),
-                    interval_ms=interval_ms,
-                    ts=ts,
-                    open=prices[0],
-                    high=high,
-                    low=low,
-                    close=prices[-1],
-                    volume=traded,
-                ),
+        ahead_candles, confirmed_candles = ahead.candles, confirmed.candles
+        candles = []
+        for interval, interval_ms in _INTERVALS:
+            key = (symbol, interval)
+            current = ahead_candles.get(key) or confirmed_candles.get(key)
+            candles.append(
+                (interval, fold_prices(current, interval_ms, ts, first, high, low, last, traded))
             )
-            for interval, interval_ms in INTERVALS_MS.items()
-        ]
         run = Run(symbol, ticks, candles, mark=quotes[-1][1])
-        ahead.take_run(run, prices[-1])
+        ahead.take_run(run, last)
         return run

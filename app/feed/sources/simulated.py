@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # near 10 ms. 10 ms slots (five of 10) halve that span; each slot costs the producer a batch
 # (0.2-0.3 ms of CPU once batches are cheap, ~1 ms before: docs/performance.md, issue 13).
 SLOT_SECONDS = 0.01
+_CRYPTO_VOLUME = Decimal("0.001")  # crypto volumes: fractions of a coin, to 3 places
+# (price step, sigma, spread, volume scale: _CRYPTO_VOLUME, a multiplier, or None)
+_Terms = tuple[Decimal, float, Decimal, Decimal | None]
 
 
 def create(settings: Settings, stats: FeedStats) -> SimulatedSource:
@@ -58,21 +61,18 @@ class SimulatedSource:
         self._random = random.Random(seed)
         self._clock = clock
         self._sleep = sleep
+        self._terms_by_kind: dict[tuple[int, str], _Terms] = {}
 
     def quote(self, instrument: InstrumentInfo, last: Decimal) -> Quote:
-        step = Decimal(10) ** -instrument.price_decimals
-        sigma = self._SIGMA.get(instrument.asset_class, 0.0004)
+        step, sigma, spread, volume_scale = self._terms(instrument)
         drifted = float(last) * math.exp(self._random.gauss(0.0, sigma))
         price = max(Decimal(repr(drifted)).quantize(step, ROUND_HALF_EVEN), step)
-        half_spread = max(
-            (price * Decimal(self._SPREAD.get(instrument.asset_class, 0.0001)) / 2).quantize(step),
-            step,
-        )
+        half_spread = max((price * spread / 2).quantize(step), step)
         volume = Decimal(self._random.randint(1, 500))
-        if instrument.asset_class == "crypto":
-            volume = (volume / 1000).quantize(Decimal("0.001"))
-        elif instrument.asset_class == "fx":
-            volume *= 1000
+        if volume_scale == _CRYPTO_VOLUME:
+            volume = (volume / 1000).quantize(_CRYPTO_VOLUME)
+        elif volume_scale is not None:
+            volume *= volume_scale
         return Quote(
             symbol=instrument.symbol,
             price=price,
@@ -80,6 +80,21 @@ class SimulatedSource:
             ask=price + half_spread,
             volume=volume,
         )
+
+    def _terms(self, instrument: InstrumentInfo) -> _Terms:
+        """The walk's constants for `instrument`'s precision and class, built once each: a
+        quote is drawn per tick, and building them was a third of its cost."""
+        key = (instrument.price_decimals, instrument.asset_class)
+        terms = self._terms_by_kind.get(key)
+        if terms is None:
+            asset_class = instrument.asset_class
+            terms = self._terms_by_kind[key] = (
+                Decimal(10) ** -instrument.price_decimals,
+                self._SIGMA.get(asset_class, 0.0004),
+                Decimal(self._SPREAD.get(asset_class, 0.0001)),
+                {"crypto": _CRYPTO_VOLUME, "fx": Decimal(1000)}.get(asset_class),
+            )
+        return terms
 
     async def stream(
         self, instruments: Instruments, start_prices: dict[str, Decimal]

@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 
 def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
@@ -36,6 +37,9 @@ def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
         # jittered, as every retry here (app/backoff.py): instances do not retry in step
         retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # Off: its "auto" default reads what a pooled connection has pending through a
+        # `wait_for` (the race below), and we run on no Redis that announces maintenance.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     pool.connection_class = _CANCELLABLE[pool.connection_class]
     return Redis.from_pool(pool)

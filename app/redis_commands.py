@@ -281,7 +281,9 @@ class CommandConnection:
                         int(options.get("port", 6379)),
                         ssl=ssl_context(options),
                     )
-                _, proto = await asyncio.wait_for(connecting, CONNECT_TIMEOUT_SECONDS)
+                # not wait_for: on 3.11 it can lose a cancel (app/redis_client.py)
+                async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                    _, proto = await connecting
             except (OSError, TimeoutError) as exc:
                 error = RedisConnectionError(f"cannot connect to Redis ({exc or 'timeout'})")
                 queued, self._queued = self._queued, []

@@ -240,15 +240,14 @@ class ResilientRedisBackend(BroadcastBackend):
         a `subscribe` that races this one is sent on the new connection too."""
         options = self._options
         loop = asyncio.get_running_loop()
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(
+        # not wait_for: on 3.11 it can lose a cancel (app/redis_client.py)
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+            _, proto = await loop.create_connection(
                 lambda: SubscriberProtocol(self._on_message, self._fanout.read_end),
                 options.get("host", "localhost"),
                 int(options.get("port", 6379)),
                 ssl=ssl_context(options),
-            ),
-            COMMAND_TIMEOUT_SECONDS,
-        )
+            )
         self._proto = proto
         sock = proto.transport.get_extra_info("socket") if proto.transport else None
         if sock is not None:

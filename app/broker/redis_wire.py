@@ -96,7 +96,8 @@ class SubscriberProtocol(asyncio.Protocol):
         return waiter
 
     async def call(self, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> Any:
-        reply = await asyncio.wait_for(self.request(*args), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can lose a cancel
+            reply = await self.request(*args)
         if isinstance(reply, hiredis.ReplyError):
             raise RedisConnectionError(f"Redis refused {args[0]}: {reply}")
         return reply

@@ -30,6 +30,7 @@ from app.feed.resume import CannotResume, FeedState, SeqOfRecord
 from app.feed.sources import Instruments, Quote, TickSource, create_source
 from app.feed.stamping import Stamper
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
+from app.feed.term import Term
 from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
 from app.prices.store import NotLeader, TickStore
@@ -178,7 +179,7 @@ class Producer:
         self._published = _settled_future(True)
         await self._record.resume([i.symbol for i in self._instruments])
         try:
-            async with asyncio.TaskGroup() as group:
+            async with Term() as group:  # its end is bounded: app/feed/term.py
                 group.create_task(self._keep_lease(), name="producer-lease")
                 group.create_task(self._publish_forever(), name="producer-publish")
                 group.create_task(self._report_forever(), name="producer-stats")

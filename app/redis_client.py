@@ -7,21 +7,39 @@ is set, and on Python 3.11 `wait_for` swallows a cancel that lands as the write 
 task then carries on as if nothing happened: a producer term whose TaskGroup was cancelled
 waits forever for a reader that keeps sending `XREAD BLOCK`. Our connections bound the write
 with `asyncio.timeout` instead, which lets a cancel through. This module is the one place that
-reaches under redis-py's `Connection`; the versions it was proven on are pinned in uv.lock.
+reaches under redis-py's `Connection` (its private `_send_packed_command`): proven on the
+redis-py pinned in requirements/lock.txt; a release without that method keeps its own writes
+(`_cancellable`), with a warning, rather than failing at the first command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 
+import redis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis, SSLConnection
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.maint_notifications import MaintNotificationsConfig
+
+try:  # redis-py 7 and newer; older releases have no maintenance notifications to turn off
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - the lock pins a release that has it
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
+
+# Off: its "auto" default reads what a pooled connection has pending through a `wait_for` (the
+# race below), and we run on no Redis that announces maintenance.
+_NO_MAINTENANCE_NOTIFICATIONS: dict[str, object] = (
+    {}
+    if MaintNotificationsConfig is None
+    else {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+)
 
 
 def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
@@ -37,11 +55,9 @@ def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
         # jittered, as every retry here (app/backoff.py): instances do not retry in step
         retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        # Off: its "auto" default reads what a pooled connection has pending through a
-        # `wait_for` (the race below), and we run on no Redis that announces maintenance.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **_NO_MAINTENANCE_NOTIFICATIONS,
     )
-    pool.connection_class = _CANCELLABLE[pool.connection_class]
+    pool.connection_class = _cancellable(pool.connection_class)
     return Redis.from_pool(pool)
 
 
@@ -93,3 +109,20 @@ _CANCELLABLE: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _CancellableConnection,
     SSLConnection: _CancellableSSLConnection,
 }
+
+
+def _cancellable(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """Ours for `connection_class`, where this redis-py has the private write it builds on."""
+    if not hasattr(AbstractConnection, "_send_packed_command"):
+        if not _warned:
+            _warned.append(True)
+            logger.warning(
+                "redis-py %s has no Connection._send_packed_command: its own socket writes are "
+                "used, and on Python 3.11 a cancel can be lost in them (CPython gh-86296)",
+                redis.__version__,
+            )
+        return connection_class
+    return _CANCELLABLE.get(connection_class, connection_class)
+
+
+_warned: list[bool] = []

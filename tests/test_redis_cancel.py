@@ -10,9 +10,12 @@ bound below only keeps a failing run from hanging."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
+import pytest
+from redis.asyncio import Connection, Redis
+from redis.asyncio.connection import AbstractConnection
 
 from app.feed.inbox import READ_BLOCK_MS, RedisInbox
 from app.redis_client import create_redis
@@ -83,3 +86,15 @@ async def test_a_reader_blocked_through_a_redis_restart_ends_when_cancelled(
             assert reader.done(), f"still reading {delay}s into the reconnect"
     finally:
         await client.aclose()
+
+
+def test_a_redis_py_without_the_private_write_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The override builds on redis-py's private `_send_packed_command`: a release that drops
+    it gets redis-py's own connections and a warning, not an AttributeError at every command."""
+    monkeypatch.delattr(AbstractConnection, "_send_packed_command")
+    with caplog.at_level(logging.WARNING, logger="app.redis_client"):
+        redis = create_redis("redis://127.0.0.1:1/0")
+    assert redis.connection_pool.connection_class is Connection
+    assert "no Connection._send_packed_command" in caplog.text

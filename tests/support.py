@@ -451,7 +451,11 @@ class Stream:
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         if not self._pending:
-            raw = await asyncio.wait_for(self.conn.recv(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that lands
+            # as a frame arrives (CPython gh-86296), and a background reader told to stop
+            # then reads on until its stream closes (a 300 s token's expiry, in one CI run).
+            async with asyncio.timeout(timeout):
+                raw = await self.conn.recv()
             body = orjson.loads(raw)
             frames.record(
                 frames.channel_of(self.conn.request.path if self.conn.request else ""), body

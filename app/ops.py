@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -29,9 +30,10 @@ async def read_liveness() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _check(probe: object) -> str:
+async def _check(probe: Awaitable[object]) -> str:
     try:
-        await asyncio.wait_for(probe, _CHECK_TIMEOUT_SECONDS)  # type: ignore[arg-type]
+        async with asyncio.timeout(_CHECK_TIMEOUT_SECONDS):
+            await probe
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return f"down: {type(exc).__name__}"
     return "ok"
@@ -44,7 +46,8 @@ async def _producer_role(state: AppState) -> str:
     if state.redis is None:
         return "off"
     try:
-        holder = await asyncio.wait_for(read_leader(state.redis, state.store), 1.0)
+        async with asyncio.timeout(1.0):
+            holder = await read_leader(state.redis, state.store)
     except Exception:  # noqa: BLE001 - the store check reports Redis being down
         return "unknown"
     return "leader" if holder is not None and holder.startswith(f"{state.instance}:") else "standby"
@@ -55,7 +58,8 @@ async def _read_history(state: AppState) -> HistoryState | None:
     if state.history_report is None:
         return None
     try:
-        report = await asyncio.wait_for(state.history_report.read(), 1.0)
+        async with asyncio.timeout(1.0):
+            report = await state.history_report.read()
     except Exception as exc:  # noqa: BLE001 - the store check in /readyz reports Redis down
         logger.debug("history state unavailable (%s)", exc)
         return None
@@ -84,7 +88,8 @@ async def _a_producer_leads(state: AppState) -> bool:
     if state.redis is None:  # memory://: a producer elsewhere could not reach this instance
         return False
     try:
-        holder = await asyncio.wait_for(read_leader(state.redis, state.store), 1.0)
+        async with asyncio.timeout(1.0):
+            holder = await read_leader(state.redis, state.store)
     except Exception:  # noqa: BLE001 - the store check reports Redis being down
         return True  # unknown: as before, a writer not heard from is degraded
     return holder is not None
@@ -134,7 +139,8 @@ async def read_metrics(request: Request, state: StateDep) -> Response:
     if expected and not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
         raise Unauthenticated("/metrics needs Authorization: Bearer <METRICS_TOKEN>")
     try:  # the producer's counts, from wherever it runs
-        metrics.FEED.counts = await asyncio.wait_for(state.feed_counts.read(), 1.0)
+        async with asyncio.timeout(1.0):
+            metrics.FEED.counts = await state.feed_counts.read()
     except Exception as exc:  # noqa: BLE001 - the store check in /readyz reports Redis down
         logger.debug("feed counts unavailable (%s); /metrics shows the last ones", exc)
     await _read_history(state)

@@ -48,7 +48,8 @@ class SecretChecks:
     async def verify(self, secret: str, secret_hash: str) -> bool:
         if self._slots.locked():
             try:
-                await asyncio.wait_for(self._slots.acquire(), self._wait)
+                async with asyncio.timeout(self._wait):
+                    await self._slots.acquire()
             except TimeoutError:
                 metrics.REFUSED.labels(limit="token-checks").inc()
                 raise Unavailable(

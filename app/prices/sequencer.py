@@ -319,9 +319,8 @@ class Sequencer:
         seq plus the retention (the retention alone for a symbol the store has not seen).
         Until this answers, and if it fails, first ticks are taken as they come."""
         try:
-            latest = await asyncio.wait_for(
-                self._store.read_latest(symbols), _REPAIR_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(_REPAIR_TIMEOUT_SECONDS):
+                latest = await self._store.read_latest(symbols)
         except Exception as exc:  # noqa: BLE001 - then first ticks go unchecked, as before
             logger.warning("hub: could not read the latest seqs: %s", exc)
             return
@@ -344,9 +343,8 @@ class Sequencer:
         dropped and counted. A store that cannot answer keeps the tick (a seq jump, as when a
         refetch fails): an outage must not stop the feed."""
         try:
-            latest = await asyncio.wait_for(
-                self._store.read_latest([tick.symbol]), _REPAIR_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(_REPAIR_TIMEOUT_SECONDS):
+                latest = await self._store.read_latest([tick.symbol])
         except Exception as exc:  # noqa: BLE001 - the store is down: trust the broker
             logger.warning("hub: could not check %s seq %d: %s", tick.symbol, tick.seq, exc)
             return True
@@ -370,10 +368,8 @@ class Sequencer:
         start is refetched), leaves a plain `seq` jump: those ticks may be in `/history`."""
         wanted = min(upto - last - 1, self._retention)
         try:
-            missing = await asyncio.wait_for(
-                self._history.ticks_after(symbol, since=last, limit=wanted),
-                _REPAIR_TIMEOUT_SECONDS,
-            )
+            async with asyncio.timeout(_REPAIR_TIMEOUT_SECONDS):
+                missing = await self._history.ticks_after(symbol, since=last, limit=wanted)
         except Exception as exc:  # noqa: BLE001 - a failed repair leaves a visible seq jump
             logger.warning(
                 "hub: could not refetch %s seq %d..%d: %s", symbol, last + 1, upto - 1, exc
@@ -397,9 +393,8 @@ class Sequencer:
         feed as it was (the tick is dropped as a redelivery): a forged low seq must not
         rewind a symbol."""
         try:
-            latest = await asyncio.wait_for(
-                self._store.read_latest([tick.symbol]), _REPAIR_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(_REPAIR_TIMEOUT_SECONDS):
+                latest = await self._store.read_latest([tick.symbol])
         except Exception as exc:  # noqa: BLE001 - then it is taken for a redelivery
             logger.warning("hub: could not check %s seq %d: %s", tick.symbol, tick.seq, exc)
             return False

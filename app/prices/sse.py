@@ -90,7 +90,8 @@ class EventStream:
         """Until frames or notices are queued (True) or `timeout` passes (False)."""
         if not len(self.outbox) and not self._notices:
             try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.wakeup.wait()
             except TimeoutError:
                 return False
         self.wakeup.clear()

@@ -65,13 +65,24 @@ class PublishedTicks:
         self._instruments = instruments
         self._keep = keep
         self._latest: dict[str, Tick] = {}
-        self._recent: dict[str, deque[Tick]] = {}
+        # Each channel's frames as received, newest last: decoded only when asked for (at a
+        # term's start), so watching costs a full speed producer an append a tick, not a parse.
+        self._frames: dict[str, deque[str]] = {}
 
     def latest(self) -> Mapping[str, Tick]:
         return self._latest
 
     def recent(self, symbol: str) -> list[Tick]:
-        return list(self._recent.get(symbol, ()))
+        ticks: list[Tick] = []
+        for text in self._frames.get(price_channel(symbol), ()):
+            tick = _decoded(text)
+            if (
+                tick is not None
+                and tick.symbol == symbol
+                and (not ticks or tick.seq > ticks[-1].seq)
+            ):
+                ticks.append(tick)
+        return ticks
 
     async def run(self) -> None:
         """Watch until cancelled. Never paused while this process leads: a term's ticks were
@@ -85,17 +96,27 @@ class PublishedTicks:
                 await subscription.add(price_channel(i.symbol) for i in self._instruments)
 
     def _on_burst(self, messages: list[tuple[str, str]]) -> None:
-        latest, recent = self._latest, self._recent
-        for _channel, text in messages:
-            try:
-                tick = decode_tick(text)
-            except MalformedTick:
+        frames, newest = self._frames, {}
+        for channel, text in messages:
+            kept = frames.get(channel)
+            if kept is None:
+                kept = frames[channel] = deque(maxlen=self._keep)
+            kept.append(text)
+            newest[channel] = text
+        # A channel's frames come in the order they were published: of a read, its last one
+        # is the newest (decoded; one that does not decode leaves what was known).
+        latest = self._latest
+        for text in newest.values():
+            tick = _decoded(text)
+            if tick is None:
                 continue
-            symbol = tick.symbol
-            known = latest.get(symbol)
+            known = latest.get(tick.symbol)
             if known is None or tick.seq > known.seq:
-                latest[symbol] = tick
-                kept = recent.get(symbol)
-                if kept is None:
-                    kept = recent[symbol] = deque(maxlen=self._keep)
-                kept.append(tick)
+                latest[tick.symbol] = tick
+
+
+def _decoded(text: str) -> Tick | None:
+    try:
+        return decode_tick(text)
+    except MalformedTick:
+        return None

@@ -1,26 +1,17 @@
 """Redis clients, configured once: short connect timeout, keepalive, a retry that replaces a
-pooled connection that died with a Redis restart, and writes that a cancel always ends.
+pooled connection that died with a Redis restart, and no maintenance notifications.
 
-Why the last: redis-py bounds each socket write with `asyncio.wait_for` when a socket timeout
-is set, and on Python 3.11 `wait_for` swallows a cancel that lands as the write completes
-(CPython gh-86296, fixed in 3.12 by rebuilding `wait_for` on `asyncio.timeout`). The cancelled
-task then carries on as if nothing happened: a producer term whose TaskGroup was cancelled
-waits forever for a reader that keeps sending `XREAD BLOCK`. Our connections bound the write
-with `asyncio.timeout` instead, which lets a cancel through. This module is the one place that
-reaches under redis-py's `Connection` (its private `_send_packed_command`): proven on the
-redis-py pinned in requirements/lock.txt; a release without that method keeps its own writes
-(`_cancellable`), with a warning, rather than failing at the first command.
+redis-py bounds each socket write with `asyncio.wait_for` when a socket timeout is set, and on
+Python 3.11 `wait_for` can lose a cancel that lands as the write completes (CPython gh-86296).
+A connection class that bounded the write with `asyncio.timeout` instead was tried and taken
+out again: with it, a subscriber missed a tick in tests/prices/test_implausible_seq.py (6 of 24
+runs, against 1 of 22 without), cause not yet found. A producer term that a lost cancel would keep
+alive is bounded by app/feed/term.py instead (the process exits and is restarted).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Iterable
-
-import redis
-from redis.asyncio import BlockingConnectionPool, Connection, Redis, SSLConnection
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,10 +22,9 @@ try:  # redis-py 7 and newer; older releases have no maintenance notifications t
 except ImportError:  # pragma: no cover - the lock pins a release that has it
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
-logger = logging.getLogger(__name__)
 
 # Off: its "auto" default reads what a pooled connection has pending through a `wait_for` (the
-# race below), and we run on no Redis that announces maintenance.
+# race above), and we run on no Redis that announces maintenance.
 _NO_MAINTENANCE_NOTIFICATIONS: dict[str, object] = (
     {}
     if MaintNotificationsConfig is None
@@ -57,72 +47,4 @@ def create_redis(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **_NO_MAINTENANCE_NOTIFICATIONS,
     )
-    pool.connection_class = _cancellable(pool.connection_class)
     return Redis.from_pool(pool)
-
-
-class _CancellableWrites(AbstractConnection):
-    """redis-py's `send_packed_command` with `asyncio.timeout` where it has `wait_for`; the
-    rest (connecting, health check, errors, closing the socket on any failure) as it is."""
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        if not self.socket_timeout:
-            await super().send_packed_command(command, check_health)
-            return
-        if not self.is_connected:
-            await self.connect_check_health(check_health=False)
-        if check_health:
-            await self.check_health()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        if isinstance(command, str):
-            command = command.encode()
-        if isinstance(command, bytes):
-            command = [command]
-        try:
-            async with asyncio.timeout(self.socket_timeout):
-                await self._send_packed_command(command)
-        except OSError as exc:
-            await self.disconnect(nowait=True)
-            if isinstance(exc, TimeoutError) and exc.errno is None:  # our bound, not the OS
-                raise RedisTimeoutError("Timeout writing to socket") from None
-            raise RedisConnectionError(
-                f"Error {exc.errno} while writing to socket. {exc.strerror}."
-            ) from exc
-        except BaseException:
-            # as redis-py: a write cut short (cancelled, or a broken connection) leaves the
-            # socket mid-command, so it is closed and the next command reconnects
-            await self.disconnect(nowait=True)
-            raise
-
-
-class _CancellableConnection(_CancellableWrites, Connection):
-    pass
-
-
-class _CancellableSSLConnection(_CancellableWrites, SSLConnection):
-    pass
-
-
-# by the class redis-py picks from the URL's scheme (redis://, rediss://: app/config.py)
-_CANCELLABLE: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    Connection: _CancellableConnection,
-    SSLConnection: _CancellableSSLConnection,
-}
-
-
-def _cancellable(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """Ours for `connection_class`, where this redis-py has the private write it builds on."""
-    if not hasattr(AbstractConnection, "_send_packed_command"):
-        if not _warned:
-            _warned.append(True)
-            logger.warning(
-                "redis-py %s has no Connection._send_packed_command: its own socket writes are "
-                "used, and on Python 3.11 a cancel can be lost in them (CPython gh-86296)",
-                redis.__version__,
-            )
-        return connection_class
-    return _CANCELLABLE.get(connection_class, connection_class)
-
-
-_warned: list[bool] = []

@@ -248,14 +248,19 @@ class Sequencer:
     def _skip_stale(self, ticks: list[Tick]) -> list[Tick]:
         """When the hub is behind, a burst holds several ticks of a symbol: pass on only those
         within `max_lag_ms` of its newest. Clients see a `seq` jump, and latency stays bounded
-        instead of growing with the backlog."""
+        instead of growing with the backlog. Only a plausible seq sets the newest: a forged
+        tick's ts far ahead must not make the real ticks beside it stale; it is kept, to be
+        checked with the store."""
         newest: dict[str, int] = {}
+        last_seq = self._last_seq
         for tick in ticks:
-            if tick.ts > newest.get(tick.symbol, -1):
+            if tick.ts > newest.get(tick.symbol, -1) and not self._implausible(
+                tick, last_seq.get(tick.symbol)
+            ):
                 newest[tick.symbol] = tick.ts
         kept: list[Tick] = []
         for tick in ticks:
-            if newest[tick.symbol] - tick.ts <= self._max_lag_ms:
+            if newest.get(tick.symbol, tick.ts) - tick.ts <= self._max_lag_ms:
                 kept.append(tick)
             elif 0 < tick.seq - self._last_seq.get(tick.symbol, -1) <= self._retention:
                 # Skipped on purpose: not a gap to repair. Not so a seq implausibly far ahead

@@ -186,6 +186,20 @@ class TestSequencer:
             sequencer.on_burst([message(ticks[2])])
             assert await runs.until(3) == [1, 2, 3]
 
+    async def test_a_forged_seq_with_a_future_ts_makes_no_real_tick_stale(self) -> None:
+        """A forged tick's ts far ahead (`tick`'s default for seq 10**15) in the same read as
+        real ticks: they are no older than the newest real one, so none is skipped."""
+        store = MemoryTickStore(retention=1000, candles_kept=10)
+        ticks = await stored(store, range(1, 5))
+        dropped = counter("pricefeed_broker_dropped_total", reason="implausible_seq")
+        async with started(store, "MSFT", max_lag_ms=50) as (sequencer, runs, _):
+            sequencer.on_burst([message(ticks[0])])
+            forged = tick("MSFT", 10**15)
+            sequencer.on_burst([message(ticks[1]), message(forged), message(ticks[2])])
+            sequencer.on_burst([message(ticks[3])])
+            assert await runs.until(4) == [1, 2, 3, 4]
+        assert counter("pricefeed_broker_dropped_total", reason="implausible_seq") == dropped + 1
+
     async def test_a_real_jump_past_the_retention_is_passed_on(self) -> None:
         store = MemoryTickStore(retention=1000, candles_kept=10)
         await stored(store, range(1, 2))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvloop
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from app.main import create_app
 from app.prices.asyncapi import build_asyncapi
@@ -208,3 +209,11 @@ def redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, on a free port, that the test may kill and restart."""
     with redis_server() as server:
         yield server
+
+
+@pytest.fixture
+async def redis_client(redis: RedisServer) -> AsyncIterator[Redis]:
+    """A redis-py client of the test's own `redis`, closed afterwards."""
+    client = Redis.from_url(redis.url)
+    yield client
+    await client.aclose()

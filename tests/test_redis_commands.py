@@ -26,13 +26,6 @@ COUNT = Script("return redis.call('INCR', KEYS[1])")
 
 
 @pytest.fixture
-async def client(redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def commands(redis: RedisServer) -> AsyncIterator[CommandConnection]:
     commands = CommandConnection.from_url(redis.url, timeout=1.0)
     yield commands
@@ -55,13 +48,13 @@ class TestCommands:
         assert await commands.call("GET", "text") == b"x", "the connection goes on"
 
     async def test_a_flushed_script_is_sent_again_in_order(
-        self, commands: CommandConnection, client: Redis
+        self, commands: CommandConnection, redis_client: Redis
     ) -> None:
         assert await commands.run_script(COUNT, ["n"], []) == 1
-        await client.script_flush()
+        await redis_client.script_flush()
         sent = [commands.send_script(COUNT, ["n"], []) for _ in range(5)]
         assert [await commands.answer(s) for s in sent] == [2, 3, 4, 5, 6]
-        assert await client.script_exists(COUNT.sha.decode()) == [True]
+        assert await redis_client.script_exists(COUNT.sha.decode()) == [True]
 
 
 class TestFailures:
@@ -120,20 +113,20 @@ def _run(seq: int) -> Run:
 
 class TestStoreWrites:
     async def test_writes_sent_together_land_in_order_and_a_refused_fence_writes_nothing(
-        self, redis: RedisServer, client: Redis
+        self, redis: RedisServer, redis_client: Redis
     ) -> None:
-        commands = CommandConnection.like(client)
+        commands = CommandConnection.like(redis_client)
         store = RedisTickStore(
-            client, prefix="t", retention=100, candles_kept=10, commands=commands
+            redis_client, prefix="t", retention=100, candles_kept=10, commands=commands
         )
         try:
             assert store.ordered_writes
-            await client.set(store.leader_key, "me")
+            await redis_client.set(store.leader_key, "me")
             writes = [
                 asyncio.ensure_future(store.append_runs([_run(n)], fence="me")) for n in (1, 2, 3)
             ]
             assert await asyncio.gather(*writes) == [[0], [0], [0]]
-            await client.set(store.leader_key, "successor")
+            await redis_client.set(store.leader_key, "successor")
             with pytest.raises(NotLeader):
                 await store.append_runs([_run(4)], fence="me")
             history = await store.read_history("AAPL", since=None, limit=10)

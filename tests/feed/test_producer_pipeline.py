@@ -44,10 +44,10 @@ class LeaseTakenAt(RedisTickStore):
     handed to a successor on that same connection, so Redis runs the hand-over between two
     writes that are both in flight. Counts how many writes were in flight at once."""
 
-    def __init__(self, client: Redis, *, at: int, timeout: float = 5.0) -> None:
-        self.commands = CommandConnection.like(client, timeout=timeout)
+    def __init__(self, redis_client: Redis, *, at: int, timeout: float = 5.0) -> None:
+        self.commands = CommandConnection.like(redis_client, timeout=timeout)
         super().__init__(
-            client, prefix="t", retention=1000, candles_kept=10, commands=self.commands
+            redis_client, prefix="t", retention=1000, candles_kept=10, commands=self.commands
         )
         self.at = at
         self.calls = 0
@@ -79,14 +79,7 @@ class Published:
 
 
 @pytest.fixture
-async def client(redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def stores(client: Redis) -> AsyncIterator[list[LeaseTakenAt]]:
+async def stores(redis_client: Redis) -> AsyncIterator[list[LeaseTakenAt]]:
     made: list[LeaseTakenAt] = []
     yield made
     for store in made:
@@ -123,11 +116,11 @@ async def settle() -> None:
 
 class TestSpeculativeStamping:
     async def test_the_lease_lost_mid_flight_publishes_what_was_written_and_no_seq_twice(
-        self, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+        self, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
     ) -> None:
-        store = LeaseTakenAt(client, at=4)
+        store = LeaseTakenAt(redis_client, at=4)
         stores.append(store)
-        await client.set(store.leader_key, "first")
+        await redis_client.set(store.leader_key, "first")
         seen = Published()
         channels = [price_channel("AAPL"), price_channel("MSFT")]
         async with broker.subscribe_bursts(channels, seen):
@@ -150,11 +143,11 @@ class TestSpeculativeStamping:
         assert seen.seqs["MSFT"] == list(range(1, 13))
 
     async def test_a_refused_fence_publishes_nothing(
-        self, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+        self, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
     ) -> None:
-        store = LeaseTakenAt(client, at=0)
+        store = LeaseTakenAt(redis_client, at=0)
         stores.append(store)
-        await client.set(store.leader_key, "someone-else")
+        await redis_client.set(store.leader_key, "someone-else")
         seen = Published()
         async with broker.subscribe_bursts([price_channel("AAPL")], seen):
             stale = producer(store, broker, "me")
@@ -167,11 +160,11 @@ class TestSpeculativeStamping:
         assert await store.read_latest(["AAPL", "MSFT"]) == {}
 
     async def test_redis_gone_mid_flight_publishes_nothing_after_it_and_resumes_after_it(
-        self, redis: RedisServer, client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+        self, redis: RedisServer, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
     ) -> None:
-        store = LeaseTakenAt(client, at=0, timeout=0.3)
+        store = LeaseTakenAt(redis_client, at=0, timeout=0.3)
         stores.append(store)
-        await client.set(store.leader_key, "first")
+        await redis_client.set(store.leader_key, "first")
         seen = Published()
         async with broker.subscribe_bursts([price_channel("AAPL")], seen):
             first = producer(store, broker, "first")

@@ -174,6 +174,13 @@ class TestOutage:
                 for start in range(0, 1600, 200):
                     writer.offer([Run("TSLA", published[start : start + 200])])
                     await asyncio.sleep(0.05)  # writes fail meanwhile, and come back
+
+                async def failed() -> bool:
+                    return writer.failing
+
+                # The outage lasts until a write failed: a flush that started inside it would
+                # otherwise wait out a short outage in the driver's busy wait, and succeed.
+                await until(failed)
             await until(lambda: _count_is(history_db, "TSLA", 1000))
 
             async def reported() -> bool:

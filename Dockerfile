@@ -1,5 +1,5 @@
 # pricefeed: slim, non-root; migrates, then serves.
-FROM python:3.11-slim AS build
+FROM python:3.12-slim AS build
 WORKDIR /src
 # A C compiler for the fan-out's send loop (app/prices/_fanout.c); the final image has none.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -20,7 +20,7 @@ COPY clients/js/pricefeed.js ./clients/js/pricefeed.js
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation ./clients/python . \
     && cd / && /opt/venv/bin/python -c "import app.prices._fanout"  # built, not skipped
 
-FROM python:3.11-slim
+FROM python:3.12-slim
 # ENV=prod unless told otherwise: no demo client, and a strong JWT_SECRET is required.
 ENV ENV=prod \
     PATH=/opt/venv/bin:$PATH \

@@ -27,6 +27,11 @@ not counted).
     python -m bench.feedcost --kinds pricefeed-nohist,pricefeed --loads 50x20
     python -m bench.feedcost --loads max --seconds 20 --rounds 1
     python -m bench.feedcost --kinds pricefeed-pg,pricefeed --loads max
+    python -m bench.feedcost --kinds pricefeed-base,pricefeed --loads 50x20 --paired
+
+`--paired` runs the kinds at the same time rather than one after another: on a shared machine
+a fixed load's CPU per tick moves by ±15 % between takes of one tree, and side by side both
+takes see the same disturbance (at 13 % of a core each, they barely meet on the core).
 """
 
 from __future__ import annotations
@@ -276,6 +281,9 @@ async def amain(opts: argparse.Namespace) -> int:
             print(f"{kind}: {why}", file=sys.stderr)
             return 2
     loads = [x.strip() for x in opts.loads.split(",") if x.strip()]
+    if opts.paired and "max" in loads:
+        print("--paired: fixed loads only (at full speed the kinds would share a core)")
+        return 2
     info = report.machine_info()
     print("## Machine\n")
     for key, val in info.items():
@@ -289,14 +297,20 @@ async def amain(opts: argparse.Namespace) -> int:
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for round_ in range(opts.rounds):
         for load in loads:
-            for kind in kinds:  # alternated
+            if opts.paired:  # every kind at once, each with its own Redis
                 await procs.wait_quiet(opts.quiet_wait)
-                row = await measure(kind, load, opts)
-                rows.setdefault((load, kind), []).append(row)
+                taken = await asyncio.gather(*(measure(kind, load, opts) for kind in kinds))
+            else:
+                taken = []
+                for kind in kinds:  # alternated
+                    await procs.wait_quiet(opts.quiet_wait)
+                    taken.append(await measure(kind, load, opts))
+            for row in taken:
+                rows.setdefault((load, row["kind"]), []).append(row)
                 kept = "-" if row["kept_s"] is None else f"{row['kept_s']:,.0f}"
                 print(
-                    f"round {round_ + 1} {load:6s} {kind:21s} {row['ticks_s']:9,.0f} ticks/s "
-                    f"{row['cpu_pct']:5.1f}% CPU {row['us_per_tick'] or 0:7.1f} µs/tick "
+                    f"round {round_ + 1} {load:6s} {row['kind']:21s} {row['ticks_s']:9,.0f} "
+                    f"ticks/s {row['cpu_pct']:5.1f}% CPU {row['us_per_tick'] or 0:7.1f} µs/tick "
                     f"(redis {row['redis_us_per_tick'] or 0:.1f}, steal {row['steal_pct']:.0f}%, "
                     f"history {kept}/s, load average {os.getloadavg()[0]:.2f})",
                     flush=True,
@@ -344,6 +358,12 @@ def main() -> int:
         "--pg",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="-pg kinds: a PostgreSQL server (DSN of a database to connect to for CREATE DATABASE)",
+    )
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="run the kinds at once (same core, a Redis each): what disturbs one disturbs "
+        "the other; for fixed loads only (at full speed they would share the core)",
     )
     opts = ap.parse_args()
     return procs.run_main(amain(opts), "feedcost")

@@ -23,6 +23,7 @@ from app import metrics
 from app.backoff import Backoff
 from app.broker.fanout import Fanout
 from app.broker.redis_wire import COMMAND_TIMEOUT_SECONDS, SubscriberProtocol
+from app.prices.store import ScriptedWrite
 from app.redis_client import create_redis
 from app.redis_commands import CommandConnection, Script, ssl_context
 
@@ -126,6 +127,37 @@ return published
 """
 
 
+# After a store write (app/prices/store.py's `ScriptedWrite`, run first as a function): the
+# messages of each of its runs, in order, as ARGV after the write's: channel, then that run's
+# messages joined by newlines (a tick's JSON holds none), each run's first `skipped[i]`
+# left out (their seq was kept already: published before). Refused by the store (an error
+# reply), nothing is published.
+_PUBLISH_WRITTEN_LUA = """
+local function write()
+{write}
+end
+local skipped = write()
+if skipped.err then
+  return skipped
+end
+local run = 1
+for i = {first}, #ARGV, 2 do
+  local channel, joined, skip = ARGV[i], ARGV[i + 1], skipped[run]
+  local from, n = 1, 0
+  while from do
+    local to = string.find(joined, '\\n', from, true)
+    if n >= skip then
+      redis.call('PUBLISH', channel, string.sub(joined, from, to and to - 1 or -1))
+    end
+    n = n + 1
+    from = to and to + 1
+  end
+  run = run + 1
+end
+return skipped
+"""
+
+
 def _runs(messages: list[tuple[str, str]]) -> list[str]:
     """The arguments of `_PUBLISH_MANY_LUA`: (channel, joined messages, whole) per run of
     messages on one channel, in order; `whole` "1" for a message that holds a newline and
@@ -170,6 +202,7 @@ class ResilientRedisBackend(BroadcastBackend):
         # Opened by the first `publish_many`: the producer's only.
         self._commands = CommandConnection.from_url(url)
         self._publish_many = Script(_PUBLISH_MANY_LUA)
+        self._written_scripts: dict[tuple[str, int], Script] = {}  # `publish_written`'s
         self._options: dict[str, Any] = dict(parse_url(url))
         self._fanout = fanout
         self._wanted = asyncio.Event()  # a channel was subscribed: time to connect
@@ -222,6 +255,27 @@ class ResilientRedisBackend(BroadcastBackend):
         # of all of them a fraction of that; Redis runs them in order either way. On the lean
         # connection: redis-py's own script call is ~117 µs of CPU, this one ~36.
         await self._commands.run_script(self._publish_many, (), _runs(messages))
+
+    async def publish_written(
+        self, write: ScriptedWrite, runs: list[tuple[str, list[str]]]
+    ) -> list[int]:
+        """Run `write` and publish each of its runs' messages, one script on the store's
+        write connection (the producer's; lean, app/redis_commands.py): one command, one
+        answer. Sent before the first await, so calls run in Redis in call order, behind
+        every write sent before. `write`'s outcome (its error raised)."""
+        body = write.lua
+        script = self._written_scripts.get((body, len(write.args)))
+        if script is None:
+            script = Script(_PUBLISH_WRITTEN_LUA.format(write=body, first=len(write.args) + 1))
+            self._written_scripts[(body, len(write.args))] = script
+        args = list(write.args)
+        for channel, messages in runs:
+            joined = "\n".join(messages)
+            if joined.count("\n") != len(messages) - 1:
+                raise ValueError("a message published after a write holds a newline")
+            args += (channel, joined)
+        sent = write.commands.send_script(script, write.keys, args)
+        return await write.commands.answer(sent)  # type: ignore[no-any-return]
 
     async def next_published(self) -> Event:
         return await _no_events()

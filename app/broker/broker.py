@@ -16,6 +16,7 @@ from app.broker.backends import (
     ResilientRedisBackend,
 )
 from app.broker.fanout import BurstSink, Fanout
+from app.prices.store import ScriptedWrite
 
 
 def price_channel(symbol: str) -> str:
@@ -71,6 +72,25 @@ class Broker:
         which `Broadcast.publish`, a call per message, cannot give."""
         if messages:
             await self._backend.publish_many(messages)
+
+    @property
+    def publishes_written(self) -> bool:
+        """Whether `publish_written` can run (Redis: the store's and the broker's Redis are
+        one, BROADCAST_URL)."""
+        return isinstance(self._backend, ResilientRedisBackend)
+
+    async def publish_written(
+        self, write: ScriptedWrite, runs: list[tuple[str, list[str]]]
+    ) -> list[int]:
+        """Run a store write and publish its runs' messages (channel, messages per run of the
+        write, in order) in one script: a run's first messages that the write did not keep
+        (their seq was kept already) are not published, and nothing is if the write is
+        refused. One command and one answer for what `publish_many` after the write's own
+        call takes two. Sent before the first await: calls run in Redis in call order.
+        The write's outcome, for the store to read (`TickStore.written`)."""
+        if not isinstance(self._backend, ResilientRedisBackend):
+            raise TypeError("publish_written needs a Redis broker")
+        return await self._backend.publish_written(write, runs)
 
     @asynccontextmanager
     async def subscribe_bursts(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.feed.term import Term
 from app.feed.witness import Witness
 from app.history.writer import HistoryWriter
-from app.prices.store import NotLeader, TickStore
+from app.prices.store import Chain, NotLeader, Run, TickStore
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ class Producer:
         # the last batch stamped was (True), or failed to be (False).
         self._emitting = asyncio.Lock()
         self._published: asyncio.Future[bool] = _settled_future(True)
+        # Each write names the one before it this term (`_write`); a term's first follows none.
+        self._term_name = ""
+        self._writes = 0
+        self._last_write: str | None = None
         self.is_leader = False
 
     @property
@@ -177,6 +182,7 @@ class Producer:
         self._record.new_term()
         self._stamper.new_term()
         self._published = _settled_future(True)
+        self._term_name, self._writes, self._last_write = secrets.token_hex(4), 0, None
         await self._record.resume([i.symbol for i in self._instruments])
         try:
             async with Term() as group:  # its end is bounded: app/feed/term.py
@@ -333,15 +339,15 @@ class Producer:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
         written: asyncio.Future[list[int]] | None = None
         done: asyncio.Future[bool] | None = None
+        # Whether the write publishes its own ticks (the store and the broker on one Redis).
+        publishes_written = self._broker.publishes_written and self._store.ordered_writes
         try:
             async with self._emitting:
                 await self._record.resume(list(by_symbol))  # an instrument added this term
                 runs = [self._stamper.stamp(symbol, run) for symbol, run in by_symbol.items()]
                 before, done = self._published, asyncio.get_running_loop().create_future()
                 self._published = done
-                written = asyncio.ensure_future(
-                    self._store.append_runs(runs, fence=self._lease.token)
-                )
+                written = asyncio.ensure_future(self._write(runs, publishes_written))
                 if not self._store.ordered_writes:  # the next one is sent once this answered
                     await _settled(written)
             skipped = await written
@@ -351,11 +357,15 @@ class Producer:
             published: list[tuple[str, str]] = []
             for run, refused in zip(runs, skipped, strict=True):
                 self._state.take_run(run, by_symbol[run.symbol][-1][0].price)
-                channel = price_channel(run.symbol)
-                published += [(channel, tick.frame) for tick in run.ticks[refused:]]
-            # The store first: a tick the broker loses can still be refetched from it.
-            await self._broker.publish_many(published)
-            metrics.TICKS_PUBLISHED.inc(len(published))
+                if not publishes_written:
+                    channel = price_channel(run.symbol)
+                    published += [(channel, tick.frame) for tick in run.ticks[refused:]]
+            if publishes_written:  # published by the write itself
+                metrics.TICKS_PUBLISHED.inc(sum(len(r.ticks) for r in runs) - sum(skipped))
+            else:
+                # The store first: a tick the broker loses can still be refetched from it.
+                await self._broker.publish_many(published)
+                metrics.TICKS_PUBLISHED.inc(len(published))
             if self._history is not None:
                 self._history.offer(runs)
         except BaseException:
@@ -367,6 +377,21 @@ class Producer:
             raise
         assert done is not None
         done.set_result(True)
+
+    def _write(self, runs: list[Run], publishes: bool) -> Awaitable[list[int]]:
+        """The store write of a batch's runs, named in this term's chain: the store refuses
+        it if the batch stamped before it never reached Redis. On Redis, the write publishes
+        its ticks in the same script (through the broker): one command and one answer a
+        batch, and a batch is never published without its write, nor behind a gap."""
+        self._writes += 1
+        chain = Chain(f"{self._term_name}:{self._writes}", self._last_write)
+        self._last_write = chain.name
+        fence = self._lease.token
+        write = self._store.scripted_write(runs, fence=fence, chain=chain)
+        if write is None or not publishes:
+            return self._store.append_runs(runs, fence=fence, chain=chain)
+        messages = [(price_channel(run.symbol), [tick.frame for tick in run.ticks]) for run in runs]
+        return self._store.written(self._broker.publish_written(write, messages))
 
 
 def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[InboxEntry]]:

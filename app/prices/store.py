@@ -12,13 +12,13 @@ the marks back and resumes at the quote after them: none lost, none published tw
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app.config import Settings
 from app.prices.candles import Candle
@@ -30,6 +30,35 @@ _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 class NotLeader(Exception):
     """The fence token given with a write is not the current leader's."""
+
+
+class EarlierWriteMissing(RedisError):
+    """A write named the write it follows, and that one never reached the store (lost with a
+    connection, or refused): taking this one would leave a gap behind it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """Where a write stands among one producer's writes: its own name, and the name of the
+    write stamped just before it (None: the first of a term, which follows nothing). The
+    store refuses a write whose predecessor it never took (`EarlierWriteMissing`)."""
+
+    name: str
+    follows: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptedWrite:
+    """One `append_runs` as a Lua chunk and its arguments, for a script that runs more after
+    it in the same call (the broker's publish of the same ticks, app/broker/backends.py).
+    The chunk's `return` is the per-run counts of ticks not new, or an error reply; its
+    arguments are ARGV[1..len(args)]. `commands`: the store's write connection, which the
+    script goes on, so that every write of the store runs in call order, however sent."""
+
+    lua: str
+    keys: list[str]
+    args: list[str | int | bytes]
+    commands: CommandConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +80,22 @@ class TickStore(Protocol):
         (each sent before its first await): then a caller may start the next write before the
         previous one answered."""
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
         """Keep each run's ticks, candles and mark, all in one write. Per run, how many of its
-        first ticks were not new (their seq was kept already): the rest were kept."""
+        first ticks were not new (their seq was kept already): the rest were kept. With
+        `chain`, refused (EarlierWriteMissing) unless the write it follows was kept."""
+
+    def scripted_write(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain
+    ) -> ScriptedWrite | None:
+        """`append_runs` as a Lua chunk for a caller's script (None: not on a connection of
+        its own, app/redis_commands.py).
+        `written` turns that script's outcome into `append_runs`'."""
+
+    async def written(self, outcome: Awaitable[Any]) -> list[int]:
+        """The outcome of a `scripted_write`'s script as `append_runs` has it."""
 
     async def append(
         self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
@@ -90,8 +132,19 @@ class MemoryTickStore:
     def ordered_writes(self) -> bool:
         return True  # each write is done before its call returns
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
+        # Each write is done before its call returns: none can go missing before a next one.
         return [self._append_run(run) for run in runs]
+
+    def scripted_write(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain
+    ) -> ScriptedWrite | None:
+        return None
+
+    async def written(self, outcome: Awaitable[Any]) -> list[int]:
+        raise NotImplementedError("the memory store runs no script")
 
     async def append(
         self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None
@@ -145,19 +198,27 @@ class MemoryTickStore:
         return None
 
 
-# Atomic append of a burst: the fence check, then per run its inbox mark (if any), its stream
-# entries (each ID is the seq, so a replayed or stale seq is refused by Redis itself: those
-# come first in a run, and are counted), the latest hash and the candle states.
-# KEYS: leader, latest, marks; then per run its stream and one key per candle state.
-# ARGV: fence, retention, candles kept, the runs as JSON:
+# Atomic append of a burst: the fence check, the chain check (the write this one follows was
+# kept: the name of the last write taken is kept beside the leader key), then per run its inbox
+# mark (if any), its stream entries (each ID is the seq, so a replayed or stale seq is refused
+# by Redis itself: those come first in a run, and are counted), the latest hash and the candle
+# states; last, this write's name, so that a write that failed midway is never followed.
+# KEYS: leader, latest, marks, last write; then per run its stream and one key per candle state.
+# ARGV: fence, retention, candles kept, the runs as JSON, this write's name, the name of the
+# write it follows ('' for either: no chain):
 #   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle], ...], "m": mark or ""}]
+# It is also the first part of the broker's store-and-publish script (`ScriptedWrite`), as a
+# function body: only `return` leaves it.
 _APPEND_LUA = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER')
 end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
+  return redis.error_reply('EARLIERMISSING the write this one follows was not kept')
+end
 local retention, kept = ARGV[2], tonumber(ARGV[3])
 local skipped = {}
-local k = 4
+local k = 5
 for i, run in ipairs(cjson.decode(ARGV[4])) do
   local stream = KEYS[k]
   k = k + 1
@@ -185,6 +246,9 @@ for i, run in ipairs(cjson.decode(ARGV[4])) do
     k = k + 1
   end
   skipped[i] = refused
+end
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[5])
 end
 return skipped
 """
@@ -214,6 +278,7 @@ class RedisTickStore:
         self.leader_key = f"{prefix}:producer:leader"
         self._latest_key = f"{prefix}:latest"
         self._marks_key = f"{prefix}:ingest:marks"
+        self._chain_key = f"{prefix}:producer:written"  # the name of the last write taken
 
     def _stream_key(self, symbol: str) -> str:
         return f"{self._prefix}:ticks:{symbol}"
@@ -221,10 +286,45 @@ class RedisTickStore:
     def _candle_key(self, symbol: str, interval: str) -> str:
         return f"{self._prefix}:candles:{symbol}:{interval}"
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
         if not runs:
             return []
-        keys = [self.leader_key, self._latest_key, self._marks_key]
+        keys, args = self._write(runs, fence=fence, chain=chain)
+        if self._commands is None:
+            return await self._outcome(self._append(keys=keys, args=args))
+        # Sent before the first await: writes reach Redis in call order.
+        sent = self._commands.send_script(self._append_script, keys, args)
+        return await self._outcome(self._commands.answer(sent))
+
+    def scripted_write(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain
+    ) -> ScriptedWrite | None:
+        if self._commands is None:  # redis-py: writes in no set order
+            return None
+        keys, args = self._write(runs, fence=fence, chain=chain)
+        return ScriptedWrite(_APPEND_LUA, keys, args, self._commands)
+
+    async def written(self, outcome: Awaitable[Any]) -> list[int]:
+        return await self._outcome(outcome)
+
+    async def _outcome(self, outcome: Awaitable[Any]) -> list[int]:
+        try:
+            skipped = await outcome
+        except ResponseError as exc:
+            if "NOTLEADER" in str(exc):
+                raise NotLeader from exc
+            if str(exc).startswith("EARLIERMISSING"):
+                raise EarlierWriteMissing(str(exc)) from exc
+            raise
+        return [int(n) for n in skipped]
+
+    def _write(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        """The keys and arguments of `_APPEND_LUA` for `runs`."""
+        keys = [self.leader_key, self._latest_key, self._marks_key, self._chain_key]
         body: list[dict[str, object]] = []
         for run in runs:
             keys.append(self._stream_key(run.symbol))
@@ -242,19 +342,10 @@ class RedisTickStore:
             self._retention,
             self._candles_kept,
             orjson.dumps(body),
+            chain.name if chain is not None else "",
+            (chain.follows or "") if chain is not None else "",
         ]
-        try:
-            if self._commands is None:
-                skipped = await self._append(keys=keys, args=args)
-            else:
-                # Sent before the first await: writes reach Redis in call order.
-                sent = self._commands.send_script(self._append_script, keys, args)
-                skipped = await self._commands.answer(sent)
-        except ResponseError as exc:
-            if "NOTLEADER" in str(exc):
-                raise NotLeader from exc
-            raise
-        return [int(n) for n in skipped]
+        return keys, args
 
     async def append(
         self, tick: Tick, candles: dict[str, Candle], *, fence: str | None, mark: str | None = None

@@ -24,7 +24,7 @@ from app.feed.sources.ingest import IngestOnly
 from app.feed.stats import MemoryFeedCounts
 from app.instruments.catalog import Catalog
 from app.instruments.repository import InstrumentInfo
-from app.prices.store import MemoryTickStore, RedisTickStore, Run, TickStore
+from app.prices.store import Chain, MemoryTickStore, RedisTickStore, Run, TickStore
 from app.redis_client import create_redis
 from tests.support import RedisServer
 
@@ -74,10 +74,12 @@ class DyingStore(RedisTickStore):
         self.survive = survive
         self.died = asyncio.Event()
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
         if self.died.is_set():
             await asyncio.Event().wait()
-        written = await super().append_runs(runs, fence=fence)
+        written = await super().append_runs(runs, fence=fence, chain=chain)
         self.survive -= 1
         if self.survive == 0:
             self.died.set()
@@ -92,9 +94,11 @@ class CountingStore(RedisTickStore):
         super().__init__(redis, prefix=PREFIX, retention=1000, candles_kept=10)
         self.calls: list[int] = []
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
         self.calls.append(sum(len(run.ticks) for run in runs))
-        return await super().append_runs(runs, fence=fence)
+        return await super().append_runs(runs, fence=fence, chain=chain)
 
 
 @pytest.fixture

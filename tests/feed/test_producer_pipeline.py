@@ -7,19 +7,21 @@ published tick goes out once, in seq order."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.broker import Broker, price_channel
 from app.feed.producer import Producer
 from app.feed.sources import Quote
 from app.instruments.catalog import Catalog
 from app.instruments.repository import InstrumentInfo
-from app.prices.store import NotLeader, RedisTickStore, Run
-from app.prices.ticks import decode_tick
+from app.prices.store import Chain, EarlierWriteMissing, NotLeader, RedisTickStore, Run
+from app.prices.ticks import decode_tick, encode_tick
 from app.redis_commands import CommandConnection
 from tests.feed.test_producer_order import OneBatch
 from tests.support import RedisServer
@@ -54,16 +56,32 @@ class LeaseTakenAt(RedisTickStore):
         self.in_flight = 0
         self.most_in_flight = 0
 
-    async def append_runs(self, runs: Sequence[Run], *, fence: str | None) -> list[int]:
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
+        self._before_write()
+        try:
+            return await super().append_runs(runs, fence=fence, chain=chain)
+        finally:
+            self.in_flight -= 1
+
+    async def written(self, outcome: Awaitable[Any]) -> list[int]:
+        """A write that publishes its ticks too (`Broker.publish_written`): sent from here."""
+        self._before_write()
+        try:
+            return await super().written(outcome)
+        finally:
+            self.in_flight -= 1
+
+    def _before_write(self) -> None:
         self.calls += 1
         if self.calls == self.at:
             self.commands.send(("SET", self.leader_key, "successor"))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            return await super().append_runs(runs, fence=fence)
-        finally:
-            self.in_flight -= 1
+
+
+SETTLED = "settled"
 
 
 class Published:
@@ -71,9 +89,13 @@ class Published:
 
     def __init__(self) -> None:
         self.seqs: dict[str, list[int]] = {}
+        self.settled = asyncio.Event()
 
     def __call__(self, burst: list[tuple[str, str]]) -> None:
         for _channel, frame in burst:
+            if frame == SETTLED:
+                self.settled.set()
+                continue
             tick = decode_tick(frame)
             self.seqs.setdefault(tick.symbol, []).append(tick.seq)
 
@@ -86,9 +108,11 @@ async def stores(redis_client: Redis) -> AsyncIterator[list[LeaseTakenAt]]:
         await store.close()
 
 
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    broker = Broker("memory://")
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest, redis: RedisServer) -> AsyncIterator[Broker]:
+    """memory://: each batch published after its write answered. Redis: each batch published
+    by its write's own script (`Broker.publish_written`)."""
+    broker = Broker("memory://" if request.param == "memory" else redis.url)
     await broker.connect()
     yield broker
     await broker.disconnect()
@@ -108,10 +132,15 @@ def batch(n: int) -> list[Quote]:
     return [Quote("AAPL", Decimal(f"190.{n:02d}")), Quote("MSFT", Decimal(f"410.{n:02d}"))] * 3
 
 
-async def settle() -> None:
-    """Let the memory broker hand over what was published."""
-    for _ in range(10):
-        await asyncio.sleep(0)
+async def settle(broker: Broker, seen: Published, store: LeaseTakenAt) -> None:
+    """Wait until what was published so far is delivered: a marker published behind it (on
+    Redis, on the store's write connection, so behind every write sent) has arrived."""
+    seen.settled.clear()
+    if broker.publishes_written:
+        await store.commands.call("PUBLISH", price_channel("AAPL"), SETTLED)
+    else:
+        await broker.publish_many([(price_channel("AAPL"), SETTLED)])
+    await asyncio.wait_for(seen.settled.wait(), 5)
 
 
 class TestSpeculativeStamping:
@@ -131,12 +160,12 @@ class TestSpeculativeStamping:
             assert outcomes[:3] == [None, None, None]
             assert isinstance(outcomes[3], NotLeader)
             assert all(isinstance(o, Exception) for o in outcomes[3:])
-            await settle()
+            await settle(broker, seen, store)
             assert seen.seqs == {"AAPL": list(range(1, 10)), "MSFT": list(range(1, 10))}
 
             successor = producer(store, broker, "successor")
             await successor.emit_batch(batch(9))
-            await settle()
+            await settle(broker, seen, store)
         stored = await store.read_history("AAPL", since=None, limit=100)
         assert [t.seq for t in stored] == list(range(1, 13)), "no seq stored twice or skipped"
         assert seen.seqs["AAPL"] == list(range(1, 13)), "each once, in order"
@@ -153,7 +182,7 @@ class TestSpeculativeStamping:
             stale = producer(store, broker, "me")
             emits = [asyncio.ensure_future(stale.emit_batch(batch(n))) for n in range(3)]
             outcomes = await asyncio.gather(*emits, return_exceptions=True)
-            await settle()
+            await settle(broker, seen, store)
         assert all(isinstance(o, Exception) for o in outcomes)
         assert isinstance(outcomes[0], NotLeader)
         assert seen.seqs == {}
@@ -176,13 +205,92 @@ class TestSpeculativeStamping:
             finally:
                 redis.thaw()
             assert all(isinstance(o, Exception) for o in outcomes)
-            await settle()
-            assert seen.seqs == {"AAPL": [1, 2, 3]}, "nothing whose write did not answer"
-            # Redis ran the writes it had read: a next term takes up after them.
+            await settle(broker, seen, store)
+            ran = (await store.read_latest(["AAPL"]))["AAPL"].seq
+            if broker.publishes_written:
+                # Redis ran the writes it had read, each publishing its own ticks.
+                assert seen.seqs == {"AAPL": list(range(1, ran + 1))}, "each once, in order"
+            else:
+                assert seen.seqs == {"AAPL": [1, 2, 3]}, "nothing whose write did not answer"
+            # A next term takes up after them.
             again = producer(store, broker, "first")
             await again.emit_batch(batch(3))
-            await settle()
+            await settle(broker, seen, store)
         latest = (await store.read_latest(["AAPL"]))["AAPL"].seq
         stored = [t.seq for t in await store.read_history("AAPL", since=None, limit=100)]
         assert stored == list(range(1, latest + 1)), "no seq stored twice"
-        assert seen.seqs["AAPL"] == [1, 2, 3, latest - 2, latest - 1, latest]
+        assert latest == ran + 3
+        if broker.publishes_written:
+            assert seen.seqs["AAPL"] == stored, "no gap, no duplicate"
+        else:
+            assert seen.seqs["AAPL"] == [1, 2, 3, latest - 2, latest - 1, latest]
+
+
+class LostBeforeRedis(LeaseTakenAt):
+    """Its `lost`-th write never reaches Redis (its connection failed before it was sent),
+    while the writes after it go out on the connection opened next."""
+
+    def __init__(self, redis_client: Redis, *, lost: int) -> None:
+        super().__init__(redis_client, at=0)
+        self.lost = lost
+        self.writes = 0
+
+    async def append_runs(
+        self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
+    ) -> list[int]:
+        self.writes += 1
+        if self.writes == self.lost:
+            raise RedisConnectionError("connection lost before the write was sent")
+        return await super().append_runs(runs, fence=fence, chain=chain)
+
+    async def written(self, outcome: Awaitable[Any]) -> list[int]:
+        self.writes += 1
+        if self.writes == self.lost:
+            outcome.close()  # type: ignore[attr-defined]  # never sent
+            raise RedisConnectionError("connection lost before the write was sent")
+        return await super().written(outcome)
+
+
+class TestChain:
+    async def test_a_write_that_follows_one_never_sent_is_refused_and_nothing_after_it_goes_out(
+        self, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+    ) -> None:
+        store = LostBeforeRedis(redis_client, lost=2)
+        stores.append(store)
+        await redis_client.set(store.leader_key, "first")
+        seen = Published()
+        async with broker.subscribe_bursts([price_channel("AAPL")], seen):
+            first = producer(store, broker, "first")
+            emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in range(4)]
+            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            assert outcomes[0] is None
+            assert isinstance(outcomes[1], RedisConnectionError)
+            # Sent behind the lost one: the store refused them (else seq 7.. would be kept,
+            # and on Redis published, after a gap at 4..6).
+            assert any(isinstance(o, EarlierWriteMissing) for o in outcomes[2:])
+            assert all(isinstance(o, Exception) for o in outcomes[2:])
+            await settle(broker, seen, store)
+            assert seen.seqs == {"AAPL": [1, 2, 3]}
+            stored = [t.seq for t in await store.read_history("AAPL", since=None, limit=100)]
+            assert stored == [1, 2, 3], "nothing kept behind a gap"
+
+            again = producer(store, broker, "first")  # the next term takes up at seq 4
+            await again.emit_batch(batch(4))
+            await settle(broker, seen, store)
+        stored = [t.seq for t in await store.read_history("AAPL", since=None, limit=100)]
+        assert stored == list(range(1, 7))
+        assert seen.seqs["AAPL"] == list(range(1, 7)), "no gap, no duplicate"
+
+    async def test_the_store_takes_a_write_only_behind_the_one_it_names(
+        self, redis_client: Redis, stores: list[LeaseTakenAt]
+    ) -> None:
+        store = LeaseTakenAt(redis_client, at=0)
+        stores.append(store)
+        run = Run("AAPL", [encode_tick(symbol="AAPL", price=Decimal("1.00"), ts=1, seq=1)])
+        with pytest.raises(EarlierWriteMissing):
+            await store.append_runs([run], fence=None, chain=Chain("b", follows="a"))
+        assert await store.read_latest(["AAPL"]) == {}
+        await store.append_runs([run], fence=None, chain=Chain("a", follows=None))
+        later = Run("AAPL", [encode_tick(symbol="AAPL", price=Decimal("1.01"), ts=2, seq=2)])
+        assert await store.append_runs([later], fence=None, chain=Chain("b", follows="a")) == [0]
+        assert (await store.read_latest(["AAPL"]))["AAPL"].seq == 2

@@ -17,12 +17,16 @@ Ticks are counted from the store (the sum of every symbol's latest `seq` in Redi
 `/proc` (the producer process only; Redis is shown beside it). Pinning as in `python -m
 bench`: the producer on core 0, Redis and this runner on core 1. A kind ending in `-nohist`
 (`pricefeed-nohist`, `pricefeed-base-nohist`) runs the same producer with HISTORY_DAYS=0:
-beside the kind itself, what writing every tick and candle to the database costs.
+beside the kind itself, what writing every tick and candle to the database costs. A kind
+ending in `-pg` (`pricefeed-pg`, `pricefeed-base-pg`) writes history to PostgreSQL instead of
+SQLite: a fresh database per run on `--pg` (its server's CPU is not the producer's, and is
+not counted).
 
     python -m bench.feedcost                                  # 10x50,50x20,max; 2 rounds
     BENCH_BASE_TREE=/tmp/base python -m bench.feedcost --kinds pricefeed-base,pricefeed
     python -m bench.feedcost --kinds pricefeed-nohist,pricefeed --loads 50x20
     python -m bench.feedcost --loads max --seconds 20 --rounds 1
+    python -m bench.feedcost --kinds pricefeed-pg,pricefeed --loads max
     python -m bench.feedcost --kinds pricefeed-base,pricefeed --loads 50x20 --paired
 
 `--paired` runs the kinds at the same time rather than one after another: on a shared machine
@@ -34,12 +38,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import random
 import shutil
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,29 +96,95 @@ async def seq_total(redis: RedisClient) -> tuple[int, int]:
 
 
 NOHIST = "-nohist"  # a kind's suffix: the same producer with HISTORY_DAYS=0
+PG = "-pg"  # a kind's suffix: the same producer with its database on PostgreSQL
 
 
 def server_of(kind: str) -> str:
     """The server `kind` runs (`pricefeed-nohist`: `pricefeed`, with no history)."""
-    return kind.removesuffix(NOHIST)
+    return kind.removesuffix(NOHIST).removesuffix(PG)
+
+
+@asynccontextmanager
+async def postgres_database(
+    admin_dsn: str, *, tree: Path, log: Path, symbols: list[str]
+) -> AsyncIterator[str]:
+    """A fresh database on the PostgreSQL server of `admin_dsn`, migrated by `tree`'s Alembic,
+    with the instruments `symbols` needs; its SQLAlchemy URL. Dropped afterwards."""
+    import asyncpg
+
+    from bench.servers import PRICEFEED_SYMBOLS
+
+    admin = await asyncpg.connect(admin_dsn)
+    name = f"pricefeed_feedcost_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        host = admin_dsn.split("://", 1)[1].rsplit("/", 1)[0]
+        url = f"postgresql+asyncpg://{host}/{name}"
+
+        def migrate() -> int:
+            with open(log, "ab") as out:
+                return subprocess.run(
+                    [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
+                    cwd=tree,
+                    stdout=out,
+                    stderr=out,
+                    timeout=120,
+                ).returncode
+
+        if rc := await asyncio.to_thread(migrate):
+            raise RuntimeError(f"alembic upgrade head failed ({rc}), see {log}")
+        conn = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + f"/{name}")
+        try:
+            await conn.executemany(
+                "INSERT INTO instruments (symbol, name, asset_class, price_decimals, "
+                "reference_price, active) VALUES ($1, $2, 'crypto', 4, '100.0000', true)",
+                [(s, f"bench instrument {s}") for s in symbols if s not in PRICEFEED_SYMBOLS],
+            )
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, Any]:
     spec = SERVERS[server_of(kind)]
-    count, rate = parse_load(load)
+    count, _ = parse_load(load)
     workdir = Path(tempfile.mkdtemp(prefix=f"feedcost-{kind}-"))
+    symbols = bench_symbols(count) if count <= 64 else _many_symbols(count)
+    log = workdir / "producer.log"
+    if not kind.endswith(PG):
+        return await _measure(kind, load, opts, workdir=workdir, symbols=symbols)
+    async with postgres_database(opts.pg, tree=spec.tree, log=log, symbols=symbols) as url:
+        return await _measure(kind, load, opts, workdir=workdir, symbols=symbols, database=url)
+
+
+async def _measure(
+    kind: str,
+    load: str,
+    opts: argparse.Namespace,
+    *,
+    workdir: Path,
+    symbols: list[str],
+    database: str | None = None,
+) -> dict[str, Any]:
+    spec = SERVERS[server_of(kind)]
+    count, rate = parse_load(load)
     redis = producer = None
     client: RedisClient | None = None
     try:
         redis = Redis(workdir)
         await redis.ready()
-        symbols = bench_symbols(count) if count <= 64 else _many_symbols(count)
         port = free_port()
         log = workdir / "producer.log"
-        await spec.prepare(
-            port=port, redis_url=redis.url, workdir=workdir, log=log, symbols=symbols
-        )
+        if database is None:
+            await spec.prepare(
+                port=port, redis_url=redis.url, workdir=workdir, log=log, symbols=symbols
+            )
         env = spec.pricefeed_env(port=port, redis_url=redis.url, workdir=workdir)
+        if database is not None:
+            env["DATABASE_URL"] = database
         if kind.endswith(NOHIST):
             env["HISTORY_DAYS"] = "0"
         if rate is None:
@@ -131,6 +208,8 @@ async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, A
                 raise RuntimeError(f"{kind}: producer not publishing: {log.read_text()[-600:]}")
             await asyncio.sleep(0.2)
         await asyncio.sleep(opts.warmup)
+        history = not kind.endswith(NOHIST)
+        kept0 = await stored_ticks(database, workdir) if history else 0
         cpu0, redis0 = procs.tree_cpu_seconds(producer.pid), procs.tree_cpu_seconds(redis.proc.pid)
         (_, seq0), t0 = await seq_total(client), time.monotonic()
         steal0 = procs.system_cpu()[2]
@@ -139,6 +218,7 @@ async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, A
         redis_cpu = procs.tree_cpu_seconds(redis.proc.pid) - redis0
         (_, seq1), span = await seq_total(client), time.monotonic() - t0
         steal = procs.system_cpu()[2] - steal0
+        kept = await stored_ticks(database, workdir) - kept0 if history else None
         ticks = seq1 - seq0
         if producer.poll() is not None:
             raise RuntimeError(f"{kind}: producer exited: {log.read_text()[-600:]}")
@@ -151,6 +231,8 @@ async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, A
             "us_per_tick": cpu * 1e6 / ticks if ticks else None,
             "redis_us_per_tick": redis_cpu * 1e6 / ticks if ticks else None,
             "steal_pct": 100 * steal / span,
+            # Into the history's table over the window (a flush, 250 ms, behind the store).
+            "kept_s": None if kept is None else kept / span,
         }
     finally:
         if client is not None:
@@ -160,6 +242,24 @@ async def measure(kind: str, load: str, opts: argparse.Namespace) -> dict[str, A
         if redis is not None:
             redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def stored_ticks(database: str | None, workdir: Path) -> int:
+    """Rows in the history's `ticks` table (SQLite: the bench's file; else PostgreSQL)."""
+    if database is None:
+
+        def count() -> int:
+            with contextlib.closing(sqlite3.connect(workdir / "bench.db", timeout=10)) as conn:
+                return int(conn.execute("SELECT count(*) FROM ticks").fetchone()[0])
+
+        return await asyncio.to_thread(count)
+    import asyncpg
+
+    conn = await asyncpg.connect(database.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM ticks"))
+    finally:
+        await conn.close()
 
 
 def _many_symbols(count: int) -> list[str]:
@@ -207,10 +307,12 @@ async def amain(opts: argparse.Namespace) -> int:
                     taken.append(await measure(kind, load, opts))
             for row in taken:
                 rows.setdefault((load, row["kind"]), []).append(row)
+                kept = "-" if row["kept_s"] is None else f"{row['kept_s']:,.0f}"
                 print(
-                    f"round {round_ + 1} {load:6s} {row['kind']:15s} {row['ticks_s']:9,.0f} "
+                    f"round {round_ + 1} {load:6s} {row['kind']:21s} {row['ticks_s']:9,.0f} "
                     f"ticks/s {row['cpu_pct']:5.1f}% CPU {row['us_per_tick'] or 0:7.1f} µs/tick "
-                    f"(redis {row['redis_us_per_tick'] or 0:.1f}, steal {row['steal_pct']:.0f}%)",
+                    f"(redis {row['redis_us_per_tick'] or 0:.1f}, steal {row['steal_pct']:.0f}%, "
+                    f"history {kept}/s, load average {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
     print(
@@ -219,9 +321,10 @@ async def amain(opts: argparse.Namespace) -> int:
         "redis-server's own CPU beside it.\n"
     )
     print(
-        "| load | producer | ticks/s done | asked | CPU % of a core | CPU µs/tick | redis µs/tick |"
+        "| load | producer | ticks/s done | asked | CPU % of a core | CPU µs/tick | redis µs/tick "
+        "| into history/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (load, kind), runs in rows.items():
         asked = runs[0]["asked"]
         print(
@@ -229,7 +332,8 @@ async def amain(opts: argparse.Namespace) -> int:
             f"| {'as fast as taken' if asked is None else f'{asked:,.0f}'} "
             f"| {_cell([r['cpu_pct'] for r in runs])} "
             f"| {_cell([r['us_per_tick'] or 0 for r in runs])} "
-            f"| {_cell([r['redis_us_per_tick'] or 0 for r in runs])} |"
+            f"| {_cell([r['redis_us_per_tick'] or 0 for r in runs])} "
+            f"| {'-' if runs[0]['kept_s'] is None else _cell([r['kept_s'] for r in runs])} |"
         )
     return 0
 
@@ -241,13 +345,20 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "--kinds", default="pricefeed", help="pricefeed, pricefeed-base; -nohist: HISTORY_DAYS=0"
+        "--kinds",
+        default="pricefeed",
+        help="pricefeed, pricefeed-base; -nohist: HISTORY_DAYS=0; -pg: history on PostgreSQL",
     )
     ap.add_argument("--loads", default="10x50,50x20,max", help="NxR (simulated) and/or max")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quiet-wait", type=float, default=10.0)
+    ap.add_argument(
+        "--pg",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="-pg kinds: a PostgreSQL server (DSN of a database to connect to for CREATE DATABASE)",
+    )
     ap.add_argument(
         "--paired",
         action="store_true",

@@ -7,20 +7,25 @@ a new leader re-writing the retention window it finds in the store, changes noth
 PostgreSQL a batch of ticks is one `INSERT … SELECT FROM unnest(…)` statement (four arrays,
 one round trip, one plan), or from 1,000 ticks on, COPY into a staging table and one
 `INSERT … SELECT`: whichever bench/history.py measured faster at that size (executemany was
-slower than both).
+slower than both); its candles are one upsert from a JSON array. On SQLite each table is one
+`executemany` straight to the driver.
+
+A tick is its row already (`Tick` is the tuple `(symbol, seq, ts, frame)`, the columns' order),
+so no row is built for it; a batch goes in sorted by symbol (stable: each symbol's ticks stay
+in seq order), so consecutive rows land on the same index pages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
+import orjson
 from sqlalchemy import TextClause, text
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.history.models import CandleRecord
 from app.prices.candles import Candle
 from app.prices.ticks import Tick
 
@@ -53,6 +58,19 @@ _CANDLES_SQLITE = (
     " high = excluded.high, low = excluded.low, close = excluded.close,"
     " volume = excluded.volume"
 )
+# The same upsert from one JSON array: one statement and one round trip for every candle of a
+# flush. Cheapest on the event loop of those measured for 400 candles: ~2 µs a candle against
+# ~4.5 for the driver's executemany, ~5.5 for unnest arrays (asyncpg checks each text element
+# of an array against abstract base classes) and ~10 for SQLAlchemy's executemany.
+_CANDLES_FROM_JSON = text(
+    'INSERT INTO candles (symbol, "interval", start, open, high, low, close, volume) '
+    "SELECT r.s, r.i, r.t, r.o, r.h, r.l, r.c, r.v FROM json_to_recordset(CAST(:rows AS json))"
+    " AS r(s varchar, i varchar, t bigint, o varchar, h varchar, l varchar, c varchar, v varchar)"
+    ' ON CONFLICT (symbol, "interval", start) DO UPDATE SET open = excluded.open,'
+    " high = excluded.high, low = excluded.low, close = excluded.close,"
+    " volume = excluded.volume"
+)
+_BY_SYMBOL = itemgetter(0)
 # Every symbol with rows, without reading them all: one index probe per symbol (a loose index
 # scan; neither SQLite nor PostgreSQL does one for SELECT DISTINCT by itself).
 _SYMBOLS_WITH_TICKS = text(
@@ -92,11 +110,11 @@ class HistoryRecords:
         replaces what its key held), in one transaction."""
         async with self._engine.begin() as conn:
             if ticks:
-                await self._insert_ticks(conn, ticks)
+                await self._insert_ticks(conn, sorted(ticks, key=_BY_SYMBOL))
             if candles:
                 await self._upsert_candles(conn, candles)
 
-    async def _insert_ticks(self, conn: AsyncConnection, ticks: Sequence[Tick]) -> None:
+    async def _insert_ticks(self, conn: AsyncConnection, ticks: list[Tick]) -> None:
         if self.postgres and len(ticks) >= COPY_FROM_TICKS:
             # COPY cannot skip conflicts itself: into a staging table of this connection's,
             # emptied at commit, then INSERT … SELECT … ON CONFLICT DO NOTHING.
@@ -105,7 +123,7 @@ class HistoryRecords:
             driver: Any = raw.driver_connection  # asyncpg's, in this transaction
             await driver.copy_records_to_table(
                 "ticks_stage",
-                records=[(t.symbol, t.seq, t.ts, t.frame) for t in ticks],
+                records=ticks,
                 columns=["symbol", "seq", "ts", "frame"],
             )
             await conn.execute(_FROM_STAGE)
@@ -123,7 +141,7 @@ class HistoryRecords:
             return
         # Straight to the driver's executemany: SQLAlchemy's per-row parameter handling
         # would cost the producer's event loop ~5 µs a tick.
-        await conn.exec_driver_sql(_TICKS_SQLITE, [(t.symbol, t.seq, t.ts, t.frame) for t in ticks])
+        await conn.exec_driver_sql(_TICKS_SQLITE, ticks)
 
     async def _upsert_candles(
         self, conn: AsyncConnection, candles: Mapping[CandleKey, CandleValues]
@@ -140,30 +158,20 @@ class HistoryRecords:
                 ],
             )
             return
-        statement = postgresql_insert(CandleRecord)
-        statement = statement.on_conflict_do_update(
-            index_elements=["symbol", "interval", "start"],
-            set_={
-                name: statement.excluded[name]
-                for name in ("open", "high", "low", "close", "volume")
-            },
-        )
-        await conn.execute(
-            statement,
-            [
-                {
-                    "symbol": symbol,
-                    "interval": interval,
-                    "start": start,
-                    "open": str(values[0]),
-                    "high": str(values[1]),
-                    "low": str(values[2]),
-                    "close": str(values[3]),
-                    "volume": str(values[4]),
-                }
-                for (symbol, interval, start), values in candles.items()
-            ],
-        )
+        rows = [
+            {
+                "s": symbol,
+                "i": interval,
+                "t": start,
+                "o": str(values[0]),
+                "h": str(values[1]),
+                "l": str(values[2]),
+                "c": str(values[3]),
+                "v": str(values[4]),
+            }
+            for (symbol, interval, start), values in candles.items()
+        ]
+        await conn.execute(_CANDLES_FROM_JSON, {"rows": orjson.dumps(rows).decode()})
 
     async def read_newest_ticks(self, symbols: Iterable[str]) -> dict[str, Tick]:
         """Each symbol's newest tick kept (symbols with none are left out): one index probe

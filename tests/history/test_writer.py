@@ -95,6 +95,52 @@ class TestEveryTickOnce:
         rows = await stored(history_db, "AAPL")
         assert rows == [(t.seq, t.frame) for t in published]
 
+    async def test_many_symbols_interleaved_in_one_write_all_kept(self, history_db) -> None:  # type: ignore[no-untyped-def]
+        """A flush holds runs of many symbols, interleaved as they were published, and every
+        interval's candle of each: written in one transaction (sorted by symbol on the way,
+        candles from one statement's arrays on PostgreSQL), each tick and candle is kept."""
+        records = HistoryRecords(history_db.engine)
+        symbols = ["MSFT", "AAPL", "TSLA"]
+        published = {s: ticks_of(s, range(1, 1501)) for s in symbols}
+        interleaved = [
+            tick
+            for start in range(0, 1500, 7)
+            for s in symbols
+            for tick in published[s][start : start + 7]
+        ]
+
+        def candle(price: str) -> tuple[Decimal, ...]:
+            p = Decimal(price)
+            return (p, p + 1, p - 1, p, Decimal("2"))
+
+        await records.write(
+            interleaved[:2000],
+            {(s, i, 60_000): candle(f"{n}.5") for n, s in enumerate(symbols) for i in ("1m", "1h")},
+        )
+        await records.write(  # the rest, one candle grown and a new minute's
+            interleaved[2000:],
+            {("AAPL", "1m", 60_000): candle("7.25"), ("AAPL", "1m", 120_000): candle("8")},
+        )
+        for s in symbols:
+            assert await stored(history_db, s) == [(t.seq, t.frame) for t in published[s]]
+        async with history_db.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    'SELECT symbol, "interval", start, open, high, low, close, volume'
+                    ' FROM candles ORDER BY symbol, "interval", start'
+                )
+            )
+            candles = [tuple(str(v) for v in row) for row in rows]
+        assert candles == [
+            ("AAPL", "1h", "60000", "1.5", "2.5", "0.5", "1.5", "2"),
+            ("AAPL", "1m", "60000", "7.25", "8.25", "6.25", "7.25", "2"),
+            ("AAPL", "1m", "120000", "8", "9", "7", "8", "2"),
+            ("MSFT", "1h", "60000", "0.5", "1.5", "-0.5", "0.5", "2"),
+            ("MSFT", "1m", "60000", "0.5", "1.5", "-0.5", "0.5", "2"),
+            ("TSLA", "1h", "60000", "2.5", "3.5", "1.5", "2.5", "2"),
+            ("TSLA", "1m", "60000", "2.5", "3.5", "1.5", "2.5", "2"),
+        ]
+
     async def test_the_forming_candle_is_kept_as_it_grows(self, history_db) -> None:  # type: ignore[no-untyped-def]
         writer = HistoryWriter(HistoryRecords(history_db.engine), max_ticks=10_000, days=7)
         candle = Candle(
@@ -174,6 +220,13 @@ class TestOutage:
                 for start in range(0, 1600, 200):
                     writer.offer([Run("TSLA", published[start : start + 200])])
                     await asyncio.sleep(0.05)  # writes fail meanwhile, and come back
+
+                async def failed() -> bool:
+                    return writer.failing
+
+                # The outage lasts until a write failed: a flush that started inside it would
+                # otherwise wait out a short outage in the driver's busy wait, and succeed.
+                await until(failed)
             await until(lambda: _count_is(history_db, "TSLA", 1000))
 
             async def reported() -> bool:

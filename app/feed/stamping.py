@@ -29,6 +29,7 @@ class Stamper:
     def __init__(self, confirmed: FeedState) -> None:
         self._confirmed = confirmed
         self._ahead = FeedState()  # what batches in flight were stamped with, per symbol
+        self._intervals: dict[str, list[tuple[str, int, tuple[str, str]]]] = {}
 
     def new_term(self) -> None:
         """Forget what was stamped ahead: stamp from what the store confirmed."""
@@ -68,8 +69,12 @@ class Stamper:
         # One `ts` for the run: each interval's candle takes all of it (never two candles).
         ahead_candles, confirmed_candles = ahead.candles, confirmed.candles
         candles = []
-        for interval, interval_ms in _INTERVALS:
-            key = (symbol, interval)
+        intervals = self._intervals.get(symbol)
+        if intervals is None:  # its candles' keys, made once: a run is stamped every tick
+            intervals = self._intervals[symbol] = [
+                (interval, interval_ms, (symbol, interval)) for interval, interval_ms in _INTERVALS
+            ]
+        for interval, interval_ms, key in intervals:
             current = ahead_candles.get(key) or confirmed_candles.get(key)
             candles.append(
                 (interval, fold_prices(current, interval_ms, ts, first, high, low, last, traded))

@@ -326,14 +326,23 @@ class RedisTickStore:
         """The keys and arguments of `_APPEND_LUA` for `runs`."""
         keys = [self.leader_key, self._latest_key, self._marks_key, self._chain_key]
         body: list[dict[str, object]] = []
+        prefix = self._prefix
         for run in runs:
-            keys.append(self._stream_key(run.symbol))
-            keys += [self._candle_key(run.symbol, interval) for interval, _ in run.candles]
+            # The keys spelt out, one loop over the candles: this runs for every tick stamped.
+            symbol = run.symbol
+            keys.append(f"{prefix}:ticks:{symbol}")  # _stream_key
+            candles = []
+            for interval, candle in run.candles:
+                keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
+                candles.append((candle.start, candle.encode()))
+            ticks = run.ticks
             body.append(
                 {
-                    "s": run.symbol,
-                    "t": [(str(t.seq), t.frame) for t in run.ticks],
-                    "c": [(c.start, c.encode()) for _, c in run.candles],
+                    "s": symbol,
+                    "t": [(str(ticks[0].seq), ticks[0].frame)]
+                    if len(ticks) == 1
+                    else [(str(t.seq), t.frame) for t in ticks],
+                    "c": candles,
                     "m": run.mark or "",
                 }
             )

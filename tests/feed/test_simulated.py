@@ -3,7 +3,9 @@ after another through it rather than all at one instant (on the source's own clo
 
 from __future__ import annotations
 
-from decimal import Decimal
+import math
+import random
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
 
@@ -86,3 +88,75 @@ class TestSpreadOverThePeriod:
         assert [q.symbol for q in first] == ["S00"]
         assert "S03" not in rest
         assert rest[:2] == ["S01", "S02"]
+
+
+def walked_in_decimals(
+    seed: int, instrument: InstrumentInfo, quotes: int
+) -> list[tuple[str, str, str, str]]:
+    """The walk as it was first written, in Decimal: each price the last one times a lognormal
+    step, quantized half-even to the instrument's step; half the spread the price times the
+    class's spread over two, to a step; a volume of 1-500 units of the class."""
+    rng = random.Random(seed)
+    sigma = SimulatedSource._SIGMA[instrument.asset_class]
+    spread = Decimal(SimulatedSource._SPREAD[instrument.asset_class])
+    step = Decimal(10) ** -instrument.price_decimals
+    last, walked = instrument.reference_price, []
+    for _ in range(quotes):
+        drifted = float(last) * math.exp(rng.gauss(0.0, sigma))
+        price = max(Decimal(repr(drifted)).quantize(step, ROUND_HALF_EVEN), step)
+        half = max((price * spread / 2).quantize(step), step)
+        volume = Decimal(rng.randint(1, 500))
+        if instrument.asset_class == "crypto":
+            volume = (volume / 1000).quantize(Decimal("0.001"))
+        elif instrument.asset_class == "fx":
+            volume *= Decimal(1000)
+        walked.append((str(price), str(price - half), str(price + half), str(volume)))
+        last = price
+    return walked
+
+
+class TestTheWalk:
+    @pytest.mark.parametrize(
+        ("asset_class", "decimals", "start"),
+        [
+            ("equity", 2, "189.23"),
+            ("crypto", 2, "64000.12"),
+            ("fx", 5, "1.08345"),
+            ("equity", 2, "0.01"),  # at the floor: never below one step
+            ("crypto", 8, "0.00012345"),
+            ("equity", 2, "500.004"),  # a start price finer than the instrument's step
+        ],
+    )
+    def test_a_seeded_walk_quotes_what_the_decimal_walk_does(
+        self, asset_class: str, decimals: int, start: str
+    ) -> None:
+        instrument = InstrumentInfo("X", "x", asset_class, decimals, Decimal(start))
+        source = SimulatedSource(ticks_per_second=20, seed=11)
+        last, got = instrument.reference_price, []
+        for _ in range(3_000):
+            quote = source.quote(instrument, last)
+            assert quote.bid is not None and quote.ask is not None and quote.volume is not None
+            got.append((str(quote.price), str(quote.bid), str(quote.ask), str(quote.volume)))
+            last = quote.price
+        assert got == walked_in_decimals(11, instrument, 3_000)
+
+    def test_prices_keep_the_instruments_places_and_never_reach_zero(self) -> None:
+        instrument = InstrumentInfo("X", "x", "crypto", 8, Decimal("0.00000002"))
+        source = SimulatedSource(ticks_per_second=20, seed=2)
+        last = instrument.reference_price
+        for _ in range(2_000):
+            quote = source.quote(instrument, last)
+            assert quote.price >= Decimal("0.00000001")
+            assert quote.price.as_tuple().exponent == -8
+            assert quote.bid is not None and quote.ask is not None
+            assert quote.ask - quote.price == quote.price - quote.bid >= Decimal("0.00000001")
+            last = quote.price
+
+    def test_a_price_set_from_outside_is_walked_from(self) -> None:
+        instrument = InstrumentInfo("X", "x", "equity", 2, Decimal("100.00"))
+        source = SimulatedSource(ticks_per_second=20, seed=3)
+        source.quote(instrument, Decimal("100.00"))
+        # Not the price it drew last: a restart's start price, say. One step of 0.04% sigma
+        # stays within a few percent of it.
+        quote = source.quote(instrument, Decimal("2000.00"))
+        assert Decimal("1900") < quote.price < Decimal("2100")

@@ -7,7 +7,7 @@ import asyncio
 import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from app.feed.sources import Instruments, Quote
@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 # near 10 ms. 10 ms slots (five of 10) halve that span; each slot costs the producer a batch
 # (0.2-0.3 ms of CPU once batches are cheap, ~1 ms before: docs/performance.md, issue 13).
 SLOT_SECONDS = 0.01
-_CRYPTO_VOLUME = Decimal("0.001")  # crypto volumes: fractions of a coin, to 3 places
-# (price step, sigma, spread, volume scale: _CRYPTO_VOLUME, a multiplier, or None)
-_Terms = tuple[Decimal, float, Decimal, Decimal | None]
+# (price decimals, sigma, spread as an exact ratio of integers, asset class)
+_Terms = tuple[int, float, tuple[int, int], str]
 
 
 def create(settings: Settings, stats: FeedStats) -> SimulatedSource:
@@ -62,17 +61,36 @@ class SimulatedSource:
         self._clock = clock
         self._sleep = sleep
         self._terms_by_kind: dict[tuple[int, str], _Terms] = {}
+        # Per symbol, the last price drawn and the same in price steps: the walk's own state,
+        # used while the price it is asked to go on from is that one.
+        self._walked: dict[str, tuple[Decimal, int]] = {}
 
     def quote(self, instrument: InstrumentInfo, last: Decimal) -> Quote:
-        step, sigma, spread, volume_scale = self._terms(instrument)
-        drifted = float(last) * math.exp(self._random.gauss(0.0, sigma))
-        price = max(Decimal(repr(drifted)).quantize(step, ROUND_HALF_EVEN), step)
-        half_spread = max((price * spread / 2).quantize(step), step)
-        volume = Decimal(self._random.randint(1, 500))
-        if volume_scale == _CRYPTO_VOLUME:
-            volume = (volume / 1000).quantize(_CRYPTO_VOLUME)
-        elif volume_scale is not None:
-            volume *= volume_scale
+        decimals, sigma, spread, volume_kind = self._terms(instrument)
+        # The walk goes on in whole price steps (integers): a Decimal is built once for the
+        # price and once for the half spread, not quantized out of a float's repr each tick.
+        walked = self._walked.get(instrument.symbol)
+        if walked is not None and walked[0] is last:
+            units: float = walked[1]
+        else:  # a start price, or one given from outside the walk: maybe finer than a step
+            units = float(last.scaleb(decimals))
+        steps = max(round(units * math.exp(self._random.gauss(0.0, sigma))), 1)
+        # Half the spread, rounded half-even to a step (at least one): exactly what
+        # `(price * spread / 2).quantize(step)` gives, in integers (spread = num / den).
+        num, den = spread
+        half, rest = divmod(steps * num, 2 * den)
+        if rest > den or (rest == den and half & 1):
+            half += 1
+        price = Decimal(steps).scaleb(-decimals)
+        half_spread = Decimal(max(half, 1)).scaleb(-decimals)
+        self._walked[instrument.symbol] = (price, steps)
+        drawn = self._random.randrange(1, 501)
+        if volume_kind == "crypto":  # fractions of a coin, to 3 places
+            volume = Decimal(drawn).scaleb(-3)
+        elif volume_kind == "fx":  # lots of a thousand
+            volume = Decimal(drawn * 1000)
+        else:
+            volume = Decimal(drawn)
         return Quote(
             symbol=instrument.symbol,
             price=price,
@@ -89,10 +107,10 @@ class SimulatedSource:
         if terms is None:
             asset_class = instrument.asset_class
             terms = self._terms_by_kind[key] = (
-                Decimal(10) ** -instrument.price_decimals,
+                instrument.price_decimals,
                 self._SIGMA.get(asset_class, 0.0004),
-                Decimal(self._SPREAD.get(asset_class, 0.0001)),
-                {"crypto": _CRYPTO_VOLUME, "fx": Decimal(1000)}.get(asset_class),
+                self._SPREAD.get(asset_class, 0.0001).as_integer_ratio(),
+                asset_class,
             )
         return terms
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -33,8 +32,9 @@ from app.feed.stamping import Stamper
 from app.feed.stats import FeedCounts, FeedStats, MemoryFeedCounts
 from app.feed.term import Term
 from app.feed.witness import Witness
+from app.feed.writes import BatchWrites
 from app.history.writer import HistoryWriter
-from app.prices.store import Chain, NotLeader, Run, TickStore
+from app.prices.store import NotLeader, TickStore
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,7 @@ class Producer:
         # the last batch stamped was (True), or failed to be (False).
         self._emitting = asyncio.Lock()
         self._published: asyncio.Future[bool] = _settled_future(True)
-        # Each write names the one before it this term (`_write`); a term's first follows none.
-        self._term_name = ""
-        self._writes = 0
-        self._last_write: str | None = None
+        self._writes = BatchWrites(store, broker)  # each names the one before it this term
         self.is_leader = False
 
     @property
@@ -182,7 +179,7 @@ class Producer:
         self._record.new_term()
         self._stamper.new_term()
         self._published = _settled_future(True)
-        self._term_name, self._writes, self._last_write = secrets.token_hex(4), 0, None
+        self._writes.new_term()
         await self._record.resume([i.symbol for i in self._instruments])
         try:
             async with Term() as group:  # its end is bounded: app/feed/term.py
@@ -339,15 +336,14 @@ class Producer:
             by_symbol.setdefault(quote.symbol, []).append((quote, mark))
         written: asyncio.Future[list[int]] | None = None
         done: asyncio.Future[bool] | None = None
-        # Whether the write publishes its own ticks (the store and the broker on one Redis).
-        publishes_written = self._broker.publishes_written and self._store.ordered_writes
+        publishes_written = self._writes.publish  # the write publishes its own ticks
         try:
             async with self._emitting:
                 await self._record.resume(list(by_symbol))  # an instrument added this term
                 runs = [self._stamper.stamp(symbol, run) for symbol, run in by_symbol.items()]
                 before, done = self._published, asyncio.get_running_loop().create_future()
                 self._published = done
-                written = asyncio.ensure_future(self._write(runs, publishes_written))
+                written = asyncio.ensure_future(self._writes.send(runs, fence=self._lease.token))
                 if not self._store.ordered_writes:  # the next one is sent once this answered
                     await _settled(written)
             skipped = await written
@@ -377,21 +373,6 @@ class Producer:
             raise
         assert done is not None
         done.set_result(True)
-
-    def _write(self, runs: list[Run], publishes: bool) -> Awaitable[list[int]]:
-        """The store write of a batch's runs, named in this term's chain: the store refuses
-        it if the batch stamped before it never reached Redis. On Redis, the write publishes
-        its ticks in the same script (through the broker): one command and one answer a
-        batch, and a batch is never published without its write, nor behind a gap."""
-        self._writes += 1
-        chain = Chain(f"{self._term_name}:{self._writes}", self._last_write)
-        self._last_write = chain.name
-        fence = self._lease.token
-        write = self._store.scripted_write(runs, fence=fence, chain=chain)
-        if write is None or not publishes:
-            return self._store.append_runs(runs, fence=fence, chain=chain)
-        messages = [(price_channel(run.symbol), [tick.frame for tick in run.ticks]) for run in runs]
-        return self._store.written(self._broker.publish_written(write, messages))
 
 
 def _groups_of_at_most(entries: list[InboxEntry], quotes: int) -> list[list[InboxEntry]]:

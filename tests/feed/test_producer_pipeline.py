@@ -7,7 +7,7 @@ published tick goes out once, in seq order."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -132,6 +132,13 @@ def batch(n: int) -> list[Quote]:
     return [Quote("AAPL", Decimal(f"190.{n:02d}")), Quote("MSFT", Decimal(f"410.{n:02d}"))] * 3
 
 
+async def emit_together(producer: Producer, numbers: Iterable[int]) -> list[object]:
+    """`batch(n)` for each of `numbers`, emitted at once (their writes in flight together):
+    each one's outcome, None or what it raised."""
+    emits = [asyncio.ensure_future(producer.emit_batch(batch(n))) for n in numbers]
+    return await asyncio.gather(*emits, return_exceptions=True)
+
+
 async def settle(broker: Broker, seen: Published, store: LeaseTakenAt) -> None:
     """Wait until what was published so far is delivered: a marker published behind it (on
     Redis, on the store's write connection, so behind every write sent) has arrived."""
@@ -154,8 +161,7 @@ class TestSpeculativeStamping:
         channels = [price_channel("AAPL"), price_channel("MSFT")]
         async with broker.subscribe_bursts(channels, seen):
             first = producer(store, broker, "first")
-            emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in range(6)]
-            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            outcomes = await emit_together(first, range(6))
             assert store.most_in_flight > 1, "writes were sent before earlier ones answered"
             assert outcomes[:3] == [None, None, None]
             assert isinstance(outcomes[3], NotLeader)
@@ -180,8 +186,7 @@ class TestSpeculativeStamping:
         seen = Published()
         async with broker.subscribe_bursts([price_channel("AAPL")], seen):
             stale = producer(store, broker, "me")
-            emits = [asyncio.ensure_future(stale.emit_batch(batch(n))) for n in range(3)]
-            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            outcomes = await emit_together(stale, range(3))
             await settle(broker, seen, store)
         assert all(isinstance(o, Exception) for o in outcomes)
         assert isinstance(outcomes[0], NotLeader)
@@ -200,8 +205,7 @@ class TestSpeculativeStamping:
             await first.emit_batch(batch(0))  # seq 1..3
             redis.freeze()  # the next writes are sent, and not answered in time
             try:
-                emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in (1, 2)]
-                outcomes = await asyncio.gather(*emits, return_exceptions=True)
+                outcomes = await emit_together(first, (1, 2))
             finally:
                 redis.thaw()
             assert all(isinstance(o, Exception) for o in outcomes)
@@ -261,8 +265,7 @@ class TestChain:
         seen = Published()
         async with broker.subscribe_bursts([price_channel("AAPL")], seen):
             first = producer(store, broker, "first")
-            emits = [asyncio.ensure_future(first.emit_batch(batch(n))) for n in range(4)]
-            outcomes = await asyncio.gather(*emits, return_exceptions=True)
+            outcomes = await emit_together(first, range(4))
             assert outcomes[0] is None
             assert isinstance(outcomes[1], RedisConnectionError)
             # Sent behind the lost one: the store refused them (else seq 7.. would be kept,

@@ -203,10 +203,18 @@ class MemoryTickStore:
 # mark (if any), its stream entries (each ID is the seq, so a replayed or stale seq is refused
 # by Redis itself: those come first in a run, and are counted), the latest hash and the candle
 # states; last, this write's name, so that a write that failed midway is never followed.
-# KEYS: leader, latest, marks, last write; then per run its stream and one key per candle state.
+#
+# Candles: each symbol's forming candle of every interval is a field of one hash (its JSON,
+# and its start in `<interval>@`), the closed ones a sorted set per interval scored by start,
+# trimmed to `candles kept` - 1. A run changes the forming candles with one HMGET and one HSET;
+# only a candle that closes goes to its sorted set. (A sorted set that holds the forming
+# candle as well, as this store wrote it before, is read the same: `read_candles` takes the
+# hash's candle for that start.)
+# KEYS: leader, latest, marks, last write; then per run its stream, its forming hash, and one
+# sorted set per candle state.
 # ARGV: fence, retention, candles kept, the runs as JSON, this write's name, the name of the
 # write it follows ('' for either: no chain):
-#   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle], ...], "m": mark or ""}]
+#   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle, interval], ...], "m": mark}]
 # It is also the first part of the broker's store-and-publish script (`ScriptedWrite`), as a
 # function body: only `return` leaves it.
 _APPEND_LUA = """
@@ -217,11 +225,19 @@ if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
   return redis.error_reply('EARLIERMISSING the write this one follows was not kept')
 end
 local retention, kept = ARGV[2], tonumber(ARGV[3])
+local function close(set, start, candle)
+  if redis.call('ZREMRANGEBYSCORE', set, start, start) == 0 then
+    redis.call('ZADD', set, start, candle)
+    redis.call('ZREMRANGEBYRANK', set, 0, -kept)
+  else
+    redis.call('ZADD', set, start, candle)
+  end
+end
 local skipped = {}
 local k = 5
 for i, run in ipairs(cjson.decode(ARGV[4])) do
-  local stream = KEYS[k]
-  k = k + 1
+  local stream, forming = KEYS[k], KEYS[k + 1]
+  k = k + 2
   if run.m ~= '' then
     redis.call('HSET', KEYS[3], run.s, run.m)
   end
@@ -236,15 +252,45 @@ for i, run in ipairs(cjson.decode(ARGV[4])) do
   end
   if last ~= nil then
     redis.call('HSET', KEYS[2], run.s, last)
-  end
-  for _, c in ipairs(run.c) do
-    if last ~= nil then
-      redis.call('ZREMRANGEBYSCORE', KEYS[k], c[1], c[1])
-      redis.call('ZADD', KEYS[k], c[1], c[2])
-      redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(kept + 1))
+    if #run.c > 0 then
+      local fields, at = {}, {}
+      for _, c in ipairs(run.c) do
+        if at[c[3]] == nil then
+          at[c[3]] = #fields + 1
+          fields[#fields + 1] = c[3]
+          fields[#fields + 1] = c[3] .. '@'
+        end
+      end
+      local stored = redis.call('HMGET', forming, unpack(fields))
+      local held = {}
+      for interval, j in pairs(at) do
+        if stored[j] and stored[j + 1] then
+          held[interval] = {tonumber(stored[j + 1]), stored[j]}
+        end
+      end
+      for j, c in ipairs(run.c) do
+        local set, now = KEYS[k + j - 1], held[c[3]]
+        if now == nil or c[1] >= now[1] then
+          if now ~= nil and c[1] > now[1] then
+            close(set, now[1], now[2])
+          end
+          held[c[3]] = {c[1], c[2]}
+        else
+          close(set, c[1], c[2])
+        end
+      end
+      local values = {}
+      for interval, _ in pairs(at) do
+        local now = held[interval]
+        values[#values + 1] = interval
+        values[#values + 1] = now[2]
+        values[#values + 1] = interval .. '@'
+        values[#values + 1] = now[1]
+      end
+      redis.call('HSET', forming, unpack(values))
     end
-    k = k + 1
   end
+  k = k + #run.c
   skipped[i] = refused
 end
 if ARGV[5] ~= '' then
@@ -284,7 +330,12 @@ class RedisTickStore:
         return f"{self._prefix}:ticks:{symbol}"
 
     def _candle_key(self, symbol: str, interval: str) -> str:
+        """The closed candles of `symbol` at `interval` (a sorted set by start)."""
         return f"{self._prefix}:candles:{symbol}:{interval}"
+
+    def _forming_key(self, symbol: str) -> str:
+        """The forming candle of `symbol` at each interval (a hash)."""
+        return f"{self._prefix}:candle:{symbol}"
 
     async def append_runs(
         self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
@@ -330,11 +381,11 @@ class RedisTickStore:
         for run in runs:
             # The keys spelt out, one loop over the candles: this runs for every tick stamped.
             symbol = run.symbol
-            keys.append(f"{prefix}:ticks:{symbol}")  # _stream_key
-            candles = []
+            keys += (f"{prefix}:ticks:{symbol}", f"{prefix}:candle:{symbol}")  # _stream_key,
+            candles = []  # _forming_key
             for interval, candle in run.candles:
                 keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
-                candles.append((candle.start, candle.encode()))
+                candles.append((candle.start, candle.encode(), interval))
             ticks = run.ticks
             body.append(
                 {
@@ -391,9 +442,20 @@ class RedisTickStore:
     async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]:
         if limit <= 0:
             return []
-        key = self._candle_key(symbol, interval)
-        members = cast(list[bytes], await self._redis.zrange(key, -limit, -1))
-        return [Candle.decode(m.decode()) for m in members]
+        # In one transaction: a write that closes the forming candle moves it to the sorted
+        # set, and between two separate reads it would be in neither.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrange(self._candle_key(symbol, interval), -limit, -1)
+            pipe.hget(self._forming_key(symbol), interval)
+            members, forming = cast(tuple[list[bytes], bytes | None], await pipe.execute())
+        candles = [Candle.decode(m.decode()) for m in members]
+        if forming is not None:
+            candle = Candle.decode(forming.decode())
+            if candles and candles[-1].start == candle.start:  # written there before the hash
+                candles[-1] = candle
+            elif not candles or candles[-1].start < candle.start:
+                candles.append(candle)
+        return candles[-limit:]
 
     @property
     def ordered_writes(self) -> bool:

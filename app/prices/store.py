@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -64,8 +63,9 @@ class ScriptedWrite:
 @dataclass(frozen=True, slots=True)
 class Run:
     """A symbol's ticks of one burst, in seq order; every candle state they left, oldest
-    first per interval (a run that crosses a minute leaves two 1m candles); and the inbox mark
-    of its last pushed quote, if any."""
+    first per interval: a candle they closed by starting the next one comes before it, in its
+    final state (the Redis store moves it out of the forming candles then); and the inbox
+    mark of its last pushed quote, if any."""
 
     symbol: str
     ticks: list[Tick]
@@ -204,17 +204,21 @@ class MemoryTickStore:
 # by Redis itself: those come first in a run, and are counted), the latest hash and the candle
 # states; last, this write's name, so that a write that failed midway is never followed.
 #
-# Candles: each symbol's forming candle of every interval is a field of one hash (its JSON,
-# and its start in `<interval>@`), the closed ones a sorted set per interval scored by start,
-# trimmed to `candles kept` - 1. A run changes the forming candles with one HMGET and one HSET;
-# only a candle that closes goes to its sorted set. (A sorted set that holds the forming
-# candle as well, as this store wrote it before, is read the same: `read_candles` takes the
-# hash's candle for that start.)
-# KEYS: leader, latest, marks, last write; then per run its stream, its forming hash, and one
-# sorted set per candle state.
-# ARGV: fence, retention, candles kept, the runs as JSON, this write's name, the name of the
-# write it follows ('' for either: no chain):
-#   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle, interval], ...], "m": mark}]
+# Candles: each symbol's forming candle of every interval is a field of one hash, the closed
+# ones a sorted set per interval scored by start, trimmed to `candles kept` - 1. A run's
+# forming candles are one HSET; a candle goes to its sorted set only as it closes (a run
+# carries the final state of each candle it closed, before the next one: app/feed/stamping.py).
+# A sorted set that holds the forming candle as well, as this store wrote it before, is read
+# the same: `read_candles` takes the hash's candle for that start.
+#
+# Everything comes as plain arguments, no JSON to decode: Redis's Lua spent more on decoding
+# a batch's JSON and building tables from it than on the commands (docs/performance.md).
+# KEYS: leader, latest, marks, last write; then per run its stream, its forming hash and the
+# sorted set of each candle it closed.
+# ARGV: fence, retention, candles kept, number of runs, this write's name, the name of the
+# write it follows ('' for either: no chain); then per run: symbol, mark or '', its numbers
+# of ticks, closed candles and forming candles, then (seq, frame) per tick, (start, candle)
+# per closed candle and (interval, candle) per forming one.
 # It is also the first part of the broker's store-and-publish script (`ScriptedWrite`), as a
 # function body: only `return` leaves it.
 _APPEND_LUA = """
@@ -225,72 +229,44 @@ if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
   return redis.error_reply('EARLIERMISSING the write this one follows was not kept')
 end
 local retention, kept = ARGV[2], tonumber(ARGV[3])
-local function close(set, start, candle)
-  if redis.call('ZREMRANGEBYSCORE', set, start, start) == 0 then
-    redis.call('ZADD', set, start, candle)
-    redis.call('ZREMRANGEBYRANK', set, 0, -kept)
-  else
-    redis.call('ZADD', set, start, candle)
-  end
-end
 local skipped = {}
-local k = 5
-for i, run in ipairs(cjson.decode(ARGV[4])) do
-  local stream, forming = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  if run.m ~= '' then
-    redis.call('HSET', KEYS[3], run.s, run.m)
+local k, a = 5, 7
+for i = 1, tonumber(ARGV[4]) do
+  local symbol, mark = ARGV[a], ARGV[a + 1]
+  local ticks, closed = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local forming, stream = tonumber(ARGV[a + 4]), KEYS[k]
+  a = a + 5
+  if mark ~= '' then
+    redis.call('HSET', KEYS[3], symbol, mark)
   end
   local refused, last = 0, nil
-  for _, t in ipairs(run.t) do
-    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, t[1] .. '-0', 't', t[2])
+  for j = a, a + 2 * ticks - 1, 2 do
+    local tick = ARGV[j + 1]
+    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, ARGV[j] .. '-0', 't', tick)
     if type(ok) == 'table' and ok.err then
       refused = refused + 1
     else
-      last = t[2]
+      last = tick
     end
   end
+  a = a + 2 * ticks
   if last ~= nil then
-    redis.call('HSET', KEYS[2], run.s, last)
-    if #run.c > 0 then
-      local fields, at = {}, {}
-      for _, c in ipairs(run.c) do
-        if at[c[3]] == nil then
-          at[c[3]] = #fields + 1
-          fields[#fields + 1] = c[3]
-          fields[#fields + 1] = c[3] .. '@'
-        end
+    redis.call('HSET', KEYS[2], symbol, last)
+    for j = 0, closed - 1 do
+      local set, start = KEYS[k + 2 + j], ARGV[a + 2 * j]
+      if redis.call('ZREMRANGEBYSCORE', set, start, start) == 0 then
+        redis.call('ZADD', set, start, ARGV[a + 2 * j + 1])
+        redis.call('ZREMRANGEBYRANK', set, 0, -kept)
+      else
+        redis.call('ZADD', set, start, ARGV[a + 2 * j + 1])
       end
-      local stored = redis.call('HMGET', forming, unpack(fields))
-      local held = {}
-      for interval, j in pairs(at) do
-        if stored[j] and stored[j + 1] then
-          held[interval] = {tonumber(stored[j + 1]), stored[j]}
-        end
-      end
-      for j, c in ipairs(run.c) do
-        local set, now = KEYS[k + j - 1], held[c[3]]
-        if now == nil or c[1] >= now[1] then
-          if now ~= nil and c[1] > now[1] then
-            close(set, now[1], now[2])
-          end
-          held[c[3]] = {c[1], c[2]}
-        else
-          close(set, c[1], c[2])
-        end
-      end
-      local values = {}
-      for interval, _ in pairs(at) do
-        local now = held[interval]
-        values[#values + 1] = interval
-        values[#values + 1] = now[2]
-        values[#values + 1] = interval .. '@'
-        values[#values + 1] = now[1]
-      end
-      redis.call('HSET', forming, unpack(values))
+    end
+    if forming > 0 then
+      redis.call('HSET', KEYS[k + 1], unpack(ARGV, a + 2 * closed, a + 2 * (closed + forming) - 1))
     end
   end
-  k = k + #run.c
+  a = a + 2 * (closed + forming)
+  k = k + 2 + closed
   skipped[i] = refused
 end
 if ARGV[5] ~= '' then
@@ -376,35 +352,34 @@ class RedisTickStore:
     ) -> tuple[list[str], list[str | int | bytes]]:
         """The keys and arguments of `_APPEND_LUA` for `runs`."""
         keys = [self.leader_key, self._latest_key, self._marks_key, self._chain_key]
-        body: list[dict[str, object]] = []
+        args: list[str | int | bytes] = [
+            fence or "",
+            self._retention,
+            self._candles_kept,
+            len(runs),
+            chain.name if chain is not None else "",
+            (chain.follows or "") if chain is not None else "",
+        ]
         prefix = self._prefix
         for run in runs:
             # The keys spelt out, one loop over the candles: this runs for every tick stamped.
             symbol = run.symbol
             keys += (f"{prefix}:ticks:{symbol}", f"{prefix}:candle:{symbol}")  # _stream_key,
-            candles = []  # _forming_key
+            forming: dict[str, tuple[int, str]] = {}  # _forming_key
+            closed: list[str | int] = []
             for interval, candle in run.candles:
-                keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
-                candles.append((candle.start, candle.encode(), interval))
+                earlier = forming.get(interval)
+                if earlier is not None:  # closed by the state after it
+                    keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
+                    closed += earlier
+                forming[interval] = (candle.start, candle.encode())
             ticks = run.ticks
-            body.append(
-                {
-                    "s": symbol,
-                    "t": [(str(ticks[0].seq), ticks[0].frame)]
-                    if len(ticks) == 1
-                    else [(str(t.seq), t.frame) for t in ticks],
-                    "c": candles,
-                    "m": run.mark or "",
-                }
-            )
-        args: list[str | int | bytes] = [
-            fence or "",
-            self._retention,
-            self._candles_kept,
-            orjson.dumps(body),
-            chain.name if chain is not None else "",
-            (chain.follows or "") if chain is not None else "",
-        ]
+            args += (symbol, run.mark or "", len(ticks), len(closed) // 2, len(forming))
+            for tick in ticks:
+                args += (tick.seq, tick.frame)
+            args += closed
+            for interval, (_start, text) in forming.items():
+                args += (interval, text)
         return keys, args
 
     async def append(

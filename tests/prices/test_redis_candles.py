@@ -8,8 +8,12 @@ from __future__ import annotations
 import random
 from decimal import Decimal
 
+import pytest
 from redis.asyncio import Redis
 
+from app.feed.resume import FeedState
+from app.feed.sources import Quote
+from app.feed.stamping import Stamper
 from app.prices.candles import INTERVALS_MS, Candle, fold_prices
 from app.prices.store import MemoryTickStore, RedisTickStore, Run
 from app.prices.ticks import encode_tick
@@ -105,8 +109,51 @@ async def test_a_sorted_set_holding_the_forming_candle_is_read_and_then_replaced
 
         new = Candle(old[-1].start + 60_000, *(Decimal(7),) * 4, Decimal(1))
         tick = encode_tick(symbol="AAPL", price=Decimal(7), ts=new.start, seq=2)
-        await store.append_runs([Run("AAPL", [tick], [("1m", new)])], fence=None)
+        # The run that starts the next candle carries the one it closed, in its final state.
+        await store.append_runs([Run("AAPL", [tick], [("1m", forming), ("1m", new)])], fence=None)
         assert await store.read_candles("AAPL", "1m", limit=10) == [*old[:2], forming, new]
         assert await redis_client.zcard("t:candles:AAPL:1m") == 3, "one member a start"
+    finally:
+        await store.close()
+
+
+async def test_the_stamper_hands_over_each_candle_it_closes(
+    redis: RedisServer, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quote in the next minute closes the last one: its run carries that candle's final
+    state before the new one, and the store keeps both."""
+    now = [T0 + 59_000]
+    monkeypatch.setattr("app.feed.stamping.time.time_ns", lambda: now[0] * 1_000_000)
+    state = FeedState()
+    stamper = Stamper(state)
+    store = RedisTickStore(
+        redis_client,
+        prefix="t",
+        retention=100,
+        candles_kept=KEPT,
+        commands=CommandConnection.like(redis_client),
+    )
+    try:
+        runs = []
+        for ts, price in ((T0 + 59_000, "10.00"), (T0 + 59_500, "12.00"), (T0 + 60_100, "11.00")):
+            now[0] = ts
+            run = stamper.stamp("AAPL", [(Quote("AAPL", Decimal(price)), None)])
+            await store.append_runs([run], fence=None)
+            state.take_run(run, Decimal(price))
+            runs.append(run)
+        assert [(i, c.start) for i, c in runs[-1].candles if i == "1m"] == [
+            ("1m", T0),
+            ("1m", T0 + 60_000),
+        ]
+        closed, forming = await store.read_candles("AAPL", "1m", limit=10)
+        assert (closed.start, closed.open, closed.high, closed.close) == (
+            T0,
+            Decimal("10.00"),
+            Decimal("12.00"),
+            Decimal("12.00"),
+        )
+        assert (forming.start, forming.open) == (T0 + 60_000, Decimal("11.00"))
+        assert await redis_client.zcard("t:candles:AAPL:1m") == 1
+        assert len(await store.read_candles("AAPL", "1h", limit=10)) == 1
     finally:
         await store.close()

@@ -211,14 +211,16 @@ class MemoryTickStore:
 # A sorted set that holds the forming candle as well, as this store wrote it before, is read
 # the same: `read_candles` takes the hash's candle for that start.
 #
-# Everything comes as plain arguments, no JSON to decode: Redis's Lua spent more on decoding
-# a batch's JSON and building tables from it than on the commands (docs/performance.md).
+# A run comes as one argument, its fields joined by newlines (none of them holds one: JSON
+# escapes its own), so the script reads them in order with string.find: Redis's Lua spent
+# more on decoding a batch's JSON and building tables from it than on the commands, and one
+# argument per field cost the producer more than the JSON (docs/performance.md).
 # KEYS: leader, latest, marks, last write; then per run its stream, its forming hash and the
 # sorted set of each candle it closed.
 # ARGV: fence, retention, candles kept, number of runs, this write's name, the name of the
-# write it follows ('' for either: no chain); then per run: symbol, mark or '', its numbers
-# of ticks, closed candles and forming candles, then (seq, frame) per tick, (start, candle)
-# per closed candle and (interval, candle) per forming one.
+# write it follows ('' for either: no chain); then one per run: symbol, mark or '', its
+# numbers of ticks, closed candles and forming candles, then seq and frame per tick, start
+# and candle per closed candle, interval and candle per forming one.
 # It is also the first part of the broker's store-and-publish script (`ScriptedWrite`), as a
 # function body: only `return` leaves it.
 _APPEND_LUA = """
@@ -229,43 +231,52 @@ if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
   return redis.error_reply('EARLIERMISSING the write this one follows was not kept')
 end
 local retention, kept = ARGV[2], tonumber(ARGV[3])
+local run, at = '', 1
+local function field()
+  local to = string.find(run, '\\n', at, true)
+  local value = string.sub(run, at, (to or 0) - 1)
+  at = (to or #run) + 1
+  return value
+end
 local skipped = {}
-local k, a = 5, 7
+local k = 5
 for i = 1, tonumber(ARGV[4]) do
-  local symbol, mark = ARGV[a], ARGV[a + 1]
-  local ticks, closed = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local forming, stream = tonumber(ARGV[a + 4]), KEYS[k]
-  a = a + 5
+  run, at = ARGV[6 + i], 1
+  local symbol, mark = field(), field()
+  local ticks, closed, forming = tonumber(field()), tonumber(field()), tonumber(field())
+  local stream = KEYS[k]
   if mark ~= '' then
     redis.call('HSET', KEYS[3], symbol, mark)
   end
   local refused, last = 0, nil
-  for j = a, a + 2 * ticks - 1, 2 do
-    local tick = ARGV[j + 1]
-    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, ARGV[j] .. '-0', 't', tick)
+  for _ = 1, ticks do
+    local seq, tick = field(), field()
+    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, seq .. '-0', 't', tick)
     if type(ok) == 'table' and ok.err then
       refused = refused + 1
     else
       last = tick
     end
   end
-  a = a + 2 * ticks
   if last ~= nil then
     redis.call('HSET', KEYS[2], symbol, last)
     for j = 0, closed - 1 do
-      local set, start = KEYS[k + 2 + j], ARGV[a + 2 * j]
+      local set, start, candle = KEYS[k + 2 + j], field(), field()
       if redis.call('ZREMRANGEBYSCORE', set, start, start) == 0 then
-        redis.call('ZADD', set, start, ARGV[a + 2 * j + 1])
+        redis.call('ZADD', set, start, candle)
         redis.call('ZREMRANGEBYRANK', set, 0, -kept)
       else
-        redis.call('ZADD', set, start, ARGV[a + 2 * j + 1])
+        redis.call('ZADD', set, start, candle)
       end
     end
     if forming > 0 then
-      redis.call('HSET', KEYS[k + 1], unpack(ARGV, a + 2 * closed, a + 2 * (closed + forming) - 1))
+      local values = {}
+      for j = 1, 2 * forming do
+        values[j] = field()
+      end
+      redis.call('HSET', KEYS[k + 1], unpack(values))
     end
   end
-  a = a + 2 * (closed + forming)
   k = k + 2 + closed
   skipped[i] = refused
 end
@@ -366,20 +377,25 @@ class RedisTickStore:
             symbol = run.symbol
             keys += (f"{prefix}:ticks:{symbol}", f"{prefix}:candle:{symbol}")  # _stream_key,
             forming: dict[str, tuple[int, str]] = {}  # _forming_key
-            closed: list[str | int] = []
+            closed: list[str] = []
             for interval, candle in run.candles:
                 earlier = forming.get(interval)
                 if earlier is not None:  # closed by the state after it
                     keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
-                    closed += earlier
+                    closed += (str(earlier[0]), earlier[1])
                 forming[interval] = (candle.start, candle.encode())
             ticks = run.ticks
-            args += (symbol, run.mark or "", len(ticks), len(closed) // 2, len(forming))
+            fields = [symbol, run.mark or "", str(len(ticks)), str(len(closed) // 2)]
+            fields.append(str(len(forming)))
             for tick in ticks:
-                args += (tick.seq, tick.frame)
-            args += closed
+                fields += (str(tick.seq), tick.frame)
+            fields += closed
             for interval, (_start, text) in forming.items():
-                args += (interval, text)
+                fields += (interval, text)
+            joined = "\n".join(fields)
+            if joined.count("\n") != len(fields) - 1:
+                raise ValueError(f"a field of {symbol}'s run holds a newline")
+            args.append(joined)
         return keys, args
 
     async def append(

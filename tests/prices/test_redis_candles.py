@@ -157,3 +157,23 @@ async def test_the_stamper_hands_over_each_candle_it_closes(
         assert len(await store.read_candles("AAPL", "1h", limit=10)) == 1
     finally:
         await store.close()
+
+
+async def test_a_field_holding_a_newline_is_refused_before_anything_is_written(
+    redis: RedisServer, redis_client: Redis
+) -> None:
+    """A run goes to Redis as one argument, its fields joined by newlines."""
+    store = RedisTickStore(
+        redis_client,
+        prefix="t",
+        retention=100,
+        candles_kept=KEPT,
+        commands=CommandConnection.like(redis_client),
+    )
+    try:
+        tick = encode_tick(symbol="AAPL", price=Decimal(1), ts=T0, seq=1)
+        with pytest.raises(ValueError, match="newline"):
+            await store.append_runs([Run("AAPL", [tick], mark="1-0:\n2")], fence=None)
+        assert await store.read_history("AAPL", since=None, limit=10) == []
+    finally:
+        await store.close()

@@ -130,8 +130,9 @@ return published
 # After a store write (app/prices/store.py's `ScriptedWrite`, run first as a function): the
 # messages of each of its runs, in order, as ARGV after the write's: channel, then that run's
 # messages joined by newlines (a tick's JSON holds none), each run's first `skipped[i]`
-# left out (their seq was kept already: published before). Refused by the store (an error
-# reply), nothing is published.
+# left out (their seq was kept already: published before); the last ARGV is where they
+# start (a write's own arguments are as many as its runs need: one script for them all).
+# Refused by the store (an error reply), nothing is published.
 _PUBLISH_WRITTEN_LUA = """
 local function write()
 {write}
@@ -141,7 +142,7 @@ if skipped.err then
   return skipped
 end
 local run = 1
-for i = {first}, #ARGV, 2 do
+for i = tonumber(ARGV[#ARGV]), #ARGV - 1, 2 do
   local channel, joined, skip = ARGV[i], ARGV[i + 1], skipped[run]
   local from, n = 1, 0
   while from do
@@ -202,7 +203,7 @@ class ResilientRedisBackend(BroadcastBackend):
         # Opened by the first `publish_many`: the producer's only.
         self._commands = CommandConnection.from_url(url)
         self._publish_many = Script(_PUBLISH_MANY_LUA)
-        self._written_scripts: dict[tuple[str, int], Script] = {}  # `publish_written`'s
+        self._written_scripts: dict[str, Script] = {}  # `publish_written`'s, by write
         self._options: dict[str, Any] = dict(parse_url(url))
         self._fanout = fanout
         self._wanted = asyncio.Event()  # a channel was subscribed: time to connect
@@ -264,16 +265,16 @@ class ResilientRedisBackend(BroadcastBackend):
         answer. Sent before the first await, so calls run in Redis in call order, behind
         every write sent before. `write`'s outcome (its error raised)."""
         body = write.lua
-        script = self._written_scripts.get((body, len(write.args)))
+        script = self._written_scripts.get(body)
         if script is None:
-            script = Script(_PUBLISH_WRITTEN_LUA.format(write=body, first=len(write.args) + 1))
-            self._written_scripts[(body, len(write.args))] = script
+            script = self._written_scripts[body] = Script(_PUBLISH_WRITTEN_LUA.format(write=body))
         args = list(write.args)
         for channel, messages in runs:
             joined = "\n".join(messages)
             if joined.count("\n") != len(messages) - 1:
                 raise ValueError("a message published after a write holds a newline")
             args += (channel, joined)
+        args.append(len(write.args) + 1)
         sent = write.commands.send_script(script, write.keys, args)
         return await write.commands.answer(sent)  # type: ignore[no-any-return]
 

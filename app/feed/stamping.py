@@ -76,9 +76,10 @@ class Stamper:
             ]
         for interval, interval_ms, key in intervals:
             current = ahead_candles.get(key) or confirmed_candles.get(key)
-            candles.append(
-                (interval, fold_prices(current, interval_ms, ts, first, high, low, last, traded))
-            )
+            candle = fold_prices(current, interval_ms, ts, first, high, low, last, traded)
+            if current is not None and candle.start != current.start:
+                candles.append((interval, current))  # the candle it closed, as it was left
+            candles.append((interval, candle))
         run = Run(symbol, ticks, candles, mark=quotes[-1][1])
         ahead.take_run(run, last)
         return run

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -64,8 +63,9 @@ class ScriptedWrite:
 @dataclass(frozen=True, slots=True)
 class Run:
     """A symbol's ticks of one burst, in seq order; every candle state they left, oldest
-    first per interval (a run that crosses a minute leaves two 1m candles); and the inbox mark
-    of its last pushed quote, if any."""
+    first per interval: a candle they closed by starting the next one comes before it, in its
+    final state (the Redis store moves it out of the forming candles then); and the inbox
+    mark of its last pushed quote, if any."""
 
     symbol: str
     ticks: list[Tick]
@@ -203,10 +203,24 @@ class MemoryTickStore:
 # mark (if any), its stream entries (each ID is the seq, so a replayed or stale seq is refused
 # by Redis itself: those come first in a run, and are counted), the latest hash and the candle
 # states; last, this write's name, so that a write that failed midway is never followed.
-# KEYS: leader, latest, marks, last write; then per run its stream and one key per candle state.
-# ARGV: fence, retention, candles kept, the runs as JSON, this write's name, the name of the
-# write it follows ('' for either: no chain):
-#   [{"s": symbol, "t": [[seq, frame], ...], "c": [[start, candle], ...], "m": mark or ""}]
+#
+# Candles: each symbol's forming candle of every interval is a field of one hash, the closed
+# ones a sorted set per interval scored by start, trimmed to `candles kept` - 1. A run's
+# forming candles are one HSET; a candle goes to its sorted set only as it closes (a run
+# carries the final state of each candle it closed, before the next one: app/feed/stamping.py).
+# A sorted set that holds the forming candle as well, as this store wrote it before, is read
+# the same: `read_candles` takes the hash's candle for that start.
+#
+# A run comes as one argument, its fields joined by newlines (none of them holds one: JSON
+# escapes its own), so the script reads them in order with string.find: Redis's Lua spent
+# more on decoding a batch's JSON and building tables from it than on the commands, and one
+# argument per field cost the producer more than the JSON (docs/performance.md).
+# KEYS: leader, latest, marks, last write; then per run its stream, its forming hash and the
+# sorted set of each candle it closed.
+# ARGV: fence, retention, candles kept, number of runs, this write's name, the name of the
+# write it follows ('' for either: no chain); then one per run: symbol, mark or '', its
+# numbers of ticks, closed candles and forming candles, then seq and frame per tick, start
+# and candle per closed candle, interval and candle per forming one.
 # It is also the first part of the broker's store-and-publish script (`ScriptedWrite`), as a
 # function body: only `return` leaves it.
 _APPEND_LUA = """
@@ -217,34 +231,53 @@ if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
   return redis.error_reply('EARLIERMISSING the write this one follows was not kept')
 end
 local retention, kept = ARGV[2], tonumber(ARGV[3])
+local run, at = '', 1
+local function field()
+  local to = string.find(run, '\\n', at, true)
+  local value = string.sub(run, at, (to or 0) - 1)
+  at = (to or #run) + 1
+  return value
+end
 local skipped = {}
 local k = 5
-for i, run in ipairs(cjson.decode(ARGV[4])) do
+for i = 1, tonumber(ARGV[4]) do
+  run, at = ARGV[6 + i], 1
+  local symbol, mark = field(), field()
+  local ticks, closed, forming = tonumber(field()), tonumber(field()), tonumber(field())
   local stream = KEYS[k]
-  k = k + 1
-  if run.m ~= '' then
-    redis.call('HSET', KEYS[3], run.s, run.m)
+  if mark ~= '' then
+    redis.call('HSET', KEYS[3], symbol, mark)
   end
   local refused, last = 0, nil
-  for _, t in ipairs(run.t) do
-    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, t[1] .. '-0', 't', t[2])
+  for _ = 1, ticks do
+    local seq, tick = field(), field()
+    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', retention, seq .. '-0', 't', tick)
     if type(ok) == 'table' and ok.err then
       refused = refused + 1
     else
-      last = t[2]
+      last = tick
     end
   end
   if last ~= nil then
-    redis.call('HSET', KEYS[2], run.s, last)
-  end
-  for _, c in ipairs(run.c) do
-    if last ~= nil then
-      redis.call('ZREMRANGEBYSCORE', KEYS[k], c[1], c[1])
-      redis.call('ZADD', KEYS[k], c[1], c[2])
-      redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(kept + 1))
+    redis.call('HSET', KEYS[2], symbol, last)
+    for j = 0, closed - 1 do
+      local set, start, candle = KEYS[k + 2 + j], field(), field()
+      if redis.call('ZREMRANGEBYSCORE', set, start, start) == 0 then
+        redis.call('ZADD', set, start, candle)
+        redis.call('ZREMRANGEBYRANK', set, 0, -kept)
+      else
+        redis.call('ZADD', set, start, candle)
+      end
     end
-    k = k + 1
+    if forming > 0 then
+      local values = {}
+      for j = 1, 2 * forming do
+        values[j] = field()
+      end
+      redis.call('HSET', KEYS[k + 1], unpack(values))
+    end
   end
+  k = k + 2 + closed
   skipped[i] = refused
 end
 if ARGV[5] ~= '' then
@@ -284,7 +317,12 @@ class RedisTickStore:
         return f"{self._prefix}:ticks:{symbol}"
 
     def _candle_key(self, symbol: str, interval: str) -> str:
+        """The closed candles of `symbol` at `interval` (a sorted set by start)."""
         return f"{self._prefix}:candles:{symbol}:{interval}"
+
+    def _forming_key(self, symbol: str) -> str:
+        """The forming candle of `symbol` at each interval (a hash)."""
+        return f"{self._prefix}:candle:{symbol}"
 
     async def append_runs(
         self, runs: Sequence[Run], *, fence: str | None, chain: Chain | None = None
@@ -325,35 +363,39 @@ class RedisTickStore:
     ) -> tuple[list[str], list[str | int | bytes]]:
         """The keys and arguments of `_APPEND_LUA` for `runs`."""
         keys = [self.leader_key, self._latest_key, self._marks_key, self._chain_key]
-        body: list[dict[str, object]] = []
-        prefix = self._prefix
-        for run in runs:
-            # The keys spelt out, one loop over the candles: this runs for every tick stamped.
-            symbol = run.symbol
-            keys.append(f"{prefix}:ticks:{symbol}")  # _stream_key
-            candles = []
-            for interval, candle in run.candles:
-                keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
-                candles.append((candle.start, candle.encode()))
-            ticks = run.ticks
-            body.append(
-                {
-                    "s": symbol,
-                    "t": [(str(ticks[0].seq), ticks[0].frame)]
-                    if len(ticks) == 1
-                    else [(str(t.seq), t.frame) for t in ticks],
-                    "c": candles,
-                    "m": run.mark or "",
-                }
-            )
         args: list[str | int | bytes] = [
             fence or "",
             self._retention,
             self._candles_kept,
-            orjson.dumps(body),
+            len(runs),
             chain.name if chain is not None else "",
             (chain.follows or "") if chain is not None else "",
         ]
+        prefix = self._prefix
+        for run in runs:
+            # The keys spelt out, one loop over the candles: this runs for every tick stamped.
+            symbol = run.symbol
+            keys += (f"{prefix}:ticks:{symbol}", f"{prefix}:candle:{symbol}")  # _stream_key,
+            forming: dict[str, tuple[int, str]] = {}  # _forming_key
+            closed: list[str] = []
+            for interval, candle in run.candles:
+                earlier = forming.get(interval)
+                if earlier is not None:  # closed by the state after it
+                    keys.append(f"{prefix}:candles:{symbol}:{interval}")  # _candle_key
+                    closed += (str(earlier[0]), earlier[1])
+                forming[interval] = (candle.start, candle.encode())
+            ticks = run.ticks
+            fields = [symbol, run.mark or "", str(len(ticks)), str(len(closed) // 2)]
+            fields.append(str(len(forming)))
+            for tick in ticks:
+                fields += (str(tick.seq), tick.frame)
+            fields += closed
+            for interval, (_start, text) in forming.items():
+                fields += (interval, text)
+            joined = "\n".join(fields)
+            if joined.count("\n") != len(fields) - 1:
+                raise ValueError(f"a field of {symbol}'s run holds a newline")
+            args.append(joined)
         return keys, args
 
     async def append(
@@ -391,9 +433,20 @@ class RedisTickStore:
     async def read_candles(self, symbol: str, interval: str, *, limit: int) -> list[Candle]:
         if limit <= 0:
             return []
-        key = self._candle_key(symbol, interval)
-        members = cast(list[bytes], await self._redis.zrange(key, -limit, -1))
-        return [Candle.decode(m.decode()) for m in members]
+        # In one transaction: a write that closes the forming candle moves it to the sorted
+        # set, and between two separate reads it would be in neither.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrange(self._candle_key(symbol, interval), -limit, -1)
+            pipe.hget(self._forming_key(symbol), interval)
+            members, forming = cast(tuple[list[bytes], bytes | None], await pipe.execute())
+        candles = [Candle.decode(m.decode()) for m in members]
+        if forming is not None:
+            candle = Candle.decode(forming.decode())
+            if candles and candles[-1].start == candle.start:  # written there before the hash
+                candles[-1] = candle
+            elif not candles or candles[-1].start < candle.start:
+                candles.append(candle)
+        return candles[-limit:]
 
     @property
     def ordered_writes(self) -> bool:

@@ -265,6 +265,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         await _within("closing streams", closing)
         await _within("stopping background tasks", supervisor.stop())
         if history_writer is not None:  # what the producer published last (bounded by itself)
+            if producer is not None:
+                await _within("seeing the last writes through", producer.settled())
             await _within("writing the last ticks to history", history_writer.flush())
         if leases is not None:
             await _within("releasing stream leases", leases.close())

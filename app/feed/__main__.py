@@ -136,6 +136,7 @@ async def run_producer() -> None:
                 await asyncio.gather(*watchers, return_exceptions=True)
                 await lease.release()
                 if history is not None:  # what it published last, not yet in the database
+                    await producer.settled()
                     await history.flush()
                 await broker.disconnect()
                 await store.close()

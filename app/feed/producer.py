@@ -121,12 +121,16 @@ class Producer:
         # the last batch stamped was (True), or failed to be (False).
         self._emitting = asyncio.Lock()
         self._published: asyncio.Future[bool] = _settled_future(True)
-        self._writes = BatchWrites(store, broker)  # each names the one before it this term
+        self._writes = BatchWrites(store, broker, history)  # each names the one before it
         self.is_leader = False
 
     @property
     def stats(self) -> FeedStats:
         return self._stats
+
+    async def settled(self) -> None:
+        """After `run` ended: every batch Redis may have published reached history (writes.py)."""
+        await self._writes.settled()
 
     async def run(self) -> None:
         # Waiting for another instance's lease to lapse is polling, every renew_interval: a
@@ -346,7 +350,7 @@ class Producer:
                 written = asyncio.ensure_future(self._writes.send(runs, fence=self._lease.token))
                 if not self._store.ordered_writes:  # the next one is sent once this answered
                     await _settled(written)
-            skipped = await written
+            skipped = await asyncio.shield(written)  # a cancel here leaves it to `abandon`
             if not await before:
                 # What this batch follows never went out: publishing it would hide that gap.
                 raise RedisConnectionError("an earlier batch of this term was not published")
@@ -364,10 +368,10 @@ class Producer:
                 metrics.TICKS_PUBLISHED.inc(len(published))
             if self._history is not None:
                 self._history.offer(runs)
-        except BaseException:
+        except BaseException as exc:
             if written is not None:
-                written.add_done_callback(_consume)
-                written.cancel()  # if it was not sent yet, it never is
+                stopping = isinstance(exc, asyncio.CancelledError)
+                self._writes.abandon(written, runs, stopping=stopping)
             if done is not None:
                 done.set_result(False)
             raise
@@ -398,12 +402,6 @@ def _settled_future(outcome: bool) -> asyncio.Future[bool]:
 async def _settled(task: asyncio.Future[Any]) -> None:
     """Wait until `task` is done, whatever its outcome (that is awaited later)."""
     await asyncio.wait({task})
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve an outcome nobody may await, so that it logs nothing."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

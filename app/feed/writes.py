@@ -3,24 +3,37 @@ that follows one that never reached Redis (app/prices/store.py's `Chain`), and o
 publishes its own ticks in the same script, through the broker (`Broker.publish_written`):
 one command and one answer a batch, and a batch is never published without its write, nor
 behind a gap. Elsewhere (`memory://`, or a store whose writes have no set order) a batch is
-written here and published by the producer after it."""
+written here and published by the producer after it.
+
+A batch whose producer stops waiting for it (`abandon`) is cancelled, so that if it was not
+sent it never is; but when the producer stops (cancelled: its term ends, the process stops)
+and keeps history, Redis may already be publishing it, so it is seen through instead and, if
+written, offered to history (`settled` waits for those). Sending one late is safe: the
+lease's fence and the chain refuse it wherever it may not go."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable
+from typing import Any
 
 from app.broker import Broker, price_channel
+from app.history.writer import HistoryWriter
 from app.prices.store import Chain, Run, TickStore
 
 
 class BatchWrites:
-    def __init__(self, store: TickStore, broker: Broker) -> None:
+    def __init__(
+        self, store: TickStore, broker: Broker, history: HistoryWriter | None = None
+    ) -> None:
         self._store = store
         self._broker = broker
+        self._history = history
         self._term = ""
         self._count = 0
         self._last: str | None = None
+        self._unsettled: set[asyncio.Future[Any]] = set()  # abandoned, seen through
 
     @property
     def publish(self) -> bool:
@@ -43,3 +56,32 @@ class BatchWrites:
             return self._store.append_runs(runs, fence=fence, chain=chain)
         messages = [(price_channel(run.symbol), [tick.frame for tick in run.ticks]) for run in runs]
         return self._store.written(self._broker.publish_written(write, messages))
+
+    def abandon(self, written: asyncio.Future[Any], runs: list[Run], *, stopping: bool) -> None:
+        """The producer stops waiting for `written`, the write of `runs` (`stopping`: it was
+        cancelled, rather than failed)."""
+        history = self._history
+        if not stopping or history is None:
+            written.add_done_callback(_consume)
+            written.cancel()  # if it was not sent yet, it never is
+            return
+        self._unsettled.add(written)
+
+        def settled(future: asyncio.Future[Any]) -> None:
+            self._unsettled.discard(future)
+            if not future.cancelled() and future.exception() is None:
+                history.offer(runs)  # published by Redis, whatever became of its producer
+
+        written.add_done_callback(settled)
+
+    async def settled(self) -> None:
+        """Once every abandoned write seen through has its outcome (each within its answer's
+        timeout): then history holds what they wrote."""
+        if self._unsettled:
+            await asyncio.gather(*self._unsettled, return_exceptions=True)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an outcome nobody awaits, so that it logs nothing."""
+    if not future.cancelled():
+        future.exception()

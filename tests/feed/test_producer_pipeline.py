@@ -297,3 +297,62 @@ class TestChain:
         later = Run("AAPL", [encode_tick(symbol="AAPL", price=Decimal("1.01"), ts=2, seq=2)])
         assert await store.append_runs([later], fence=None, chain=Chain("b", follows="a")) == [0]
         assert (await store.read_latest(["AAPL"]))["AAPL"].seq == 2
+
+
+class Offered:
+    """A history writer's `offer`: every tick handed to it, as (symbol, seq). Its database
+    holds nothing yet."""
+
+    def __init__(self) -> None:
+        self.ticks: list[tuple[str, int]] = []
+        self.records = self
+
+    async def read_newest_ticks(self, symbols: list[str]) -> dict[str, Any]:
+        return {}
+
+    async def read_newest_candles(self, keys: list[tuple[str, str]]) -> dict[str, Any]:
+        return {}
+
+    def offer(self, runs: Sequence[Run]) -> None:
+        self.ticks += [(t.symbol, t.seq) for run in runs for t in run.ticks]
+
+
+class TestStopping:
+    async def test_a_write_in_flight_when_its_producer_stops_reaches_history(
+        self, redis: RedisServer, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
+    ) -> None:
+        """Redis may publish a batch whose producer was cancelled while it was in flight (a
+        graceful stop, a term's end): it is seen through, and what it wrote is offered to
+        history before the process writes its last ticks there."""
+        store = LeaseTakenAt(redis_client, at=0)
+        stores.append(store)
+        await redis_client.set(store.leader_key, "first")
+        history = Offered()
+        first = Producer(
+            source=OneBatch([]),
+            instruments=Catalog([AAPL, MSFT]),
+            store=store,
+            broker=broker,
+            lease=Fence("first"),  # type: ignore[arg-type]
+            history=history,  # type: ignore[arg-type]
+        )
+        seen = Published()
+        async with broker.subscribe_bursts([price_channel("AAPL")], seen):
+            await first.emit_batch(batch(0))  # seq 1..3 of each
+            redis.freeze()  # the next write is sent, and not answered yet
+            try:
+                emitting = asyncio.ensure_future(first.emit_batch(batch(1)))
+                while store.in_flight == 0:
+                    await asyncio.sleep(0.01)
+                emitting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await emitting
+            finally:
+                redis.thaw()
+            await asyncio.wait_for(first.settled(), 5)
+            await settle(broker, seen, store)
+        stored = [t.seq for t in await store.read_history("AAPL", since=None, limit=100)]
+        assert stored == [1, 2, 3, 4, 5, 6], "the write went through"
+        assert sorted(history.ticks) == [(s, n) for s in ("AAPL", "MSFT") for n in range(1, 7)]
+        if broker.publishes_written:
+            assert seen.seqs["AAPL"] == stored, "published by the write itself"

@@ -22,6 +22,8 @@ from app.broker import Broker, price_channel
 from app.history.writer import HistoryWriter
 from app.prices.store import Chain, Run, TickStore
 
+SETTLE_SECONDS = 1.0
+
 
 class BatchWrites:
     def __init__(
@@ -75,10 +77,11 @@ class BatchWrites:
         written.add_done_callback(settled)
 
     async def settled(self) -> None:
-        """Once every abandoned write seen through has its outcome (each within its answer's
-        timeout): then history holds what they wrote."""
+        """Once every abandoned write seen through has its outcome, or SETTLE_SECONDS have
+        passed (Redis answers a write in a millisecond; one that is away must not use up the
+        stop's time, which the last flush to history needs): history holds what they wrote."""
         if self._unsettled:
-            await asyncio.gather(*self._unsettled, return_exceptions=True)
+            await asyncio.wait(set(self._unsettled), timeout=SETTLE_SECONDS)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

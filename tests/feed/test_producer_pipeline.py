@@ -356,3 +356,41 @@ class TestStopping:
         assert sorted(history.ticks) == [(s, n) for s in ("AAPL", "MSFT") for n in range(1, 7)]
         if broker.publishes_written:
             assert seen.seqs["AAPL"] == stored, "published by the write itself"
+
+    async def test_a_write_redis_does_not_answer_holds_the_stop_a_second_at_most(
+        self, redis: RedisServer, redis_client: Redis, stores: list[LeaseTakenAt]
+    ) -> None:
+        """Seeing a write through must not use up the stop's time: the last flush needs it."""
+        store = LeaseTakenAt(redis_client, at=0)
+        stores.append(store)
+        await redis_client.set(store.leader_key, "first")
+        broker = Broker(redis.url)
+        await broker.connect()
+        history = Offered()
+        first = Producer(
+            source=OneBatch([]),
+            instruments=Catalog([AAPL, MSFT]),
+            store=store,
+            broker=broker,
+            lease=Fence("first"),  # type: ignore[arg-type]
+            history=history,  # type: ignore[arg-type]
+        )
+        try:
+            await first.emit_batch(batch(0))
+            redis.freeze()
+            try:
+                emitting = asyncio.ensure_future(first.emit_batch(batch(1)))
+                while store.in_flight == 0:
+                    await asyncio.sleep(0.01)
+                emitting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await emitting
+                started = asyncio.get_running_loop().time()
+                await first.settled()
+                waited = asyncio.get_running_loop().time() - started
+            finally:
+                redis.thaw()
+            assert 0.9 <= waited < 2.5, waited
+            assert max(seq for _symbol, seq in history.ticks) == 3, "nothing unanswered offered"
+        finally:
+            await broker.disconnect()

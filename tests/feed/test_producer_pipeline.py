@@ -317,6 +317,30 @@ class Offered:
         self.ticks += [(t.symbol, t.seq) for run in runs for t in run.ticks]
 
 
+def with_history(store: RedisTickStore, broker: Broker) -> tuple[Producer, Offered]:
+    """A producer leading as "first" whose published runs go to an `Offered` history."""
+    history = Offered()
+    made = Producer(
+        source=OneBatch([]),
+        instruments=Catalog([AAPL, MSFT]),
+        store=store,
+        broker=broker,
+        lease=Fence("first"),  # type: ignore[arg-type]
+        history=history,  # type: ignore[arg-type]
+    )
+    return made, history
+
+
+async def cancel_mid_flight(producer: Producer, store: LeaseTakenAt, n: int) -> None:
+    """Emit `batch(n)` and cancel it once its write is sent (Redis frozen: not answered)."""
+    emitting = asyncio.ensure_future(producer.emit_batch(batch(n)))
+    while store.in_flight == 0:
+        await asyncio.sleep(0.01)
+    emitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await emitting
+
+
 class TestStopping:
     async def test_a_write_in_flight_when_its_producer_stops_reaches_history(
         self, redis: RedisServer, redis_client: Redis, broker: Broker, stores: list[LeaseTakenAt]
@@ -327,26 +351,13 @@ class TestStopping:
         store = LeaseTakenAt(redis_client, at=0)
         stores.append(store)
         await redis_client.set(store.leader_key, "first")
-        history = Offered()
-        first = Producer(
-            source=OneBatch([]),
-            instruments=Catalog([AAPL, MSFT]),
-            store=store,
-            broker=broker,
-            lease=Fence("first"),  # type: ignore[arg-type]
-            history=history,  # type: ignore[arg-type]
-        )
+        first, history = with_history(store, broker)
         seen = Published()
         async with broker.subscribe_bursts([price_channel("AAPL")], seen):
             await first.emit_batch(batch(0))  # seq 1..3 of each
             redis.freeze()  # the next write is sent, and not answered yet
             try:
-                emitting = asyncio.ensure_future(first.emit_batch(batch(1)))
-                while store.in_flight == 0:
-                    await asyncio.sleep(0.01)
-                emitting.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await emitting
+                await cancel_mid_flight(first, store, 1)
             finally:
                 redis.thaw()
             await asyncio.wait_for(first.settled(), 5)
@@ -366,25 +377,12 @@ class TestStopping:
         await redis_client.set(store.leader_key, "first")
         broker = Broker(redis.url)
         await broker.connect()
-        history = Offered()
-        first = Producer(
-            source=OneBatch([]),
-            instruments=Catalog([AAPL, MSFT]),
-            store=store,
-            broker=broker,
-            lease=Fence("first"),  # type: ignore[arg-type]
-            history=history,  # type: ignore[arg-type]
-        )
+        first, history = with_history(store, broker)
         try:
             await first.emit_batch(batch(0))
             redis.freeze()
             try:
-                emitting = asyncio.ensure_future(first.emit_batch(batch(1)))
-                while store.in_flight == 0:
-                    await asyncio.sleep(0.01)
-                emitting.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await emitting
+                await cancel_mid_flight(first, store, 1)
                 started = asyncio.get_running_loop().time()
                 await first.settled()
                 waited = asyncio.get_running_loop().time() - started

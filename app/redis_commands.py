@@ -45,6 +45,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.outcomes import consume
+
 CONNECT_TIMEOUT_SECONDS = 2.0
 # As the redis-py clients' socket timeout (app/redis_client.py).
 COMMAND_TIMEOUT_SECONDS = 5.0
@@ -316,7 +318,7 @@ class CommandConnection:
 
 def _ignored_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
     future: asyncio.Future[Any] = loop.create_future()
-    future.add_done_callback(_consume)
+    future.add_done_callback(consume)
     return future
 
 
@@ -324,13 +326,7 @@ def _fail(future: asyncio.Future[Any], error: RedisError) -> None:
     """Fail `future` unless it is done; unawaited, that logs nothing."""
     if not future.done():
         future.set_exception(error)
-        future.add_done_callback(_consume)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve an unawaited future's outcome, so a lost connection logs no orphan error."""
-    if not future.cancelled():
-        future.exception()
+        future.add_done_callback(consume)
 
 
 def ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:

@@ -18,6 +18,8 @@ from typing import Any
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.outcomes import consume
+
 logger = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_SECONDS = 2.0
@@ -104,14 +106,8 @@ class SubscriberProtocol(asyncio.Protocol):
 
     def ping_unawaited(self) -> None:
         """PING a quiet connection: its answer only refreshes `last_heard`."""
-        self.request("PING").add_done_callback(_consume)
+        self.request("PING").add_done_callback(consume)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve an unawaited future's outcome, so a lost connection logs no orphan error."""
-    if not future.cancelled():
-        future.exception()

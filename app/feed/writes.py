@@ -20,6 +20,7 @@ from typing import Any
 
 from app.broker import Broker, price_channel
 from app.history.writer import HistoryWriter
+from app.outcomes import consume
 from app.prices.store import Chain, Run, TickStore
 
 SETTLE_SECONDS = 1.0
@@ -64,7 +65,7 @@ class BatchWrites:
         cancelled, rather than failed)."""
         history = self._history
         if not stopping or history is None:
-            written.add_done_callback(_consume)
+            written.add_done_callback(consume)
             written.cancel()  # if it was not sent yet, it never is
             return
         self._unsettled.add(written)
@@ -82,9 +83,3 @@ class BatchWrites:
         stop's time, which the last flush to history needs): history holds what they wrote."""
         if self._unsettled:
             await asyncio.wait(set(self._unsettled), timeout=SETTLE_SECONDS)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve an outcome nobody awaits, so that it logs nothing."""
-    if not future.cancelled():
-        future.exception()

@@ -370,6 +370,7 @@ class TestDatabaseOutage:
         path = database_url.removeprefix("sqlite+aiosqlite:///")
         async with api() as client:
             assert (await client.post("/v1/auth/token", data=DEMO)).status_code == 200
+            await self.until_the_feed_ticks(client)
             with open(path, "r+b") as db:  # the same file, under the open connection
                 db.write(b"\xff" * 4096)
             caplog.clear()

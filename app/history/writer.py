@@ -70,6 +70,8 @@ class HistoryWriter:
         self._days = days
         self._report = report
         self._ticks: deque[Tick] = deque(maxlen=max_ticks)
+        # The oldest tick of a write in flight: not written yet either, though not waiting.
+        self._writing_from: int | None = None
         self._candles: dict[CandleKey, CandleValues] = {}
         self._dropped = 0  # since the last report
         self.dropped_total = 0
@@ -102,11 +104,14 @@ class HistoryWriter:
         return len(self._ticks)
 
     def lag_seconds(self, now_ms: int | None = None) -> float:
-        """Age of the oldest tick not written yet (0: none waiting)."""
-        if not self._ticks:
+        """Age of the oldest tick not written yet, waiting or in a write (0: none)."""
+        oldest = self._writing_from
+        if self._ticks and (oldest is None or self._ticks[0].ts < oldest):
+            oldest = self._ticks[0].ts
+        if oldest is None:
             return 0.0
         now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-        return max(now_ms - self._ticks[0].ts, 0) / 1000
+        return max(now_ms - oldest, 0) / 1000
 
     async def run(self, *, backfill: Callable[[], Awaitable[list[Run]]] | None = None) -> None:
         """Write until cancelled (the producer runs it for as long as it leads). `backfill`:
@@ -220,8 +225,13 @@ class HistoryWriter:
         return [ticks.popleft() for _ in range(MAX_BATCH_TICKS)]
 
     async def _write(self, ticks: list[Tick], candles: dict[CandleKey, CandleValues]) -> None:
-        async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
-            await self.records.write(ticks, candles)
+        # A batch is taken oldest first (the database gets a sorted copy): its first is oldest.
+        self._writing_from = ticks[0].ts if ticks else None
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                await self.records.write(ticks, candles)
+        finally:  # written, or put back to wait (`_restore`)
+            self._writing_from = None
 
     def _restore(self, ticks: list[Tick], candles: dict[CandleKey, CandleValues]) -> None:
         """Put `ticks` (older than any waiting) back at the front; the newer state of a candle

@@ -307,3 +307,38 @@ class TestFlushOnStop:
         assert left == 100
         assert "stopping with 100 ticks not written" in caplog.text
         assert await stored(history_db, "AMD") == []
+
+
+class HeldWrites:
+    """Records whose every write waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def write(self, ticks: list[Tick], candles: object) -> None:
+        self.writing.set()
+        await self.release.wait()
+
+
+async def test_a_write_in_flight_counts_in_the_write_lag() -> None:
+    """The whole buffer goes into one write: while it is in the database (a lock waited on,
+    a slow disk), those ticks are still not written, and the lag says so."""
+    records = HeldWrites()
+    writer = HistoryWriter(records, max_ticks=1_000, days=0)  # type: ignore[arg-type]
+    ts = int(time.time() * 1000) - 3_000
+    writer.offer([Run("AAPL", ticks_of("AAPL", range(1, 6), ts=ts))])
+    running = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(records.writing.wait(), 5)
+        assert writer.pending == 0, "all taken into the write"
+        assert writer.lag_seconds() >= 3.0
+        records.release.set()
+
+        async def caught_up() -> bool:
+            return writer.lag_seconds() == 0.0
+
+        await until(caught_up)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
